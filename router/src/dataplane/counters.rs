@@ -1,0 +1,130 @@
+//! Counters the packet path bumps: drops by reason and totals. Relaxed
+//! atomics: they are statistics, read by the status writer.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+/// Why a packet was dropped. Every drop on the packet path has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Outbound: no peer's allowed IPs contain the destination.
+    NoPeer,
+    /// Outbound: the peer has no endpoint yet (it has not reached us).
+    NoEndpoint,
+    /// Inbound: decrypted, but the inner source is not in the sender's allowed IPs.
+    SourceNotAllowed,
+    /// Inbound: authentication or decryption failed (bad tag, replay, bad index).
+    DecryptFailed,
+    /// Inbound: a handshake with a bad MAC, or from a key that is not a peer.
+    HandshakeRejected,
+    /// Not an IP packet (outbound) or not a WireGuard message (inbound).
+    Malformed,
+    /// The kernel refused the UDP send.
+    SendFailed,
+    /// The kernel refused the TUN write.
+    TunWriteFailed,
+    /// A batch was full and the packet could not be queued.
+    QueueFull,
+}
+
+const N: usize = 9;
+
+impl Drop {
+    pub const ALL: [Drop; N] = [
+        Drop::NoPeer,
+        Drop::NoEndpoint,
+        Drop::SourceNotAllowed,
+        Drop::DecryptFailed,
+        Drop::HandshakeRejected,
+        Drop::Malformed,
+        Drop::SendFailed,
+        Drop::TunWriteFailed,
+        Drop::QueueFull,
+    ];
+
+    /// Stable snake_case name, used in status output and (later) metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Drop::NoPeer => "no_peer",
+            Drop::NoEndpoint => "no_endpoint",
+            Drop::SourceNotAllowed => "source_not_allowed",
+            Drop::DecryptFailed => "decrypt_failed",
+            Drop::HandshakeRejected => "handshake_rejected",
+            Drop::Malformed => "malformed",
+            Drop::SendFailed => "send_failed",
+            Drop::TunWriteFailed => "tun_write_failed",
+            Drop::QueueFull => "queue_full",
+        }
+    }
+}
+
+/// Data-plane wide counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    drops: [AtomicU64; N],
+    pub tun_rx_packets: AtomicU64,
+    pub tun_tx_packets: AtomicU64,
+    pub udp_rx_datagrams: AtomicU64,
+    pub udp_tx_datagrams: AtomicU64,
+    pub cookie_replies: AtomicU64,
+}
+
+impl Counters {
+    #[inline]
+    pub fn drop(&self, why: Drop) {
+        self.drops[why as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn drops(&self, why: Drop) -> u64 {
+        self.drops[why as usize].load(Relaxed)
+    }
+
+    pub fn snapshot(&self) -> CountersSnapshot {
+        CountersSnapshot {
+            drops: Drop::ALL
+                .iter()
+                .map(|d| (d.name().to_string(), self.drops(*d)))
+                .collect(),
+            tun_rx_packets: self.tun_rx_packets.load(Relaxed),
+            tun_tx_packets: self.tun_tx_packets.load(Relaxed),
+            udp_rx_datagrams: self.udp_rx_datagrams.load(Relaxed),
+            udp_tx_datagrams: self.udp_tx_datagrams.load(Relaxed),
+            cookie_replies: self.cookie_replies.load(Relaxed),
+        }
+    }
+}
+
+/// A point-in-time copy of the counters, for status output.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    pub drops: std::collections::BTreeMap<String, u64>,
+    pub tun_rx_packets: u64,
+    pub tun_tx_packets: u64,
+    pub udp_rx_datagrams: u64,
+    pub udp_tx_datagrams: u64,
+    pub cookie_replies: u64,
+}
+
+/// Per-peer traffic counters (inner packets and their bytes).
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+}
+
+impl PeerCounters {
+    #[inline]
+    pub fn tx(&self, bytes: usize) {
+        self.tx_packets.fetch_add(1, Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    #[inline]
+    pub fn rx(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+}

@@ -1,0 +1,604 @@
+//! The packet path: the I/O shell around boringtun's `noise::Tunn`.
+//!
+//! Three threads, each owning the batches it fills (allocated once at start,
+//! reused for every batch; nothing on this path allocates per packet except
+//! boringtun queueing a packet while a handshake is in flight):
+//!
+//! ```text
+//! outbound  TUN recv_batch ─ dst → peer (longest prefix over allowed IPs)
+//!           ─ Tunn::encapsulate into `udp_out` ─ UDP send_batch to the peer's endpoint
+//! inbound   UDP recv_batch ─ MAC + load check (cookie reply when under load)
+//!           ─ peer by receiver index, or by static key for a handshake initiation
+//!           ─ Tunn::decapsulate into `tun_out` ─ inner source in that peer's
+//!             allowed IPs? ─ TUN send_batch;  handshake replies ─ UDP send_batch
+//! timers    every TICK: Tunn::update_timers per peer (rekey, keepalive,
+//!           handshake retries) ─ UDP send; rate limiter reset every second
+//! ```
+//!
+//! The peer table is an immutable snapshot behind `ArcSwap`, loaded once per
+//! batch; reconciles swap in a new one. Every dropped packet is counted with
+//! its reason in `Counters`; per-packet trouble is logged at debug level only.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use tracing::{debug, info, warn};
+
+use super::counters::{Counters, Drop};
+use super::io::{Batch, TunIo, UdpIo, BATCH};
+use super::packet;
+use super::peers::{Peer, PeerTable};
+use crate::model::DesiredMesh;
+use crate::{PrivateKey, PublicKey};
+
+/// How often WireGuard timers are ticked. The protocol's finest timer is
+/// REKEY_TIMEOUT (5 s) with jitter; boringtun expects ticks well below that.
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long a worker waits for I/O before checking whether to stop.
+pub const POLL: Duration = Duration::from_millis(200);
+/// Handshakes per second before the rate limiter answers with cookies.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// WireGuard's data-message overhead: header, counter and tag.
+pub const WG_OVERHEAD: usize = 32;
+
+/// What a reconcile changed, by peer name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MeshDiff {
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub replaced: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: usize,
+}
+
+impl MeshDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.updated.is_empty()
+            && self.replaced.is_empty()
+            && self.removed.is_empty()
+    }
+}
+
+/// The data plane of one node: its key, its peers and its counters.
+pub struct Dataplane {
+    table: ArcSwap<PeerTable>,
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    pub counters: Counters,
+    next_index: AtomicU32,
+    apply_lock: Mutex<()>,
+    buf_size: usize,
+}
+
+impl Dataplane {
+    /// A data plane for packets up to `mtu` bytes on the TUN side.
+    pub fn new(key: &PrivateKey, mtu: usize) -> Arc<Self> {
+        let secret = x25519::StaticSecret::from(*key.as_bytes());
+        let public = x25519::PublicKey::from(&secret);
+        let mut seed = [0u8; 4];
+        // The initial index only needs to differ between restarts, so that a
+        // peer's stale session index does not match a new session.
+        seed.copy_from_slice(&key.public_key().as_bytes()[..4]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let start = u32::from_le_bytes(seed) ^ std::process::id() ^ now;
+        Arc::new(Dataplane {
+            table: ArcSwap::from_pointee(PeerTable::default()),
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            counters: Counters::default(),
+            next_index: AtomicU32::new(start),
+            apply_lock: Mutex::new(()),
+            // Room for the largest inner packet plus WireGuard's overhead, and
+            // never less than a handshake initiation (148 bytes).
+            buf_size: (mtu + WG_OVERHEAD + 64).max(256),
+        })
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey::from_bytes(*self.public.as_bytes())
+    }
+
+    /// The current peer table.
+    pub fn table(&self) -> Arc<PeerTable> {
+        self.table.load_full()
+    }
+
+    /// Buffer size every batch of this data plane uses.
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+
+    fn new_index(&self, table: &PeerTable) -> u32 {
+        loop {
+            let i = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+            if table.by_index(i).is_none() {
+                return i;
+            }
+        }
+    }
+
+    /// Makes the peer set equal to `mesh` with the smallest change: an
+    /// unchanged peer keeps its `Arc` (and session); a peer whose endpoint or
+    /// allowed IPs changed keeps its session; a changed key or keepalive
+    /// replaces the session; peers not in `mesh` are removed. Idempotent.
+    pub fn apply(&self, mesh: &DesiredMesh) -> MeshDiff {
+        let _guard = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.table.load_full();
+        let mut diff = MeshDiff::default();
+        let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(mesh.peers.len());
+        let mut seen_keys = std::collections::HashSet::new();
+        for spec in &mesh.peers {
+            if spec.public_key == self.public_key() || !seen_keys.insert(spec.public_key) {
+                warn!(peer = %spec.name, key = %spec.public_key, "skipping peer: its key is our own or another peer's");
+                continue;
+            }
+            match old.by_name(&spec.name) {
+                Some(p) if p.same_spec(spec) => {
+                    peers.push(Arc::clone(p));
+                    diff.unchanged += 1;
+                }
+                Some(p) if p.same_session(spec) => {
+                    peers.push(Arc::new(p.updated(spec)));
+                    diff.updated.push(spec.name.clone());
+                }
+                found => {
+                    let index = self.new_index(&old);
+                    let tunn = Tunn::new(
+                        self.secret.clone(),
+                        x25519::PublicKey::from(*spec.public_key.as_bytes()),
+                        None,
+                        spec.persistent_keepalive,
+                        index,
+                        Some(Arc::clone(&self.rate_limiter)),
+                    );
+                    peers.push(Arc::new(Peer::new(spec, index, tunn)));
+                    if found.is_some() {
+                        diff.replaced.push(spec.name.clone());
+                    } else {
+                        diff.added.push(spec.name.clone());
+                    }
+                }
+            }
+        }
+        for p in &old.peers {
+            if !mesh.peers.iter().any(|s| s.name == p.name) {
+                diff.removed.push(p.name.clone());
+            }
+        }
+        self.table.store(Arc::new(PeerTable::new(peers)));
+        diff
+    }
+
+    /// Sends and empties `out`, counting refused datagrams.
+    fn flush_udp(&self, out: &mut Batch, udp: &dyn UdpIo) {
+        if out.n == 0 {
+            return;
+        }
+        let sent = match udp.send_batch(out) {
+            Ok(sent) => sent.min(out.n),
+            Err(e) => {
+                debug!(error = %e, "udp send failed");
+                0
+            }
+        };
+        self.counters
+            .udp_tx_datagrams
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        for _ in sent..out.n {
+            self.counters.drop(Drop::SendFailed);
+        }
+        out.n = 0;
+    }
+
+    /// Writes and empties `out` to the TUN device.
+    fn flush_tun(&self, out: &mut Batch, tun: &dyn TunIo) {
+        if out.n == 0 {
+            return;
+        }
+        let sent = match tun.send_batch(out) {
+            Ok(sent) => sent.min(out.n),
+            Err(e) => {
+                debug!(error = %e, "tun write failed");
+                0
+            }
+        };
+        self.counters
+            .tun_tx_packets
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        for _ in sent..out.n {
+            self.counters.drop(Drop::TunWriteFailed);
+        }
+        out.n = 0;
+    }
+
+    /// Copies `data` into the next slot of `out` addressed to `to`, flushing first if full.
+    fn queue_udp(&self, out: &mut Batch, udp: &dyn UdpIo, data: &[u8], to: SocketAddr) {
+        if out.is_full() {
+            self.flush_udp(out, udp);
+        }
+        let slot = out.n;
+        match out.bufs.get_mut(slot).and_then(|b| b.get_mut(..data.len())) {
+            Some(dst) => {
+                dst.copy_from_slice(data);
+                out.lens[slot] = data.len();
+                out.addrs[slot] = to;
+                out.n += 1;
+            }
+            None => self.counters.drop(Drop::QueueFull),
+        }
+    }
+
+    /// Outbound: encrypts packets `0..input.n` read from the TUN into `out`
+    /// and sends them (flushing `out` whenever it fills, and at the end).
+    pub fn process_outbound(
+        &self,
+        table: &PeerTable,
+        input: &Batch,
+        out: &mut Batch,
+        udp: &dyn UdpIo,
+    ) {
+        self.counters
+            .tun_rx_packets
+            .fetch_add(input.n as u64, Ordering::Relaxed);
+        for i in 0..input.n {
+            let pkt = input.packet(i);
+            let Some(dst) = packet::dst_addr(pkt) else {
+                self.counters.drop(Drop::Malformed);
+                continue;
+            };
+            let Some(peer) = table.route(dst) else {
+                debug!(%dst, "no peer for destination");
+                self.counters.drop(Drop::NoPeer);
+                continue;
+            };
+            if out.is_full() {
+                self.flush_udp(out, udp);
+            }
+            let slot = out.n;
+            let Some(buf) = out.bufs.get_mut(slot) else {
+                self.counters.drop(Drop::QueueFull);
+                continue;
+            };
+            if pkt.len() + WG_OVERHEAD > buf.len() {
+                self.counters.drop(Drop::Malformed);
+                continue;
+            }
+            let mut st = peer.lock();
+            let endpoint = st.endpoint;
+            match st.tunn.encapsulate(pkt, buf) {
+                TunnResult::WriteToNetwork(b) => {
+                    let len = b.len();
+                    drop(st);
+                    match endpoint {
+                        Some(ep) => {
+                            out.lens[slot] = len;
+                            out.addrs[slot] = ep;
+                            out.n += 1;
+                            peer.counters.tx(pkt.len());
+                        }
+                        None => self.counters.drop(Drop::NoEndpoint),
+                    }
+                }
+                // Queued behind a handshake already in flight.
+                TunnResult::Done => {}
+                TunnResult::Err(e) => {
+                    debug!(peer = %peer.name, error = ?e, "encapsulate failed");
+                    self.counters.drop(Drop::SendFailed);
+                }
+                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                    self.counters.drop(Drop::Malformed);
+                }
+            }
+        }
+        self.flush_udp(out, udp);
+    }
+
+    /// Inbound: authenticates and decrypts datagrams `0..input.n`, writes
+    /// allowed packets to the TUN and protocol replies to the network.
+    pub fn process_inbound(
+        &self,
+        table: &PeerTable,
+        input: &Batch,
+        tun_out: &mut Batch,
+        udp_out: &mut Batch,
+        tun: &dyn TunIo,
+        udp: &dyn UdpIo,
+    ) {
+        self.counters
+            .udp_rx_datagrams
+            .fetch_add(input.n as u64, Ordering::Relaxed);
+        let mut cookie = [0u8; 64];
+        for i in 0..input.n {
+            let datagram = input.packet(i);
+            let src = input
+                .addrs
+                .get(i)
+                .copied()
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            // MACs and load are checked before any Diffie-Hellman work, so a
+            // flood of initiations from unknown keys costs little.
+            let parsed =
+                match self
+                    .rate_limiter
+                    .verify_packet(Some(src.ip()), datagram, &mut cookie)
+                {
+                    Ok(p) => p,
+                    Err(TunnResult::WriteToNetwork(reply)) => {
+                        self.counters.cookie_replies.fetch_add(1, Ordering::Relaxed);
+                        let len = reply.len();
+                        self.queue_udp(udp_out, udp, &cookie[..len], src);
+                        continue;
+                    }
+                    Err(TunnResult::Err(WireGuardError::InvalidMac))
+                    | Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                        self.counters.drop(Drop::HandshakeRejected);
+                        continue;
+                    }
+                    Err(_) => {
+                        self.counters.drop(Drop::Malformed);
+                        continue;
+                    }
+                };
+            let (peer, is_data) = match &parsed {
+                Packet::HandshakeInit(h) => {
+                    match parse_handshake_anon(&self.secret, &self.public, h) {
+                        Ok(half) => (
+                            table.by_key(&PublicKey::from_bytes(half.peer_static_public)),
+                            false,
+                        ),
+                        Err(_) => (None, false),
+                    }
+                }
+                Packet::HandshakeResponse(h) => (table.by_index(h.receiver_idx >> 8), false),
+                Packet::PacketCookieReply(c) => (table.by_index(c.receiver_idx >> 8), false),
+                Packet::PacketData(d) => (table.by_index(d.receiver_idx >> 8), true),
+            };
+            let Some(peer) = peer else {
+                debug!(%src, "datagram for no known peer");
+                self.counters.drop(if is_data {
+                    Drop::DecryptFailed
+                } else {
+                    Drop::HandshakeRejected
+                });
+                continue;
+            };
+            if tun_out.is_full() {
+                self.flush_tun(tun_out, tun);
+            }
+            let slot = tun_out.n;
+            let Some(buf) = tun_out.bufs.get_mut(slot) else {
+                self.counters.drop(Drop::QueueFull);
+                continue;
+            };
+            let mut st = peer.lock();
+            match st.tunn.decapsulate(Some(src.ip()), datagram, buf) {
+                TunnResult::Done => st.endpoint = Some(src),
+                TunnResult::WriteToNetwork(reply) => {
+                    st.endpoint = Some(src);
+                    self.queue_udp(udp_out, udp, reply, src);
+                    // Packets queued during the handshake follow the reply.
+                    while let TunnResult::WriteToNetwork(more) = st.tunn.decapsulate(None, &[], buf)
+                    {
+                        self.queue_udp(udp_out, udp, more, src);
+                    }
+                }
+                TunnResult::WriteToTunnelV4(inner, addr) => {
+                    st.endpoint = Some(src);
+                    let len = inner.len();
+                    drop(st);
+                    self.accept_inner(table, peer, tun_out, slot, len, addr.into());
+                }
+                TunnResult::WriteToTunnelV6(inner, addr) => {
+                    st.endpoint = Some(src);
+                    let len = inner.len();
+                    drop(st);
+                    self.accept_inner(table, peer, tun_out, slot, len, addr.into());
+                }
+                TunnResult::Err(e) => {
+                    debug!(peer = %peer.name, error = ?e, "decapsulate failed");
+                    self.counters.drop(if is_data {
+                        Drop::DecryptFailed
+                    } else {
+                        Drop::HandshakeRejected
+                    });
+                }
+            }
+        }
+        self.flush_tun(tun_out, tun);
+        self.flush_udp(udp_out, udp);
+    }
+
+    /// Keeps a decrypted packet in `tun_out` only if its source belongs to
+    /// the peer that sent it (cryptokey routing, inbound half).
+    fn accept_inner(
+        &self,
+        table: &PeerTable,
+        peer: &Arc<Peer>,
+        tun_out: &mut Batch,
+        slot: usize,
+        len: usize,
+        src: std::net::IpAddr,
+    ) {
+        match table.route(src) {
+            Some(owner) if Arc::ptr_eq(owner, peer) => {
+                tun_out.lens[slot] = len;
+                tun_out.n += 1;
+                peer.counters.rx(len);
+            }
+            _ => {
+                debug!(peer = %peer.name, %src, "inner source not in the peer's allowed IPs");
+                self.counters.drop(Drop::SourceNotAllowed);
+            }
+        }
+    }
+
+    /// Ticks every peer's timers and sends what they ask for.
+    pub fn tick(&self, out: &mut Batch, udp: &dyn UdpIo) {
+        let table = self.table.load();
+        for peer in &table.peers {
+            if out.is_full() {
+                self.flush_udp(out, udp);
+            }
+            let slot = out.n;
+            let Some(buf) = out.bufs.get_mut(slot) else {
+                continue;
+            };
+            let mut st = peer.lock();
+            let endpoint = st.endpoint;
+            match st.tunn.update_timers(buf) {
+                TunnResult::WriteToNetwork(b) => match endpoint {
+                    Some(ep) => {
+                        out.lens[slot] = b.len();
+                        out.addrs[slot] = ep;
+                        out.n += 1;
+                    }
+                    None => self.counters.drop(Drop::NoEndpoint),
+                },
+                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
+                TunnResult::Err(e) => debug!(peer = %peer.name, error = ?e, "timer error"),
+                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+            }
+        }
+        self.flush_udp(out, udp);
+    }
+
+    /// Starts the outbound, inbound and timer threads. They run until `stop`
+    /// is set (checked at least every `POLL`).
+    pub fn spawn(
+        self: &Arc<Self>,
+        tun: Arc<dyn TunIo>,
+        udp: Arc<dyn UdpIo>,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<Vec<JoinHandle<()>>> {
+        let mut handles = Vec::new();
+        {
+            let (dp, tun, udp, stop) = (
+                Arc::clone(self),
+                Arc::clone(&tun),
+                Arc::clone(&udp),
+                Arc::clone(&stop),
+            );
+            handles.push(
+                std::thread::Builder::new()
+                    .name("tm-outbound".into())
+                    .spawn(move || {
+                        let mut input = Batch::new(BATCH, dp.buf_size);
+                        let mut out = Batch::new(BATCH, dp.buf_size);
+                        let mut errors = ErrorLog::new("reading the TUN device");
+                        while !stop.load(Ordering::Relaxed) {
+                            match tun.recv_batch(&mut input, POLL) {
+                                Ok(0) => {}
+                                Ok(_) => {
+                                    let table = dp.table.load();
+                                    dp.process_outbound(&table, &input, &mut out, &*udp);
+                                }
+                                Err(e) => errors.record(&e),
+                            }
+                        }
+                    })?,
+            );
+        }
+        {
+            let (dp, tun, udp, stop) = (
+                Arc::clone(self),
+                Arc::clone(&tun),
+                Arc::clone(&udp),
+                Arc::clone(&stop),
+            );
+            handles.push(
+                std::thread::Builder::new()
+                    .name("tm-inbound".into())
+                    .spawn(move || {
+                        let mut input = Batch::new(BATCH, dp.buf_size);
+                        let mut tun_out = Batch::new(BATCH, dp.buf_size);
+                        let mut udp_out = Batch::new(BATCH, dp.buf_size);
+                        let mut errors = ErrorLog::new("receiving UDP");
+                        while !stop.load(Ordering::Relaxed) {
+                            match udp.recv_batch(&mut input, POLL) {
+                                Ok(0) => {}
+                                Ok(_) => {
+                                    let table = dp.table.load();
+                                    dp.process_inbound(
+                                        &table,
+                                        &input,
+                                        &mut tun_out,
+                                        &mut udp_out,
+                                        &*tun,
+                                        &*udp,
+                                    );
+                                }
+                                Err(e) => errors.record(&e),
+                            }
+                        }
+                    })?,
+            );
+        }
+        {
+            let (dp, udp, stop) = (Arc::clone(self), Arc::clone(&udp), Arc::clone(&stop));
+            handles.push(std::thread::Builder::new().name("tm-timers".into()).spawn(
+                move || {
+                    let mut out = Batch::new(BATCH, dp.buf_size);
+                    let mut last_reset = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        dp.tick(&mut out, &*udp);
+                        if last_reset.elapsed() >= Duration::from_secs(1) {
+                            dp.rate_limiter.reset_count();
+                            last_reset = Instant::now();
+                        }
+                    }
+                },
+            )?);
+        }
+        info!(public_key = %self.public_key(), "data plane running");
+        Ok(handles)
+    }
+}
+
+/// Logs a repeating I/O error at most once per second with a count, and
+/// backs off briefly so a broken device does not spin a core.
+struct ErrorLog {
+    what: &'static str,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ErrorLog {
+    fn new(what: &'static str) -> Self {
+        ErrorLog {
+            what,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn record(&mut self, e: &io::Error) {
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            warn!(error = %e, repeated = self.suppressed, "{}", self.what);
+            self.last = Some(Instant::now());
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,69 @@
+//! Batch-shaped I/O seams. Real implementations (`tun`, `udp`) and in-memory
+//! fakes (`mem`) move vectors of packets per call, so offloads (multi-message
+//! syscalls, UDP GSO/GRO, TUN TSO/GRO) change what one call carries, not the
+//! shape of the loops.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// Packets per batch.
+pub const BATCH: usize = 64;
+
+/// A fixed set of packet buffers, allocated once per worker and reused for
+/// every batch. `lens[i]` is the length of packet `i`, `addrs[i]` its UDP
+/// peer (unused for TUN batches); `n` is how many are filled.
+pub struct Batch {
+    pub bufs: Vec<Vec<u8>>,
+    pub lens: Vec<usize>,
+    pub addrs: Vec<SocketAddr>,
+    pub n: usize,
+}
+
+impl Batch {
+    pub fn new(count: usize, buf_size: usize) -> Self {
+        Batch {
+            bufs: (0..count).map(|_| vec![0u8; buf_size]).collect(),
+            lens: vec![0; count],
+            addrs: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)); count],
+            n: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.bufs.len()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.n >= self.bufs.len()
+    }
+
+    /// Packet `i` as a slice.
+    #[inline]
+    pub fn packet(&self, i: usize) -> &[u8] {
+        let len = self.lens.get(i).copied().unwrap_or(0);
+        self.bufs.get(i).and_then(|b| b.get(..len)).unwrap_or(&[])
+    }
+}
+
+/// The TUN side: IP packets to and from the kernel.
+pub trait TunIo: Send + Sync {
+    /// Waits up to `timeout` for packets, then reads as many as are ready
+    /// (up to the batch's capacity) into `batch`, setting `batch.n`.
+    /// Returns `Ok(0)` on timeout.
+    fn recv_batch(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize>;
+    /// Writes packets `0..batch.n`. Returns how many the kernel accepted;
+    /// the rest are the caller's to count as dropped.
+    fn send_batch(&self, batch: &Batch) -> io::Result<usize>;
+}
+
+/// The UDP side: WireGuard datagrams to and from peers.
+pub trait UdpIo: Send + Sync {
+    /// Waits up to `timeout`, then receives ready datagrams into `batch`
+    /// with their source addresses. Returns `Ok(0)` on timeout.
+    fn recv_batch(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize>;
+    /// Sends datagrams `0..batch.n` to `batch.addrs`. Returns how many were
+    /// sent; datagrams the kernel refused are skipped and counted by the
+    /// return value falling short.
+    fn send_batch(&self, batch: &Batch) -> io::Result<usize>;
+}

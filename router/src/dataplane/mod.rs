@@ -1,0 +1,40 @@
+//! The data plane: peers and their allowed-IPs table, the batch I/O seams
+//! (real TUN and UDP, in-memory fakes), and the loops between them.
+
+pub mod counters;
+pub mod engine;
+pub mod io;
+pub mod mem;
+pub mod packet;
+pub mod peers;
+pub mod table;
+pub mod tun;
+pub mod udp;
+
+pub use counters::{Counters, Drop};
+pub use engine::{Dataplane, MeshDiff};
+pub use io::{Batch, TunIo, UdpIo, BATCH};
+
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+/// Waits until `fd` is readable or `timeout` passes. `Ok(false)` on timeout
+/// or interruption.
+pub(crate) fn poll_readable(fd: RawFd, timeout: Duration) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and we pass a count of 1.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(r > 0)
+}

@@ -1,0 +1,145 @@
+//! Peers and the immutable peer table the packet path reads. A reconcile
+//! builds a new `PeerTable` and swaps it in; packet threads keep using the
+//! old one until their next batch. A peer's WireGuard session (`Tunn`) lives
+//! behind an `Arc` shared by old and new tables, so an unchanged peer keeps
+//! its session across reconciles.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use boringtun::noise::Tunn;
+use ipnetwork::IpNetwork;
+
+use super::counters::PeerCounters;
+use super::table::Lpm;
+use crate::model::PeerSpec;
+use crate::PublicKey;
+
+/// The mutable part of a peer: its session and where it currently is.
+pub struct PeerState {
+    pub tunn: Tunn,
+    /// Current endpoint: the configured one, or the last address an
+    /// authenticated packet came from (roaming).
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// One peer in a table.
+pub struct Peer {
+    pub name: String,
+    pub public_key: PublicKey,
+    /// Our local session index prefix (24 bits) for this peer's `Tunn`.
+    pub index: u32,
+    pub allowed_ips: Vec<IpNetwork>,
+    pub persistent_keepalive: Option<u16>,
+    /// The endpoint the source asked for (not the roamed one).
+    pub configured_endpoint: Option<SocketAddr>,
+    state: Arc<Mutex<PeerState>>,
+    pub counters: Arc<PeerCounters>,
+}
+
+impl Peer {
+    pub fn new(spec: &PeerSpec, index: u32, tunn: Tunn) -> Self {
+        Peer {
+            name: spec.name.clone(),
+            public_key: spec.public_key,
+            index,
+            allowed_ips: spec.allowed_ips.clone(),
+            persistent_keepalive: spec.persistent_keepalive,
+            configured_endpoint: spec.endpoint,
+            state: Arc::new(Mutex::new(PeerState {
+                tunn,
+                endpoint: spec.endpoint,
+            })),
+            counters: Arc::default(),
+        }
+    }
+
+    /// The same session and counters under a changed spec (allowed IPs,
+    /// endpoint). A changed configured endpoint replaces the current one.
+    pub fn updated(&self, spec: &PeerSpec) -> Self {
+        if spec.endpoint != self.configured_endpoint {
+            if let Some(ep) = spec.endpoint {
+                self.lock().endpoint = Some(ep);
+            }
+        }
+        Peer {
+            name: spec.name.clone(),
+            public_key: self.public_key,
+            index: self.index,
+            allowed_ips: spec.allowed_ips.clone(),
+            persistent_keepalive: self.persistent_keepalive,
+            configured_endpoint: spec.endpoint,
+            state: Arc::clone(&self.state),
+            counters: Arc::clone(&self.counters),
+        }
+    }
+
+    /// Locks the session. A poisoned lock (a panic elsewhere while holding
+    /// it) still yields the state: the session data stays usable.
+    #[inline]
+    pub fn lock(&self) -> MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the spec differs only in ways `updated` can apply in place.
+    pub fn same_session(&self, spec: &PeerSpec) -> bool {
+        self.public_key == spec.public_key && self.persistent_keepalive == spec.persistent_keepalive
+    }
+
+    pub fn same_spec(&self, spec: &PeerSpec) -> bool {
+        self.same_session(spec)
+            && self.allowed_ips == spec.allowed_ips
+            && self.configured_endpoint == spec.endpoint
+    }
+}
+
+/// An immutable snapshot of all peers, with the lookups the packet path needs.
+#[derive(Default)]
+pub struct PeerTable {
+    /// Sorted by name.
+    pub peers: Vec<Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    by_key: HashMap<PublicKey, Arc<Peer>>,
+    routes: Lpm<Arc<Peer>>,
+}
+
+impl PeerTable {
+    pub fn new(mut peers: Vec<Arc<Peer>>) -> Self {
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut t = PeerTable::default();
+        for p in &peers {
+            t.by_index.insert(p.index, Arc::clone(p));
+            t.by_key.insert(p.public_key, Arc::clone(p));
+            for net in &p.allowed_ips {
+                t.routes.insert(*net, Arc::clone(p));
+            }
+        }
+        t.peers = peers;
+        t
+    }
+
+    /// Outbound cryptokey routing: the peer whose allowed IPs hold `dst`
+    /// with the longest prefix.
+    #[inline]
+    pub fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        self.routes.lookup(dst)
+    }
+
+    /// The peer a session index (receiver index >> 8) belongs to.
+    #[inline]
+    pub fn by_index(&self, index: u32) -> Option<&Arc<Peer>> {
+        self.by_index.get(&index)
+    }
+
+    pub fn by_key(&self, key: &PublicKey) -> Option<&Arc<Peer>> {
+        self.by_key.get(key)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Peer>> {
+        self.peers
+            .binary_search_by(|p| p.name.as_str().cmp(name))
+            .ok()
+            .and_then(|i| self.peers.get(i))
+    }
+}

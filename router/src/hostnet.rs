@@ -1,0 +1,249 @@
+//! The host side: the TUN link's MTU, state and gateway addresses, the
+//! routes through it, and the sysctls routing needs, all over netlink
+//! (rtnetlink) and /proc/sys. Every operation is idempotent: applying the
+//! same desired state twice changes nothing the second time.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures_util::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use tracing::{info, warn};
+
+use crate::{Error, Result};
+
+/// Routing protocol number tunmesh stamps on its routes, so that a sync
+/// touches only routes it made (`ip route` shows it as `proto 116`).
+pub const RTPROT_TUNMESH: u8 = 116;
+
+fn nl(context: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let context = context.into();
+    move |e| Error::Netlink {
+        context,
+        message: e.to_string(),
+    }
+}
+
+/// A netlink handle for the current network namespace.
+pub struct HostNet {
+    handle: Handle,
+}
+
+/// Routes added and removed by a sync.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RouteDiff {
+    pub added: Vec<IpNetwork>,
+    pub removed: Vec<IpNetwork>,
+}
+
+impl HostNet {
+    /// Opens a netlink connection; must run inside a tokio runtime.
+    pub fn connect() -> Result<Self> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| Error::io("opening netlink socket", e))?;
+        tokio::spawn(conn);
+        Ok(HostNet { handle })
+    }
+
+    pub async fn link_index(&self, name: &str) -> Result<u32> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links
+            .try_next()
+            .await
+            .map_err(nl(format!("looking up link {name}")))?
+        {
+            Some(l) => Ok(l.header.index),
+            None => Err(Error::Netlink {
+                context: format!("looking up link {name}"),
+                message: "no such link".into(),
+            }),
+        }
+    }
+
+    /// Sets the link's MTU, brings it up and makes its addresses exactly
+    /// `gateways` (as /32 and /128: a gateway address, not a subnet, so no
+    /// connected route competes with the per-pod routes).
+    pub async fn configure_link(
+        &self,
+        index: u32,
+        name: &str,
+        mtu: u32,
+        gateways: &[IpAddr],
+    ) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("setting {name} up with MTU {mtu}")))?;
+        let mut present = BTreeSet::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(nl(format!("listing addresses of {name}")))?
+        {
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            match addr {
+                Some(ip) if gateways.contains(&ip) => {
+                    present.insert(ip);
+                }
+                Some(ip) if !is_link_local(ip) => {
+                    info!(link = name, address = %ip, "removing address not in the desired state");
+                    self.handle
+                        .address()
+                        .del(msg)
+                        .execute()
+                        .await
+                        .map_err(nl(format!("removing {ip} from {name}")))?;
+                }
+                _ => {}
+            }
+        }
+        for gw in gateways {
+            if present.contains(gw) {
+                continue;
+            }
+            let prefix = if gw.is_ipv4() { 32 } else { 128 };
+            self.handle
+                .address()
+                .add(index, *gw, prefix)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("adding {gw}/{prefix} to {name}")))?;
+        }
+        Ok(())
+    }
+
+    /// The routes through link `index` that tunmesh made.
+    pub async fn routes(&self, index: u32) -> Result<BTreeSet<IpNetwork>> {
+        let mut out = BTreeSet::new();
+        for family in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.handle.route().get(family).execute();
+            while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
+                if r.header.protocol != RouteProtocol::Other(RTPROT_TUNMESH) {
+                    continue;
+                }
+                if !r
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+                {
+                    continue;
+                }
+                let len = r.header.destination_prefix_length;
+                let dst = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                    RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                    _ => None,
+                });
+                if let Some(net) = dst.and_then(|ip| IpNetwork::new(ip, len).ok()) {
+                    out.insert(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the tunmesh routes through link `index` exactly `desired`.
+    pub async fn sync_routes(&self, index: u32, desired: &[IpNetwork]) -> Result<RouteDiff> {
+        let have = self.routes(index).await?;
+        let want: BTreeSet<IpNetwork> = desired.iter().copied().collect();
+        let mut diff = RouteDiff::default();
+        for net in want.difference(&have) {
+            let msg = route_message(*net, index)?;
+            self.handle
+                .route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("adding route {net}")))?;
+            diff.added.push(*net);
+        }
+        for net in have.difference(&want) {
+            let msg = route_message(*net, index)?;
+            self.handle
+                .route()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(nl(format!("removing route {net}")))?;
+            diff.removed.push(*net);
+        }
+        Ok(diff)
+    }
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+fn route_message(
+    net: IpNetwork,
+    index: u32,
+) -> Result<rtnetlink::packet_route::route::RouteMessage> {
+    Ok(RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(net.network(), net.prefix())
+        .map_err(|e| Error::Netlink {
+            context: format!("route {net}"),
+            message: e.to_string(),
+        })?
+        .output_interface(index)
+        .protocol(RouteProtocol::Other(RTPROT_TUNMESH))
+        .scope(RouteScope::Link)
+        .build())
+}
+
+/// Writes a sysctl under /proc/sys if its value differs. Returns whether it changed.
+pub fn set_sysctl(key: &str, value: &str) -> Result<bool> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let cur = std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {key}"), e))?;
+    if cur.trim() == value {
+        return Ok(false);
+    }
+    std::fs::write(&path, value).map_err(|e| Error::io(format!("setting {key}={value}"), e))?;
+    Ok(true)
+}
+
+/// Turns on IPv4/IPv6 forwarding (nodes route between pod veths and the
+/// TUN) and loose reverse-path filtering on the TUN device: a pod's request
+/// to another node's own address leaves over the underlay, and the reply
+/// comes back through the mesh, which strict rp_filter would drop.
+pub fn prepare_sysctls(tun: &str) {
+    let wanted = [
+        ("net.ipv4.ip_forward".to_string(), "1"),
+        ("net.ipv6.conf.all.forwarding".to_string(), "1"),
+        (format!("net.ipv4.conf.{tun}.rp_filter"), "2"),
+    ];
+    for (key, value) in wanted {
+        match set_sysctl(&key, value) {
+            Ok(true) => info!(%key, value, "sysctl set"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "pod traffic may not be forwarded"),
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! tunmesh router: the node agent. It owns a TUN device, carries pod traffic
+//! to the other nodes through a WireGuard full mesh, and keeps the host's
+//! addresses and routes in line with the desired mesh.
+//!
+//! Layout (see DESIGN.md): `model` (plain domain types), `source` (where the
+//! desired mesh comes from), `dataplane` (the packet path), `hostnet`
+//! (addresses, routes, sysctls), `status` (what the router reports).
+
+pub mod dataplane;
+pub mod hostnet;
+pub mod model;
+pub mod source;
+pub mod status;
+
+pub use tunmesh_keygen::{PrivateKey, PublicKey};
+
+/// The router library's errors. Each carries the context an operator needs
+/// to find what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    MeshFile(#[from] source::file::MeshFileError),
+    #[error(transparent)]
+    Key(#[from] tunmesh_keygen::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("netlink: {context}: {message}")]
+    Netlink { context: String, message: String },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

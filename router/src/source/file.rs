@@ -1,0 +1,467 @@
+//! The static mesh file: a TOML file naming this node's settings and its
+//! peers, for clusters without Kubernetes and for the lab.
+//!
+//! ```toml
+//! [node]
+//! private_key_file = "/var/lib/tunmesh/private.key"
+//! listen_port = 51820
+//! pod_cidrs = ["10.244.1.0/24", "fd00:10:244:1::/64"]   # gateway = first address of each
+//! cluster_cidrs = ["10.244.0.0/16", "fd00:10:244::/56"]  # routed into the TUN even without a peer
+//!
+//! [[peer]]
+//! name = "node-2"                      # optional, defaults to the public key
+//! public_key = "base64, as `wg pubkey` prints it"
+//! endpoint = "172.30.0.12:51820"       # optional; IPv6 as "[fd00::2]:51820"
+//! allowed_ips = ["10.244.2.0/24", "fd00:10:244:2::/64"]
+//! persistent_keepalive = 25            # optional, seconds, 0 = off
+//! ```
+//!
+//! Every field is checked and every problem is reported at once, each naming
+//! the file, the peer and the field, so an operator fixes the file in one go.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnetwork::IpNetwork;
+use serde::Deserialize;
+
+use crate::model::{DesiredMesh, PeerSpec};
+use crate::PublicKey;
+
+/// What is wrong with a mesh file: its path and one line per problem.
+#[derive(Debug, thiserror::Error)]
+#[error("mesh file {path}: {}", problems.join("; "))]
+pub struct MeshFileError {
+    pub path: String,
+    pub problems: Vec<String>,
+}
+
+/// This node's own settings from the `[node]` table. They take effect at
+/// start; a reload that changes them is refused (restart to change them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSettings {
+    pub private_key_file: PathBuf,
+    pub listen_port: u16,
+    pub pod_cidrs: Vec<IpNetwork>,
+    pub cluster_cidrs: Vec<IpNetwork>,
+}
+
+impl NodeSettings {
+    /// Gateway addresses: the first host address of each pod CIDR.
+    pub fn gateways(&self) -> Vec<IpAddr> {
+        self.pod_cidrs.iter().map(|c| first_host(*c)).collect()
+    }
+}
+
+/// First usable address of a prefix (network + 1; the address itself for /32 and /128).
+pub fn first_host(net: IpNetwork) -> IpAddr {
+    match net {
+        IpNetwork::V4(n) if n.prefix() < 32 => IpAddr::V4((u32::from(n.network()) + 1).into()),
+        IpNetwork::V6(n) if n.prefix() < 128 => IpAddr::V6((u128::from(n.network()) + 1).into()),
+        other => other.ip(),
+    }
+}
+
+/// A parsed and validated mesh file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshFile {
+    pub node: NodeSettings,
+    pub mesh: DesiredMesh,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    node: RawNode,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    private_key_file: String,
+    listen_port: i64,
+    #[serde(default)]
+    pod_cidrs: Vec<String>,
+    #[serde(default)]
+    cluster_cidrs: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Option<String>,
+    public_key: String,
+    endpoint: Option<String>,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
+    persistent_keepalive: Option<i64>,
+}
+
+/// Parses a CIDR and insists on a clean network address, so that a typo such
+/// as `10.244.2.1/24` is caught instead of silently meaning `10.244.2.0/24`.
+pub fn parse_cidr(text: &str) -> Result<IpNetwork, String> {
+    let net: IpNetwork = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{text:?} is not a CIDR ({e})"))?;
+    if !text.contains('/') {
+        return Err(format!(
+            "{text:?} has no prefix length (write {text}/{})",
+            net.prefix()
+        ));
+    }
+    let clean = IpNetwork::new(net.network(), net.prefix()).map_err(|e| e.to_string())?;
+    if clean.ip() != net.ip() {
+        return Err(format!(
+            "{text:?} has host bits set (did you mean {clean}?)"
+        ));
+    }
+    Ok(clean)
+}
+
+/// Parses an endpoint: an IP literal and a port (`1.2.3.4:51820`, `[fd00::1]:51820`).
+pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+    let ep: SocketAddr = text.trim().parse().map_err(|_| {
+        format!("{text:?} is not IP:PORT (host names are not resolved; IPv6 as [addr]:port)")
+    })?;
+    if ep.port() == 0 {
+        return Err(format!("{text:?} has port 0"));
+    }
+    if ep.ip().is_unspecified() || ep.ip().is_multicast() {
+        return Err(format!("{text:?} is not a unicast address"));
+    }
+    Ok(ep)
+}
+
+/// Two prefixes overlap when one contains the other's network address.
+pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+fn cidr_list(raw: &[String], what: &str, problems: &mut Vec<String>) -> Vec<IpNetwork> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, t)| match parse_cidr(t) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                problems.push(format!("{what}[{i}]: {e}"));
+                None
+            }
+        })
+        .collect()
+}
+
+/// Reads and validates a mesh file.
+pub fn load(path: &Path) -> Result<MeshFile, MeshFileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| MeshFileError {
+        path: path.display().to_string(),
+        problems: vec![format!("cannot read: {e}")],
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates mesh-file text; `path` only names it in errors.
+pub fn parse(text: &str, path: &Path) -> Result<MeshFile, MeshFileError> {
+    let fail = |problems: Vec<String>| MeshFileError {
+        path: path.display().to_string(),
+        problems,
+    };
+    let raw: RawFile =
+        toml::from_str(text).map_err(|e| fail(vec![e.to_string().trim().replace('\n', " ")]))?;
+    let mut problems = Vec::new();
+
+    let n = &raw.node;
+    if n.private_key_file.trim().is_empty() {
+        problems.push("node.private_key_file: empty".to_string());
+    }
+    let listen_port = match u16::try_from(n.listen_port) {
+        Ok(p) if p != 0 => p,
+        _ => {
+            problems.push(format!(
+                "node.listen_port: {} is not a port (1-65535)",
+                n.listen_port
+            ));
+            0
+        }
+    };
+    let pod_cidrs = cidr_list(&n.pod_cidrs, "node.pod_cidrs", &mut problems);
+    let cluster_cidrs = cidr_list(&n.cluster_cidrs, "node.cluster_cidrs", &mut problems);
+    if pod_cidrs.iter().filter(|c| c.is_ipv4()).count() > 1
+        || pod_cidrs.iter().filter(|c| c.is_ipv6()).count() > 1
+    {
+        problems.push("node.pod_cidrs: at most one IPv4 and one IPv6 prefix".to_string());
+    }
+
+    let mut peers: Vec<PeerSpec> = Vec::new();
+    let mut names = BTreeMap::new();
+    let mut keys = BTreeMap::new();
+    for (i, p) in raw.peer.iter().enumerate() {
+        let label = match &p.name {
+            Some(n) => format!("peer[{i}] ({n:?})"),
+            None => format!("peer[{i}]"),
+        };
+        let before = problems.len();
+        let key = match PublicKey::from_base64(&p.public_key) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                problems.push(format!("{label}.public_key: {e}"));
+                None
+            }
+        };
+        let endpoint = match p.endpoint.as_deref().map(parse_endpoint).transpose() {
+            Ok(ep) => ep,
+            Err(e) => {
+                problems.push(format!("{label}.endpoint: {e}"));
+                None
+            }
+        };
+        let allowed_ips = cidr_list(
+            &p.allowed_ips,
+            &format!("{label}.allowed_ips"),
+            &mut problems,
+        );
+        let persistent_keepalive = match p.persistent_keepalive {
+            None | Some(0) => None,
+            Some(s) => match u16::try_from(s) {
+                Ok(s) => Some(s),
+                Err(_) => {
+                    problems.push(format!(
+                        "{label}.persistent_keepalive: {s} is not 0-65535 seconds"
+                    ));
+                    None
+                }
+            },
+        };
+        let name = p
+            .name
+            .clone()
+            .unwrap_or_else(|| p.public_key.trim().to_string());
+        if name.trim().is_empty() {
+            problems.push(format!("{label}.name: empty"));
+        }
+        if let Some(j) = names.insert(name.clone(), i) {
+            problems.push(format!("{label}.name: {name:?} is also peer[{j}]"));
+        }
+        if let Some(k) = key {
+            if let Some(j) = keys.insert(k, i) {
+                problems.push(format!("{label}.public_key: same key as peer[{j}]"));
+            }
+        }
+        for (a, net) in allowed_ips.iter().enumerate() {
+            for own in &pod_cidrs {
+                if overlaps(net, own) {
+                    problems.push(format!(
+                        "{label}.allowed_ips[{a}]: {net} overlaps this node's pod CIDR {own}"
+                    ));
+                }
+            }
+            for other in &peers {
+                if let Some(o) = other.allowed_ips.iter().find(|o| overlaps(net, o)) {
+                    problems.push(format!(
+                        "{label}.allowed_ips[{a}]: {net} overlaps {o} of peer {:?}",
+                        other.name
+                    ));
+                }
+            }
+        }
+        if let (Some(public_key), true) = (key, problems.len() == before) {
+            peers.push(PeerSpec {
+                name,
+                public_key,
+                endpoint,
+                allowed_ips,
+                persistent_keepalive,
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(fail(problems));
+    }
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(MeshFile {
+        node: NodeSettings {
+            private_key_file: PathBuf::from(n.private_key_file.trim()),
+            listen_port,
+            pod_cidrs,
+            cluster_cidrs: cluster_cidrs.clone(),
+        },
+        mesh: DesiredMesh {
+            peers,
+            blackhole_cidrs: cluster_cidrs,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_A: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+    const KEY_B: &str = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
+
+    fn good() -> String {
+        format!(
+            r#"
+[node]
+private_key_file = "/tmp/k"
+listen_port = 51820
+pod_cidrs = ["10.244.1.0/24", "fd00:10:244:1::/64"]
+cluster_cidrs = ["10.244.0.0/16"]
+
+[[peer]]
+name = "node-2"
+public_key = "{KEY_A}"
+endpoint = "172.30.0.12:51820"
+allowed_ips = ["10.244.2.0/24", "fd00:10:244:2::/64"]
+persistent_keepalive = 25
+
+[[peer]]
+name = "node-3"
+public_key = "{KEY_B}"
+endpoint = "[fd00::3]:51820"
+allowed_ips = ["10.244.3.0/24"]
+"#
+        )
+    }
+
+    fn err(text: &str) -> String {
+        parse(text, Path::new("mesh.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_file_parses() {
+        let f = parse(&good(), Path::new("mesh.toml")).unwrap();
+        assert_eq!(f.node.listen_port, 51820);
+        assert_eq!(f.node.gateways()[0].to_string(), "10.244.1.1");
+        assert_eq!(f.node.gateways()[1].to_string(), "fd00:10:244:1::1");
+        assert_eq!(f.mesh.peers.len(), 2);
+        assert_eq!(f.mesh.peers[0].persistent_keepalive, Some(25));
+        assert_eq!(
+            f.mesh.peers[1].endpoint.unwrap().to_string(),
+            "[fd00::3]:51820"
+        );
+        assert_eq!(f.mesh.routes().len(), 4);
+    }
+
+    /// Each kind of bad field: (replace this, with that, the message must contain).
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                KEY_A,
+                "not-a-key",
+                &["peer[0] (\"node-2\").public_key", "44"],
+            ),
+            (
+                "172.30.0.12:51820",
+                "172.30.0.12",
+                &["peer[0] (\"node-2\").endpoint", "IP:PORT"],
+            ),
+            (
+                "172.30.0.12:51820",
+                "node2.example:51820",
+                &["endpoint", "host names"],
+            ),
+            (
+                "172.30.0.12:51820",
+                "172.30.0.12:0",
+                &["endpoint", "port 0"],
+            ),
+            (
+                "\"10.244.2.0/24\"",
+                "\"10.244.2.0/33\"",
+                &["allowed_ips[0]", "not a CIDR"],
+            ),
+            (
+                "\"10.244.2.0/24\"",
+                "\"10.244.2.1/24\"",
+                &["allowed_ips[0]", "host bits", "10.244.2.0/24"],
+            ),
+            (
+                "\"10.244.3.0/24\"",
+                "\"10.244.2.128/25\"",
+                &["peer[1] (\"node-3\").allowed_ips[0]", "overlaps", "node-2"],
+            ),
+            (
+                "\"10.244.3.0/24\"",
+                "\"10.244.1.0/24\"",
+                &["overlaps this node's pod CIDR"],
+            ),
+            (
+                "persistent_keepalive = 25",
+                "persistent_keepalive = 70000",
+                &["persistent_keepalive", "70000"],
+            ),
+            (
+                "listen_port = 51820",
+                "listen_port = 0",
+                &["node.listen_port"],
+            ),
+            (
+                "listen_port = 51820",
+                "listen_port = 99999",
+                &["node.listen_port", "99999"],
+            ),
+            (
+                "name = \"node-3\"",
+                "name = \"node-2\"",
+                &["peer[1]", "also peer[0]"],
+            ),
+            (KEY_B, KEY_A, &["same key as peer[0]"]),
+            (
+                "cluster_cidrs = [\"10.244.0.0/16\"]",
+                "cluster_cidrs = [\"10.244.0.0\"]",
+                &["node.cluster_cidrs[0]", "no prefix length"],
+            ),
+            (
+                "persistent_keepalive = 25",
+                "keepalive = 25",
+                &["unknown field", "keepalive"],
+            ),
+            (
+                "listen_port = 51820",
+                "listen_port = \"51820\"",
+                &["listen_port", "line"],
+            ),
+            ("[node]", "[nod]", &["nod"]),
+        ];
+        for (from, to, want) in cases {
+            let text = good().replacen(from, to, 1);
+            assert_ne!(text, good(), "case {from} -> {to} changed nothing");
+            let e = err(&text);
+            assert!(e.starts_with("mesh file mesh.toml: "), "{e}");
+            for w in *want {
+                assert!(e.contains(w), "{from} -> {to}: {e:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = good()
+            .replacen(KEY_A, "bad", 1)
+            .replacen("\"10.244.3.0/24\"", "\"x\"", 1);
+        let e = parse(&text, Path::new("m")).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+    }
+
+    #[test]
+    fn not_toml_is_an_error_with_position() {
+        let e = err("[node\nprivate_key_file=");
+        assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let e = load(Path::new("/nonexistent/mesh.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/mesh.toml") && e.contains("cannot read"),
+            "{e}"
+        );
+    }
+}

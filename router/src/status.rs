@@ -1,0 +1,114 @@
+//! What the router reports about itself: a JSON snapshot of its key, peers,
+//! counters and last reload, written atomically to the state directory every
+//! second. Operators and tests read it; `tunmesh-ctl status` and metrics will
+//! be built on the same snapshot.
+
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane::counters::CountersSnapshot;
+use crate::dataplane::Dataplane;
+use crate::{Error, Result};
+
+/// File name of the snapshot inside the state directory.
+pub const STATUS_FILE: &str = "status.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub persistent_keepalive: Option<u16>,
+    /// Unix time of the last completed handshake, if any.
+    pub latest_handshake_unix: Option<u64>,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReloadStatus {
+    pub at_unix: u64,
+    pub ok: bool,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub interface: String,
+    pub public_key: String,
+    pub listen_port: u16,
+    pub peers: Vec<PeerStatus>,
+    pub counters: CountersSnapshot,
+    pub reloads: u64,
+    pub last_reload: Option<ReloadStatus>,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Peer statuses from the data plane's current table.
+pub fn peers(dp: &Dataplane) -> Vec<PeerStatus> {
+    let now = SystemTime::now();
+    dp.table()
+        .peers
+        .iter()
+        .map(|p| {
+            let (since, endpoint) = {
+                let st = p.lock();
+                (st.tunn.time_since_last_handshake(), st.endpoint)
+            };
+            let at = since
+                .and_then(|d: Duration| now.checked_sub(d))
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+            PeerStatus {
+                name: p.name.clone(),
+                public_key: p.public_key.to_base64(),
+                endpoint: endpoint.map(|e| e.to_string()),
+                allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                persistent_keepalive: p.persistent_keepalive,
+                latest_handshake_unix: at.map(|d| d.as_secs()),
+                tx_packets: p.counters.tx_packets.load(Relaxed),
+                tx_bytes: p.counters.tx_bytes.load(Relaxed),
+                rx_packets: p.counters.rx_packets.load(Relaxed),
+                rx_bytes: p.counters.rx_bytes.load(Relaxed),
+            }
+        })
+        .collect()
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename, so a
+/// reader never sees a half-written file.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, contents)
+        .map_err(|e| Error::io(format!("writing {}", Path::new(&tmp).display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::io(format!("renaming into {}", path.display()), e))
+}
+
+impl Status {
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| Error::io("encoding status", e.into()))?;
+        write_atomic(&dir.join(STATUS_FILE), &json)
+    }
+
+    pub fn read(dir: &Path) -> Result<Status> {
+        let path = dir.join(STATUS_FILE);
+        let text = std::fs::read(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| Error::io(format!("parsing {}", path.display()), e.into()))
+    }
+}
