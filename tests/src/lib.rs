@@ -1,1 +1,34 @@
+//! The tunmesh lab: a Kubernetes-shaped cluster built from network
+//! namespaces on one machine, and the checks the demo and the end-to-end
+//! tests run against it.
+//!
+//! - `netns`: namespaces, veths, commands and sockets inside a namespace;
+//! - `lab`: the cluster (underlay bridge, node namespaces running routers,
+//!   pod namespaces), recorded on disk so `exec` and `down` find it later;
+//! - `checks`: ping, byte-exact TCP transfers, iperf3, the connectivity matrix;
+//! - `pcap`: just enough of the pcap format to inspect underlay captures.
 
+pub mod checks;
+pub mod lab;
+pub mod netns;
+pub mod pcap;
+
+pub use lab::{Lab, LabOptions};
+
+/// True when running as root (namespaces need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// For tests that need root: returns false (and says so) when they must be
+/// skipped on a developer's machine; in CI (`CI` set) a missing root is a
+/// failure, never a skip.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{test} needs root, and CI must run it");
+    eprintln!("skipping {test}: needs root (runs in CI)");
+    false
+}

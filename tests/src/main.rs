@@ -1,1 +1,175 @@
-fn main() {}
+//! `tunmesh-lab`: a tunmesh cluster in network namespaces on one machine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tunmesh_lab::checks;
+use tunmesh_lab::lab::{self, Lab, LabOptions, DEFAULT_ROOT};
+
+#[derive(Parser)]
+#[command(name = "tunmesh-lab", version, about = "A tunmesh cluster in network namespaces (needs root)")]
+struct Cli {
+    /// Directory holding lab records.
+    #[arg(long, env = "TUNMESH_LAB_ROOT", default_value = DEFAULT_ROOT, global = true)]
+    root: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a cluster and leave it running; prints node and pod names.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+    },
+    /// Remove a lab (the newest, or --lab ID, or --all).
+    Down {
+        #[arg(long, env = "TUNMESH_LAB")]
+        lab: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Run a command inside a node's or pod's namespace: exec NAME -- CMD...
+    Exec {
+        #[arg(long, env = "TUNMESH_LAB")]
+        lab: Option<String>,
+        /// node-N, node-N-pod-M, or underlay
+        name: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// List running labs.
+    List,
+    /// Up, check every pod-to-pod and node-to-pod pair, iperf3, down.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+        /// iperf3 duration in seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Ctrl-C or SIGTERM: remove the lab being built or demonstrated, then exit.
+    let _ = ctrlc::set_handler(|| {
+        if let Some(dir) = lab::current() {
+            eprintln!("\ninterrupted: removing lab {}", dir.display());
+            let _ = lab::teardown(&dir);
+        }
+        std::process::exit(130);
+    });
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tunmesh-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn need_root() -> Result<()> {
+    if !tunmesh_lab::is_root() {
+        bail!("the lab creates network namespaces and needs root (try sudo)");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Up { nodes, pods_per_node } => {
+            need_root()?;
+            let mut lab = Lab::up(&LabOptions { nodes, pods_per_node, root: cli.root, router_bin: None })?;
+            lab.keep();
+            lab::set_current(None);
+            print_lab(&lab);
+            println!("\nlab {} is up; `tunmesh-lab exec NAME -- CMD` to use it, `tunmesh-lab down` to remove it", lab.state.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Down { lab, all } => {
+            need_root()?;
+            let ids: Vec<String> = if all {
+                Lab::list(&cli.root)
+            } else {
+                vec![Lab::load(&cli.root, lab.as_deref())?.state.id.clone()]
+            };
+            for id in ids {
+                lab::teardown(&cli.root.join(&id))?;
+                println!("lab {id} removed");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Exec { lab, name, cmd } => {
+            need_root()?;
+            let lab = Lab::load(&cli.root, lab.as_deref())?;
+            let ns = lab.resolve(&name)?;
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .args(&cmd)
+                .status()
+                .with_context(|| format!("running {} in {name}", cmd.join(" ")))?;
+            Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
+        }
+        Cmd::List => {
+            for id in Lab::list(&cli.root) {
+                let lab = Lab::load(&cli.root, Some(&id))?;
+                println!("{id}: {} nodes, {} pods", lab.state.nodes.len(), lab.state.pods.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { nodes, pods_per_node, seconds } => {
+            need_root()?;
+            demo(&cli.root, nodes, pods_per_node, seconds)
+        }
+    }
+}
+
+fn print_lab(lab: &Lab) {
+    println!("{:14} {:16} {:20} {:22}", "node", "underlay", "pod CIDR (IPv4)", "pod CIDR (IPv6)");
+    for n in &lab.state.nodes {
+        println!("{:14} {:16} {:20} {:22}", n.name, n.underlay_ip.to_string(), n.pod_cidr_v4, n.pod_cidr_v6);
+    }
+    println!("\n{:14} {:16} {:22}", "pod", "IPv4", "IPv6");
+    for p in &lab.state.pods {
+        println!("{:14} {:16} {:22}", p.name, p.ipv4.to_string(), p.ipv6.to_string());
+    }
+}
+
+fn demo(root: &std::path::Path, nodes: usize, pods_per_node: usize, seconds: u32) -> Result<ExitCode> {
+    if nodes < 2 || pods_per_node < 1 {
+        bail!("the demo needs at least 2 nodes with 1 pod each");
+    }
+    println!("building a {nodes}-node lab with {pods_per_node} pods per node...");
+    let lab = Lab::up(&LabOptions { nodes, pods_per_node, root: root.to_path_buf(), router_bin: None })?;
+    print_lab(&lab);
+    println!("\nchecking every pod-to-pod and node-to-pod pair (ping and a {} KiB TCP transfer, IPv4 and IPv6)...", checks::TCP_CHECK_BYTES / 1024);
+    let results = checks::matrix(&lab);
+    print!("{}", checks::matrix_table(&results));
+    let ok = results.iter().filter(|r| r.ok()).count();
+    let (a, b) = (&lab.state.pods[0], lab.state.pods.iter().find(|p| p.node != 0).context("no pod on a second node")?);
+    println!("\niperf3 {} -> {} ({}s, TCP, 1 stream)...", a.name, b.name, seconds);
+    let gbps = match checks::iperf3(&a.ns, &b.ns, b.ipv4.into(), seconds, &[]) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("iperf3 failed: {e:#}");
+            0.0
+        }
+    };
+    for n in &lab.state.nodes {
+        if let Ok(s) = lab.router_status(&n.name) {
+            let drops: Vec<String> = s.counters.drops.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+            println!("{}: {} peers, drops: {}", n.name, s.peers.len(), if drops.is_empty() { "none".into() } else { drops.join(" ") });
+        }
+    }
+    lab.down()?;
+    println!("demo: {ok}/{} pairs reachable, iperf3 {gbps:.2} Gbit/s", results.len());
+    Ok(if ok == results.len() && gbps > 0.0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

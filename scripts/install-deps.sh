@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need from Debian's packages, only
+# what is missing, without recommended packages (those pull in a kernel).
+set -euo pipefail
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v sysctl >/dev/null || need+=(procps)
+command -v wg >/dev/null || need+=(wireguard-tools)
+[ -x /usr/bin/wireguard-go ] || need+=(wireguard-go)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi

@@ -1,0 +1,183 @@
+//! Checks run against a lab: ping, byte-exact TCP transfers, iperf3, and the
+//! connectivity matrix the demo prints.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::lab::Lab;
+use crate::netns::{self, exec_output, in_netns};
+
+/// Pings `dst` from namespace `ns` until one reply arrives or `deadline_s` passes.
+pub fn ping(ns: &str, dst: IpAddr, deadline_s: u32) -> bool {
+    let deadline = deadline_s.to_string();
+    let dst = dst.to_string();
+    exec_output(ns, "ping", &["-n", "-q", "-c", "1", "-i", "0.2", "-w", &deadline, &dst])
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends can agree on
+/// what was sent without shipping it twice.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Sends `data` over TCP from namespace `from` to `dst` in namespace `to`
+/// and returns the SHA-256 of what arrived (compare with `sha256(data)`).
+pub fn tcp_transfer(from: &str, to: &str, dst: IpAddr, data: Vec<u8>, timeout: Duration) -> Result<[u8; 32]> {
+    let listener = in_netns(to, move || TcpListener::bind(SocketAddr::new(dst, 0)))?.with_context(|| format!("listening on {dst} in {to}"))?;
+    let addr = listener.local_addr()?;
+    let receiver = std::thread::spawn(move || -> Result<[u8; 32]> {
+        listener.set_nonblocking(false)?;
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(h.finalize().into())
+    });
+    let sent = (|| -> Result<()> {
+        let mut s = in_netns(from, move || TcpStream::connect_timeout(&addr, timeout))?.with_context(|| format!("connecting to {addr} from {from}"))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(&data)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        // Unblock the receiver by connecting locally, then report the send error.
+        let _ = in_netns(to, move || TcpStream::connect_timeout(&addr, Duration::from_secs(1)));
+        let _ = receiver.join();
+        return Err(e);
+    }
+    receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// One transfer of `len` pattern bytes; true when the hash at the far end matches.
+pub fn tcp_ok(from: &str, to: &str, dst: IpAddr, len: usize) -> bool {
+    let data = pattern(len, len as u64 ^ 0x7475_6e6d);
+    let want = sha256(&data);
+    matches!(tcp_transfer(from, to, dst, data, Duration::from_secs(10)), Ok(h) if h == want)
+}
+
+/// iperf3 from namespace `client` to `server_ip` in namespace `server`.
+/// Returns receiver goodput in Gbit/s. `extra` goes to the client (e.g. `-R`).
+pub fn iperf3(client: &str, server: &str, server_ip: IpAddr, seconds: u32, extra: &[&str]) -> Result<f64> {
+    let port = "5201";
+    let log = std::env::temp_dir().join(format!("tunmesh-iperf3-{}-{server}.log", std::process::id()));
+    let mut srv = netns::spawn(server, std::path::Path::new("iperf3"), &["-s", "-1", "-p", port], &[], &log)?;
+    let listening = netns::wait_for(Duration::from_secs(10), || {
+        let out = exec_output(server, "ss", &["-Hltn", "sport", "=", ":5201"]).ok()?;
+        (!out.stdout.is_empty()).then_some(())
+    });
+    let result = (|| -> Result<f64> {
+        if listening.is_none() {
+            bail!("iperf3 server did not start in {server}");
+        }
+        let secs = seconds.to_string();
+        let dst = server_ip.to_string();
+        let mut args = vec!["-c", &dst, "-p", port, "-t", &secs, "-J"];
+        args.extend_from_slice(extra);
+        let out = exec_output(client, "iperf3", &args)?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr))
+        })?;
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            bail!("iperf3: {e}");
+        }
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("iperf3 JSON has no end.sum_received.bits_per_second")?;
+        Ok(bps / 1e9)
+    })();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let _ = std::fs::remove_file(&log);
+    result
+}
+
+/// The outcome for one ordered pair of the matrix.
+#[derive(Debug, Clone)]
+pub struct PairResult {
+    pub from: String,
+    pub to: String,
+    pub ping4: bool,
+    pub ping6: bool,
+    pub tcp4: bool,
+    pub tcp6: bool,
+}
+
+impl PairResult {
+    pub fn ok(&self) -> bool {
+        self.ping4 && self.ping6 && self.tcp4 && self.tcp6
+    }
+}
+
+/// Bytes sent per TCP check.
+pub const TCP_CHECK_BYTES: usize = 256 * 1024;
+
+/// Every pod to every other pod, and every node to every pod: ping over
+/// IPv4 and IPv6 and a byte-compared TCP transfer over each family.
+pub fn matrix(lab: &Lab) -> Vec<PairResult> {
+    let mut sources: Vec<(String, String)> = lab.state.pods.iter().map(|p| (p.name.clone(), p.ns.clone())).collect();
+    sources.extend(lab.state.nodes.iter().map(|n| (n.name.clone(), n.ns.clone())));
+    let mut out = Vec::new();
+    for (from, from_ns) in &sources {
+        for to in &lab.state.pods {
+            if *from == to.name {
+                continue;
+            }
+            let r = PairResult {
+                from: from.clone(),
+                to: to.name.clone(),
+                ping4: ping(from_ns, to.ipv4.into(), 5),
+                ping6: ping(from_ns, to.ipv6.into(), 5),
+                tcp4: tcp_ok(from_ns, &to.ns, to.ipv4.into(), TCP_CHECK_BYTES),
+                tcp6: tcp_ok(from_ns, &to.ns, to.ipv6.into(), TCP_CHECK_BYTES),
+            };
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// A readable table of the matrix.
+pub fn matrix_table(results: &[PairResult]) -> String {
+    let mark = |b: bool| if b { "ok" } else { "FAIL" };
+    let w = results.iter().map(|r| r.from.len().max(r.to.len())).max().unwrap_or(4).max(4);
+    let mut s = format!("{:w$}  {:w$}  {:5} {:5} {:5} {:5}\n", "from", "to", "ping4", "ping6", "tcp4", "tcp6");
+    for r in results {
+        s += &format!(
+            "{:w$}  {:w$}  {:5} {:5} {:5} {:5}\n",
+            r.from,
+            r.to,
+            mark(r.ping4),
+            mark(r.ping6),
+            mark(r.tcp4),
+            mark(r.tcp6)
+        );
+    }
+    s
+}

@@ -1,0 +1,469 @@
+//! The cluster in namespaces.
+//!
+//! ```text
+//!  tm<id>-ul:  br0 ── n1 ── n2 ── n3            underlay bridge, 172.28.0.0/24
+//!               │      │     │
+//!  tm<id>-node-1: eth0 172.28.0.11, tunmesh0 (10.244.1.1/32, fd00:10:244:1::1/128), router
+//!     vpod1 ── tm<id>-node-1-pod-1: eth0 10.244.1.11/32, fd00:10:244:1::11/128
+//!     vpod2 ── tm<id>-node-1-pod-2: eth0 10.244.1.12/32, ...
+//! ```
+//!
+//! Users type short names (`node-1`, `node-1-pod-2`); the namespaces carry
+//! a per-run id. The lab's record (`lab.json`) and its files live in
+//! `/run/tunmesh-lab/<id>/`, written before anything is created, so that
+//! `down` (or a Ctrl-C) removes exactly what `up` made.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tunmesh_keygen::PrivateKey;
+
+use crate::netns::{self, add_netns, exec, ip, veth};
+
+/// Where labs keep their records and files.
+pub const DEFAULT_ROOT: &str = "/run/tunmesh-lab";
+/// WireGuard port of every lab router.
+pub const WG_PORT: u16 = 51820;
+/// TUN and pod MTU in the lab (1500-byte underlay minus 80).
+pub const MTU: u16 = 1420;
+pub const CLUSTER_V4: &str = "10.244.0.0/16";
+pub const CLUSTER_V6: &str = "fd00:10:244::/48";
+
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    /// Directory holding lab records (default `/run/tunmesh-lab`).
+    pub root: PathBuf,
+    /// The router binary; default: found next to the running executable.
+    pub router_bin: Option<PathBuf>,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            nodes: 3,
+            pods_per_node: 2,
+            root: PathBuf::from(DEFAULT_ROOT),
+            router_bin: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub ns: String,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr_v4: String,
+    pub pod_cidr_v6: String,
+    pub gateway_v4: Ipv4Addr,
+    pub gateway_v6: Ipv6Addr,
+    pub public_key: String,
+    pub mesh_file: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    pub router_pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodInfo {
+    pub name: String,
+    pub node: usize,
+    pub ns: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+/// The lab's record on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub id: String,
+    pub dir: PathBuf,
+    pub underlay_ns: String,
+    pub nodes: Vec<NodeInfo>,
+    pub pods: Vec<PodInfo>,
+}
+
+/// A running lab. Dropping it tears it down unless `keep` was called.
+pub struct Lab {
+    pub state: LabState,
+    keep: bool,
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 3];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        b = (t ^ std::process::id()).to_le_bytes()[..3].try_into().unwrap_or([0; 3]);
+    }
+    format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
+}
+
+/// The router binary: `$TUNMESH_ROUTER_BIN`, else next to this executable
+/// (or one level up, for test binaries in `target/*/deps`).
+pub fn find_binary(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("{name} not found next to {} (run `cargo build --release --workspace`, or set {env})", exe.display())
+}
+
+fn node_underlay_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 28, 0, 10 + i as u8)
+}
+
+impl Lab {
+    /// Builds the cluster: underlay, nodes with routers, pods. On any failure
+    /// everything made so far is removed before the error is returned.
+    pub fn up(opts: &LabOptions) -> Result<Lab> {
+        if opts.nodes == 0 || opts.nodes > 200 || opts.pods_per_node > 200 {
+            bail!("--nodes must be 1-200 and --pods-per-node 0-200");
+        }
+        let router_bin = match &opts.router_bin {
+            Some(p) => p.clone(),
+            None => find_binary("tunmesh-router", "TUNMESH_ROUTER_BIN")?,
+        };
+        let id = random_id();
+        let dir = opts.root.join(&id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let prefix = format!("tm{id}");
+        let mut lab = Lab {
+            state: LabState {
+                id: id.clone(),
+                dir: dir.clone(),
+                underlay_ns: format!("{prefix}-ul"),
+                nodes: Vec::new(),
+                pods: Vec::new(),
+            },
+            keep: false,
+        };
+        lab.save()?;
+        crate::lab::set_current(Some(dir.clone()));
+        lab.build(opts, &router_bin, &prefix)?;
+        Ok(lab)
+    }
+
+    fn build(&mut self, opts: &LabOptions, router_bin: &Path, prefix: &str) -> Result<()> {
+        let ul = self.state.underlay_ns.clone();
+        add_netns(&ul)?;
+        ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+
+        let keys: Vec<PrivateKey> = (0..opts.nodes).map(|_| PrivateKey::generate()).collect();
+        for i in 1..=opts.nodes {
+            let ns = format!("{prefix}-node-{i}");
+            let ndir = self.state.dir.join(format!("node-{i}"));
+            std::fs::create_dir_all(&ndir)?;
+            let node = NodeInfo {
+                name: format!("node-{i}"),
+                ns: ns.clone(),
+                underlay_ip: node_underlay_ip(i),
+                pod_cidr_v4: format!("10.244.{i}.0/24"),
+                pod_cidr_v6: format!("fd00:10:244:{i:x}::/64"),
+                gateway_v4: Ipv4Addr::new(10, 244, i as u8, 1),
+                gateway_v6: format!("fd00:10:244:{i:x}::1").parse()?,
+                public_key: keys[i - 1].public_key().to_base64(),
+                mesh_file: ndir.join("mesh.toml"),
+                state_dir: ndir.join("state"),
+                log: ndir.join("router.log"),
+                router_pid: None,
+            };
+            self.state.nodes.push(node);
+            self.save()?;
+            add_netns(&ns)?;
+            let port = format!("n{i}");
+            veth(&ns, "eth0", &ul, &port)?;
+            ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", node_underlay_ip(i)), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            keys[i - 1].write_file(&ndir.join("private.key"))?;
+        }
+        for i in 0..opts.nodes {
+            let text = self.mesh_file_text(i, None);
+            std::fs::write(&self.state.nodes[i].mesh_file, text)?;
+            self.start_router(i, router_bin)?;
+        }
+        for i in 0..opts.nodes {
+            self.wait_router(i)?;
+        }
+        for i in 1..=opts.nodes {
+            for j in 1..=opts.pods_per_node {
+                self.add_pod(i, j, prefix)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The mesh file of node `i` (0-based): every other node is a peer,
+    /// except `without` (for tests that remove a peer).
+    pub fn mesh_file_text(&self, i: usize, without: Option<usize>) -> String {
+        let n = &self.state.nodes[i];
+        let mut s = format!(
+            "# tunmesh lab {id}, {name}\n[node]\nprivate_key_file = \"{key}\"\nlisten_port = {WG_PORT}\n\
+             pod_cidrs = [\"{v4}\", \"{v6}\"]\ncluster_cidrs = [\"{CLUSTER_V4}\", \"{CLUSTER_V6}\"]\n",
+            id = self.state.id,
+            name = n.name,
+            key = n.mesh_file.with_file_name("private.key").display(),
+            v4 = n.pod_cidr_v4,
+            v6 = n.pod_cidr_v6,
+        );
+        for (k, p) in self.state.nodes.iter().enumerate() {
+            if k == i || Some(k) == without {
+                continue;
+            }
+            s += &format!(
+                "\n[[peer]]\nname = \"{}\"\npublic_key = \"{}\"\nendpoint = \"{}:{WG_PORT}\"\nallowed_ips = [\"{}\", \"{}\"]\n",
+                p.name, p.public_key, p.underlay_ip, p.pod_cidr_v4, p.pod_cidr_v6
+            );
+        }
+        s
+    }
+
+    /// Starts node `i`'s router (0-based) and records its PID.
+    pub fn start_router(&mut self, i: usize, router_bin: &Path) -> Result<()> {
+        let n = self.state.nodes[i].clone();
+        let mesh = n.mesh_file.display().to_string();
+        let state = n.state_dir.display().to_string();
+        let child = netns::spawn(
+            &n.ns,
+            router_bin,
+            &["--mesh-file", &mesh, "--state-dir", &state, "--mtu", &MTU.to_string()],
+            &[("RUST_LOG", "info")],
+            &n.log,
+        )?;
+        self.state.nodes[i].router_pid = Some(child.id());
+        self.save()
+    }
+
+    /// Waits until node `i`'s router has written its first status.
+    pub fn wait_router(&self, i: usize) -> Result<()> {
+        let n = &self.state.nodes[i];
+        let pid = n.router_pid.unwrap_or(0);
+        let ready = netns::wait_for(Duration::from_secs(20), || {
+            if !netns::is_running(pid) {
+                return Some(false);
+            }
+            n.state_dir.join(tunmesh_router::status::STATUS_FILE).exists().then_some(true)
+        });
+        if ready != Some(true) {
+            let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            bail!(
+                "router of {} did not come up; last log lines:\n{}",
+                n.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// Attaches pod `j` to node `i` (both 1-based) with a veth and routes.
+    /// (The CNI plugin takes this over in a later issue.)
+    fn add_pod(&mut self, i: usize, j: usize, prefix: &str) -> Result<()> {
+        let node = self.state.nodes[i - 1].clone();
+        let ns = format!("{prefix}-node-{i}-pod-{j}");
+        let v4 = Ipv4Addr::new(10, 244, i as u8, 10 + j as u8);
+        let v6: Ipv6Addr = format!("fd00:10:244:{i:x}::{:x}", 0x10 + j).parse()?;
+        self.state.pods.push(PodInfo {
+            name: format!("node-{i}-pod-{j}"),
+            node: i - 1,
+            ns: ns.clone(),
+            ipv4: v4,
+            ipv6: v6,
+        });
+        self.save()?;
+        add_netns(&ns)?;
+        let host_if = format!("vpod{j}");
+        let mtu = MTU.to_string();
+        veth(&ns, "eth0", &node.ns, &host_if)?;
+        let gw4 = node.gateway_v4.to_string();
+        for args in [
+            vec!["addr", "add", &format!("{v4}/32"), "dev", "eth0"],
+            vec!["-6", "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"],
+            vec!["link", "set", "eth0", "mtu", &mtu, "up"],
+            vec!["route", "add", &gw4, "dev", "eth0", "scope", "link"],
+            vec!["route", "add", "default", "via", &gw4, "dev", "eth0"],
+        ] {
+            ip(&[&["-n", ns.as_str()][..], &args[..]].concat())?;
+        }
+        for args in [
+            vec!["link", "set", host_if.as_str(), "mtu", &mtu, "up"],
+            vec!["-6", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"],
+            vec!["route", "add", &format!("{v4}/32"), "dev", &host_if],
+            vec!["-6", "route", "add", &format!("{v6}/128"), "dev", &host_if],
+        ] {
+            ip(&[&["-n", node.ns.as_str()][..], &args[..]].concat())?;
+        }
+        ip(&["-n", &ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+        Ok(())
+    }
+
+    fn save(&self) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.state)?;
+        let path = self.state.dir.join("lab.json");
+        let tmp = self.state.dir.join("lab.json.tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Loads lab `id`, or the newest lab under `root` when `id` is `None`.
+    pub fn load(root: &Path, id: Option<&str>) -> Result<Lab> {
+        let dir = match id {
+            Some(id) => root.join(id),
+            None => {
+                let mut labs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(root)
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .filter(|e| e.path().join("lab.json").exists())
+                            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                labs.sort();
+                match labs.pop() {
+                    Some((_, d)) => d,
+                    None => bail!("no lab is running (none under {}); start one with `tunmesh-lab up`", root.display()),
+                }
+            }
+        };
+        let path = dir.join("lab.json");
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let state: LabState = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Lab { state, keep: true })
+    }
+
+    /// All labs under `root`.
+    pub fn list(root: &Path) -> Vec<String> {
+        std::fs::read_dir(root)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().join("lab.json").exists())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Leave the lab running when this value is dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// The namespace behind a short name (`node-1`, `node-1-pod-2`, `underlay`).
+    pub fn resolve(&self, name: &str) -> Result<String> {
+        if name == "underlay" {
+            return Ok(self.state.underlay_ns.clone());
+        }
+        if let Some(n) = self.state.nodes.iter().find(|n| n.name == name) {
+            return Ok(n.ns.clone());
+        }
+        if let Some(p) = self.state.pods.iter().find(|p| p.name == name) {
+            return Ok(p.ns.clone());
+        }
+        let mut names: Vec<&str> = self.state.nodes.iter().map(|n| n.name.as_str()).collect();
+        names.extend(self.state.pods.iter().map(|p| p.name.as_str()));
+        bail!("no node or pod named {name:?} in lab {} (have: underlay, {})", self.state.id, names.join(", "))
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.state.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pod(&self, name: &str) -> Option<&PodInfo> {
+        self.state.pods.iter().find(|p| p.name == name)
+    }
+
+    /// The current status snapshot of a node's router.
+    pub fn router_status(&self, node: &str) -> Result<tunmesh_router::status::Status> {
+        let n = self.node(node).with_context(|| format!("no node {node}"))?;
+        Ok(tunmesh_router::status::Status::read(&n.state_dir)?)
+    }
+
+    /// Runs a command in a node's or pod's namespace.
+    pub fn exec(&self, name: &str, cmd: &str, args: &[&str]) -> Result<String> {
+        exec(&self.resolve(name)?, cmd, args)
+    }
+
+    /// Removes everything: routers, namespaces, the lab's files.
+    pub fn down(mut self) -> Result<()> {
+        self.keep = true;
+        teardown(&self.state.dir)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = teardown(&self.state.dir);
+        }
+    }
+}
+
+/// Removes the lab recorded in `dir`: stops its routers, deletes every
+/// namespace carrying its id, removes `dir`. Safe to call twice, and on a
+/// lab that was only partly built.
+pub fn teardown(dir: &Path) -> Result<()> {
+    let id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("lab directory has no name")?;
+    if let Ok(text) = std::fs::read(dir.join("lab.json")) {
+        if let Ok(state) = serde_json::from_slice::<LabState>(&text) {
+            for n in &state.nodes {
+                if let Some(pid) = n.router_pid {
+                    netns::stop_pid(pid, Duration::from_secs(3));
+                }
+            }
+        }
+    }
+    // Anything else still running inside the lab's namespaces (iperf3, tcpdump...).
+    let prefix = format!("tm{id}-");
+    for ns in netns::list_netns(&prefix) {
+        if let Ok(out) = std::process::Command::new("ip").args(["netns", "pids", &ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()) {
+                netns::stop_pid(pid, Duration::from_secs(2));
+            }
+        }
+    }
+    let mut all = netns::list_netns(&prefix);
+    // Pods first, then nodes, then the underlay (longest names first).
+    all.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for ns in all {
+        netns::del_netns(&ns);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    if current() == Some(dir.to_path_buf()) {
+        set_current(None);
+    }
+    Ok(())
+}
+
+static CURRENT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The lab being built or run by this process, for the Ctrl-C handler.
+pub fn current() -> Option<PathBuf> {
+    CURRENT.lock().map(|c| c.clone()).unwrap_or(None)
+}
+
+pub fn set_current(dir: Option<PathBuf>) {
+    if let Ok(mut c) = CURRENT.lock() {
+        *c = dir;
+    }
+}

@@ -1,0 +1,194 @@
+//! Network namespace plumbing for the lab. Commands run through `ip netns
+//! exec`; sockets are opened on a dedicated thread that enters the namespace
+//! with `setns` (a namespace belongs to a thread, never to a tokio task), and
+//! keep belonging to that namespace after the thread ends.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Runs `ip ARGS`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    run("ip", args)
+}
+
+/// Runs a command to completion, failing with its stderr on a non-zero exit.
+pub fn run(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `CMD ARGS` inside namespace `ns` and returns its output (any exit status).
+pub fn exec_output(ns: &str, cmd: &str, args: &[&str]) -> Result<Output> {
+    Command::new("ip")
+        .args(["netns", "exec", ns, cmd])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd} in {ns}"))
+}
+
+/// Runs `CMD ARGS` inside `ns`, failing on a non-zero exit.
+pub fn exec(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
+    let out = exec_output(ns, cmd, args)?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} in {ns}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts `CMD ARGS` in `ns` in the background, output to `log`, in its own
+/// process group (so a Ctrl-C at the terminal reaches only the lab, which
+/// then stops it in order). `ip netns exec` execs, so the child's PID is the
+/// command's.
+pub fn spawn(ns: &str, cmd: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().with_context(|| format!("starting {} in {ns}", cmd.display()))
+}
+
+pub fn netns_path(ns: &str) -> PathBuf {
+    Path::new("/run/netns").join(ns)
+}
+
+pub fn netns_exists(ns: &str) -> bool {
+    netns_path(ns).exists()
+}
+
+/// Creates namespace `ns` with loopback up.
+pub fn add_netns(ns: &str) -> Result<()> {
+    ip(&["netns", "add", ns])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])
+}
+
+/// Deletes namespace `ns` if it exists.
+pub fn del_netns(ns: &str) {
+    if netns_exists(ns) {
+        let _ = ip(&["netns", "del", ns]);
+    }
+}
+
+/// Namespaces whose names start with `prefix`.
+pub fn list_netns(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A veth pair with one end in each namespace; the names never exist in
+/// the caller's namespace, so labs cannot collide on them.
+pub fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str) -> Result<()> {
+    ip(&["link", "add", "name", name_a, "netns", ns_a, "type", "veth", "peer", "name", name_b, "netns", ns_b])
+}
+
+/// Writes a sysctl inside `ns`.
+pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    exec(ns, "sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+}
+
+/// Runs `f` on a new thread that has entered namespace `ns`; sockets made
+/// there stay in `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = netns_path(ns);
+    let handle = std::thread::spawn(move || -> Result<T> {
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: setns on a valid namespace fd; affects only this thread,
+        // which ends when `f` returns.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        Ok(f())
+    });
+    handle.join().map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+}
+
+/// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops a process we started: SIGTERM, then SIGKILL after `grace`.
+pub fn stop_pid(pid: u32, grace: Duration) {
+    let pid = pid as libc::pid_t;
+    // SAFETY: kill with a PID we started; signal 0 only probes.
+    let alive = || is_running(pid as u32);
+    if !alive() {
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    if wait_for(grace, || (!alive()).then_some(())).is_none() {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = wait_for(Duration::from_secs(2), || (!alive()).then_some(()));
+    }
+    reap(pid as u32);
+}
+
+/// Reaps `pid` if it is our exited child (no-op otherwise).
+pub fn reap(pid: u32) {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG on a specific pid.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+}
+
+/// True when `pid` exists but has exited (zombie).
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// True when `pid` is running (not exited).
+pub fn is_running(pid: u32) -> bool {
+    // SAFETY: signal 0 only probes.
+    let exists = unsafe { libc::kill(pid as libc::pid_t, 0) == 0 };
+    exists && !is_zombie(pid)
+}
