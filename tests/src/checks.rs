@@ -15,9 +15,13 @@ use crate::netns::{self, exec_output, in_netns};
 pub fn ping(ns: &str, dst: IpAddr, deadline_s: u32) -> bool {
     let deadline = deadline_s.to_string();
     let dst = dst.to_string();
-    exec_output(ns, "ping", &["-n", "-q", "-c", "1", "-i", "0.2", "-w", &deadline, &dst])
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    exec_output(
+        ns,
+        "ping",
+        &["-n", "-q", "-c", "1", "-i", "0.2", "-w", &deadline, &dst],
+    )
+    .map(|o| o.status.success())
+    .unwrap_or(false)
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so both ends can agree on
@@ -37,8 +41,15 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Sends `data` over TCP from namespace `from` to `dst` in namespace `to`
 /// and returns the SHA-256 of what arrived (compare with `sha256(data)`).
-pub fn tcp_transfer(from: &str, to: &str, dst: IpAddr, data: Vec<u8>, timeout: Duration) -> Result<[u8; 32]> {
-    let listener = in_netns(to, move || TcpListener::bind(SocketAddr::new(dst, 0)))?.with_context(|| format!("listening on {dst} in {to}"))?;
+pub fn tcp_transfer(
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+    data: Vec<u8>,
+    timeout: Duration,
+) -> Result<[u8; 32]> {
+    let listener = in_netns(to, move || TcpListener::bind(SocketAddr::new(dst, 0)))?
+        .with_context(|| format!("listening on {dst} in {to}"))?;
     let addr = listener.local_addr()?;
     let receiver = std::thread::spawn(move || -> Result<[u8; 32]> {
         listener.set_nonblocking(false)?;
@@ -56,7 +67,8 @@ pub fn tcp_transfer(from: &str, to: &str, dst: IpAddr, data: Vec<u8>, timeout: D
         Ok(h.finalize().into())
     });
     let sent = (|| -> Result<()> {
-        let mut s = in_netns(from, move || TcpStream::connect_timeout(&addr, timeout))?.with_context(|| format!("connecting to {addr} from {from}"))?;
+        let mut s = in_netns(from, move || TcpStream::connect_timeout(&addr, timeout))?
+            .with_context(|| format!("connecting to {addr} from {from}"))?;
         s.set_write_timeout(Some(timeout))?;
         s.write_all(&data)?;
         s.shutdown(std::net::Shutdown::Write)?;
@@ -64,11 +76,15 @@ pub fn tcp_transfer(from: &str, to: &str, dst: IpAddr, data: Vec<u8>, timeout: D
     })();
     if let Err(e) = sent {
         // Unblock the receiver by connecting locally, then report the send error.
-        let _ = in_netns(to, move || TcpStream::connect_timeout(&addr, Duration::from_secs(1)));
+        let _ = in_netns(to, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        });
         let _ = receiver.join();
         return Err(e);
     }
-    receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?
+    receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
@@ -84,10 +100,25 @@ pub fn tcp_ok(from: &str, to: &str, dst: IpAddr, len: usize) -> bool {
 
 /// iperf3 from namespace `client` to `server_ip` in namespace `server`.
 /// Returns receiver goodput in Gbit/s. `extra` goes to the client (e.g. `-R`).
-pub fn iperf3(client: &str, server: &str, server_ip: IpAddr, seconds: u32, extra: &[&str]) -> Result<f64> {
+pub fn iperf3(
+    client: &str,
+    server: &str,
+    server_ip: IpAddr,
+    seconds: u32,
+    extra: &[&str],
+) -> Result<f64> {
     let port = "5201";
-    let log = std::env::temp_dir().join(format!("tunmesh-iperf3-{}-{server}.log", std::process::id()));
-    let mut srv = netns::spawn(server, std::path::Path::new("iperf3"), &["-s", "-1", "-p", port], &[], &log)?;
+    let log = std::env::temp_dir().join(format!(
+        "tunmesh-iperf3-{}-{server}.log",
+        std::process::id()
+    ));
+    let mut srv = netns::spawn(
+        server,
+        std::path::Path::new("iperf3"),
+        &["-s", "-1", "-p", port],
+        &[],
+        &log,
+    )?;
     let listening = netns::wait_for(Duration::from_secs(10), || {
         let out = exec_output(server, "ss", &["-Hltn", "sport", "=", ":5201"]).ok()?;
         (!out.stdout.is_empty()).then_some(())
@@ -101,9 +132,8 @@ pub fn iperf3(client: &str, server: &str, server_ip: IpAddr, seconds: u32, extra
         let mut args = vec!["-c", &dst, "-p", port, "-t", &secs, "-J"];
         args.extend_from_slice(extra);
         let out = exec_output(client, "iperf3", &args)?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr))
-        })?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
         if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
             bail!("iperf3: {e}");
         }
@@ -141,8 +171,18 @@ pub const TCP_CHECK_BYTES: usize = 256 * 1024;
 /// Every pod to every other pod, and every node to every pod: ping over
 /// IPv4 and IPv6 and a byte-compared TCP transfer over each family.
 pub fn matrix(lab: &Lab) -> Vec<PairResult> {
-    let mut sources: Vec<(String, String)> = lab.state.pods.iter().map(|p| (p.name.clone(), p.ns.clone())).collect();
-    sources.extend(lab.state.nodes.iter().map(|n| (n.name.clone(), n.ns.clone())));
+    let mut sources: Vec<(String, String)> = lab
+        .state
+        .pods
+        .iter()
+        .map(|p| (p.name.clone(), p.ns.clone()))
+        .collect();
+    sources.extend(
+        lab.state
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.ns.clone())),
+    );
     let mut out = Vec::new();
     for (from, from_ns) in &sources {
         for to in &lab.state.pods {
@@ -166,8 +206,16 @@ pub fn matrix(lab: &Lab) -> Vec<PairResult> {
 /// A readable table of the matrix.
 pub fn matrix_table(results: &[PairResult]) -> String {
     let mark = |b: bool| if b { "ok" } else { "FAIL" };
-    let w = results.iter().map(|r| r.from.len().max(r.to.len())).max().unwrap_or(4).max(4);
-    let mut s = format!("{:w$}  {:w$}  {:5} {:5} {:5} {:5}\n", "from", "to", "ping4", "ping6", "tcp4", "tcp6");
+    let w = results
+        .iter()
+        .map(|r| r.from.len().max(r.to.len()))
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut s = format!(
+        "{:w$}  {:w$}  {:5} {:5} {:5} {:5}\n",
+        "from", "to", "ping4", "ping6", "tcp4", "tcp6"
+    );
     for r in results {
         s += &format!(
             "{:w$}  {:w$}  {:5} {:5} {:5} {:5}\n",

@@ -104,7 +104,9 @@ fn random_id() -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        b = (t ^ std::process::id()).to_le_bytes()[..3].try_into().unwrap_or([0; 3]);
+        b = (t ^ std::process::id()).to_le_bytes()[..3]
+            .try_into()
+            .unwrap_or([0; 3]);
     }
     format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
 }
@@ -122,7 +124,10 @@ pub fn find_binary(name: &str, env: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("{name} not found next to {} (run `cargo build --release --workspace`, or set {env})", exe.display())
+    bail!(
+        "{name} not found next to {} (run `cargo build --release --workspace`, or set {env})",
+        exe.display()
+    )
 }
 
 fn node_underlay_ip(i: usize) -> Ipv4Addr {
@@ -191,7 +196,15 @@ impl Lab {
             let port = format!("n{i}");
             veth(&ns, "eth0", &ul, &port)?;
             ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", node_underlay_ip(i)), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", node_underlay_ip(i)),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             keys[i - 1].write_file(&ndir.join("private.key"))?;
         }
@@ -244,7 +257,14 @@ impl Lab {
         let child = netns::spawn(
             &n.ns,
             router_bin,
-            &["--mesh-file", &mesh, "--state-dir", &state, "--mtu", &MTU.to_string()],
+            &[
+                "--mesh-file",
+                &mesh,
+                "--state-dir",
+                &state,
+                "--mtu",
+                &MTU.to_string(),
+            ],
             &[("RUST_LOG", "info")],
             &n.log,
         )?;
@@ -260,7 +280,10 @@ impl Lab {
             if !netns::is_running(pid) {
                 return Some(false);
             }
-            n.state_dir.join(tunmesh_router::status::STATUS_FILE).exists().then_some(true)
+            n.state_dir
+                .join(tunmesh_router::status::STATUS_FILE)
+                .exists()
+                .then_some(true)
         });
         if ready != Some(true) {
             let log = std::fs::read_to_string(&n.log).unwrap_or_default();
@@ -296,7 +319,15 @@ impl Lab {
         let gw4 = node.gateway_v4.to_string();
         for args in [
             vec!["addr", "add", &format!("{v4}/32"), "dev", "eth0"],
-            vec!["-6", "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"],
+            vec![
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
             vec!["link", "set", "eth0", "mtu", &mtu, "up"],
             vec!["route", "add", &gw4, "dev", "eth0", "scope", "link"],
             vec!["route", "add", "default", "via", &gw4, "dev", "eth0"],
@@ -311,7 +342,9 @@ impl Lab {
         ] {
             ip(&[&["-n", node.ns.as_str()][..], &args[..]].concat())?;
         }
-        ip(&["-n", &ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+        ip(&[
+            "-n", &ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ])?;
         Ok(())
     }
 
@@ -339,13 +372,17 @@ impl Lab {
                 labs.sort();
                 match labs.pop() {
                     Some((_, d)) => d,
-                    None => bail!("no lab is running (none under {}); start one with `tunmesh-lab up`", root.display()),
+                    None => bail!(
+                        "no lab is running (none under {}); start one with `tunmesh-lab up`",
+                        root.display()
+                    ),
                 }
             }
         };
         let path = dir.join("lab.json");
         let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let state: LabState = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let state: LabState =
+            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
         Ok(Lab { state, keep: true })
     }
 
@@ -379,7 +416,11 @@ impl Lab {
         }
         let mut names: Vec<&str> = self.state.nodes.iter().map(|n| n.name.as_str()).collect();
         names.extend(self.state.pods.iter().map(|p| p.name.as_str()));
-        bail!("no node or pod named {name:?} in lab {} (have: underlay, {})", self.state.id, names.join(", "))
+        bail!(
+            "no node or pod named {name:?} in lab {} (have: underlay, {})",
+            self.state.id,
+            names.join(", ")
+        )
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
@@ -436,8 +477,14 @@ pub fn teardown(dir: &Path) -> Result<()> {
     // Anything else still running inside the lab's namespaces (iperf3, tcpdump...).
     let prefix = format!("tm{id}-");
     for ns in netns::list_netns(&prefix) {
-        if let Ok(out) = std::process::Command::new("ip").args(["netns", "pids", &ns]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()) {
+        if let Ok(out) = std::process::Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+            {
                 netns::stop_pid(pid, Duration::from_secs(2));
             }
         }
@@ -465,5 +512,35 @@ pub fn current() -> Option<PathBuf> {
 pub fn set_current(dir: Option<PathBuf>) {
     if let Ok(mut c) = CURRENT.lock() {
         *c = dir;
+    }
+}
+
+impl Lab {
+    /// Polls node `node`'s status until `pred` holds; returns that status.
+    pub fn wait_status(
+        &self,
+        node: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&tunmesh_router::status::Status) -> bool,
+    ) -> Option<tunmesh_router::status::Status> {
+        netns::wait_for(timeout, || {
+            self.router_status(node).ok().filter(|s| pred(s))
+        })
+    }
+
+    /// Sends SIGHUP to node `node`'s router (reload its mesh file).
+    pub fn reload(&self, node: &str) -> Result<()> {
+        let pid = self
+            .node(node)
+            .and_then(|n| n.router_pid)
+            .context("router not running")?;
+        // SAFETY: signalling a process this lab started.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) } != 0 {
+            bail!(
+                "signalling router of {node}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
     }
 }

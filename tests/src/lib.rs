@@ -28,7 +28,10 @@ pub fn require_root(test: &str) -> bool {
     if is_root() {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "{test} needs root, and CI must run it");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root, and CI must run it"
+    );
     eprintln!("skipping {test}: needs root (runs in CI)");
     false
 }

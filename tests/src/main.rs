@@ -9,7 +9,11 @@ use tunmesh_lab::checks;
 use tunmesh_lab::lab::{self, Lab, LabOptions, DEFAULT_ROOT};
 
 #[derive(Parser)]
-#[command(name = "tunmesh-lab", version, about = "A tunmesh cluster in network namespaces (needs root)")]
+#[command(
+    name = "tunmesh-lab",
+    version,
+    about = "A tunmesh cluster in network namespaces (needs root)"
+)]
 struct Cli {
     /// Directory holding lab records.
     #[arg(long, env = "TUNMESH_LAB_ROOT", default_value = DEFAULT_ROOT, global = true)]
@@ -85,9 +89,17 @@ fn need_root() -> Result<()> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Up { nodes, pods_per_node } => {
+        Cmd::Up {
+            nodes,
+            pods_per_node,
+        } => {
             need_root()?;
-            let mut lab = Lab::up(&LabOptions { nodes, pods_per_node, root: cli.root, router_bin: None })?;
+            let mut lab = Lab::up(&LabOptions {
+                nodes,
+                pods_per_node,
+                root: cli.root,
+                router_bin: None,
+            })?;
             lab.keep();
             lab::set_current(None);
             print_lab(&lab);
@@ -116,16 +128,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .args(&cmd)
                 .status()
                 .with_context(|| format!("running {} in {name}", cmd.join(" ")))?;
-            Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
+            Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ))
         }
         Cmd::List => {
             for id in Lab::list(&cli.root) {
                 let lab = Lab::load(&cli.root, Some(&id))?;
-                println!("{id}: {} nodes, {} pods", lab.state.nodes.len(), lab.state.pods.len());
+                println!(
+                    "{id}: {} nodes, {} pods",
+                    lab.state.nodes.len(),
+                    lab.state.pods.len()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Demo { nodes, pods_per_node, seconds } => {
+        Cmd::Demo {
+            nodes,
+            pods_per_node,
+            seconds,
+        } => {
             need_root()?;
             demo(&cli.root, nodes, pods_per_node, seconds)
         }
@@ -133,29 +155,63 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn print_lab(lab: &Lab) {
-    println!("{:14} {:16} {:20} {:22}", "node", "underlay", "pod CIDR (IPv4)", "pod CIDR (IPv6)");
+    println!(
+        "{:14} {:16} {:20} {:22}",
+        "node", "underlay", "pod CIDR (IPv4)", "pod CIDR (IPv6)"
+    );
     for n in &lab.state.nodes {
-        println!("{:14} {:16} {:20} {:22}", n.name, n.underlay_ip.to_string(), n.pod_cidr_v4, n.pod_cidr_v6);
+        println!(
+            "{:14} {:16} {:20} {:22}",
+            n.name,
+            n.underlay_ip.to_string(),
+            n.pod_cidr_v4,
+            n.pod_cidr_v6
+        );
     }
     println!("\n{:14} {:16} {:22}", "pod", "IPv4", "IPv6");
     for p in &lab.state.pods {
-        println!("{:14} {:16} {:22}", p.name, p.ipv4.to_string(), p.ipv6.to_string());
+        println!(
+            "{:14} {:16} {:22}",
+            p.name,
+            p.ipv4.to_string(),
+            p.ipv6.to_string()
+        );
     }
 }
 
-fn demo(root: &std::path::Path, nodes: usize, pods_per_node: usize, seconds: u32) -> Result<ExitCode> {
+fn demo(
+    root: &std::path::Path,
+    nodes: usize,
+    pods_per_node: usize,
+    seconds: u32,
+) -> Result<ExitCode> {
     if nodes < 2 || pods_per_node < 1 {
         bail!("the demo needs at least 2 nodes with 1 pod each");
     }
     println!("building a {nodes}-node lab with {pods_per_node} pods per node...");
-    let lab = Lab::up(&LabOptions { nodes, pods_per_node, root: root.to_path_buf(), router_bin: None })?;
+    let lab = Lab::up(&LabOptions {
+        nodes,
+        pods_per_node,
+        root: root.to_path_buf(),
+        router_bin: None,
+    })?;
     print_lab(&lab);
     println!("\nchecking every pod-to-pod and node-to-pod pair (ping and a {} KiB TCP transfer, IPv4 and IPv6)...", checks::TCP_CHECK_BYTES / 1024);
     let results = checks::matrix(&lab);
     print!("{}", checks::matrix_table(&results));
     let ok = results.iter().filter(|r| r.ok()).count();
-    let (a, b) = (&lab.state.pods[0], lab.state.pods.iter().find(|p| p.node != 0).context("no pod on a second node")?);
-    println!("\niperf3 {} -> {} ({}s, TCP, 1 stream)...", a.name, b.name, seconds);
+    let (a, b) = (
+        &lab.state.pods[0],
+        lab.state
+            .pods
+            .iter()
+            .find(|p| p.node != 0)
+            .context("no pod on a second node")?,
+    );
+    println!(
+        "\niperf3 {} -> {} ({}s, TCP, 1 stream)...",
+        a.name, b.name, seconds
+    );
     let gbps = match checks::iperf3(&a.ns, &b.ns, b.ipv4.into(), seconds, &[]) {
         Ok(g) => g,
         Err(e) => {
@@ -165,11 +221,33 @@ fn demo(root: &std::path::Path, nodes: usize, pods_per_node: usize, seconds: u32
     };
     for n in &lab.state.nodes {
         if let Ok(s) = lab.router_status(&n.name) {
-            let drops: Vec<String> = s.counters.drops.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
-            println!("{}: {} peers, drops: {}", n.name, s.peers.len(), if drops.is_empty() { "none".into() } else { drops.join(" ") });
+            let drops: Vec<String> = s
+                .counters
+                .drops
+                .iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!(
+                "{}: {} peers, drops: {}",
+                n.name,
+                s.peers.len(),
+                if drops.is_empty() {
+                    "none".into()
+                } else {
+                    drops.join(" ")
+                }
+            );
         }
     }
     lab.down()?;
-    println!("demo: {ok}/{} pairs reachable, iperf3 {gbps:.2} Gbit/s", results.len());
-    Ok(if ok == results.len() && gbps > 0.0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    println!(
+        "demo: {ok}/{} pairs reachable, iperf3 {gbps:.2} Gbit/s",
+        results.len()
+    );
+    Ok(if ok == results.len() && gbps > 0.0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

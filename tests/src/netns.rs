@@ -61,7 +61,13 @@ pub fn exec(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
 /// process group (so a Ctrl-C at the terminal reaches only the lab, which
 /// then stops it in order). `ip netns exec` execs, so the child's PID is the
 /// command's.
-pub fn spawn(ns: &str, cmd: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Result<Child> {
+pub fn spawn(
+    ns: &str,
+    cmd: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> Result<Child> {
     use std::os::unix::process::CommandExt;
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
@@ -76,7 +82,8 @@ pub fn spawn(ns: &str, cmd: &Path, args: &[&str], env: &[(&str, &str)], log: &Pa
     for (k, v) in env {
         c.env(k, v);
     }
-    c.spawn().with_context(|| format!("starting {} in {ns}", cmd.display()))
+    c.spawn()
+        .with_context(|| format!("starting {} in {ns}", cmd.display()))
 }
 
 pub fn netns_path(ns: &str) -> PathBuf {
@@ -115,7 +122,10 @@ pub fn list_netns(prefix: &str) -> Vec<String> {
 /// A veth pair with one end in each namespace; the names never exist in
 /// the caller's namespace, so labs cannot collide on them.
 pub fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str) -> Result<()> {
-    ip(&["link", "add", "name", name_a, "netns", ns_a, "type", "veth", "peer", "name", name_b, "netns", ns_b])
+    ip(&[
+        "link", "add", "name", name_a, "netns", ns_a, "type", "veth", "peer", "name", name_b,
+        "netns", ns_b,
+    ])
 }
 
 /// Writes a sysctl inside `ns`.
@@ -132,11 +142,17 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
         // SAFETY: setns on a valid namespace fd; affects only this thread,
         // which ends when `f` returns.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "setns {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         Ok(f())
     });
-    handle.join().map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
 }
 
 /// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
@@ -182,7 +198,10 @@ pub fn reap(pid: u32) {
 pub fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -191,4 +210,40 @@ pub fn is_running(pid: u32) -> bool {
     // SAFETY: signal 0 only probes.
     let exists = unsafe { libc::kill(pid as libc::pid_t, 0) == 0 };
     exists && !is_zombie(pid)
+}
+
+/// Removes ad-hoc namespaces, processes and files when dropped (for tests
+/// that build their own topology instead of a `Lab`).
+#[derive(Default)]
+pub struct Cleanup {
+    pub pids: Vec<u32>,
+    pub netns: Vec<String>,
+    pub files: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in self.pids.drain(..) {
+            stop_pid(pid, Duration::from_secs(3));
+        }
+        for ns in self.netns.drain(..) {
+            del_netns(&ns);
+        }
+        for f in self.files.drain(..) {
+            let _ = std::fs::remove_file(&f).or_else(|_| std::fs::remove_dir_all(&f));
+        }
+    }
+}
+
+/// A short random hex id for names that must not collide between runs.
+pub fn run_id() -> String {
+    let mut b = [0u8; 3];
+    let _ = File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    format!(
+        "{:02x}{:02x}{:02x}{:x}",
+        b[0],
+        b[1],
+        b[2],
+        std::process::id() % 16
+    )
 }

@@ -8,8 +8,9 @@ use anyhow::{bail, Result};
 pub enum Frame {
     /// UDP over IPv4 or IPv6, with ports.
     Udp { src_port: u16, dst_port: u16 },
-    /// IPv6 neighbour discovery, router solicitation or MLD: link housekeeping.
-    Icmpv6Link,
+    /// IGMP, or IPv6 neighbour discovery, router solicitation or MLD:
+    /// multicast and neighbour housekeeping of the link itself.
+    LinkHousekeeping,
     /// ARP: link housekeeping.
     Arp,
     /// Any other IP packet: protocol number.
@@ -32,7 +33,11 @@ pub fn frames(data: &[u8]) -> Result<Vec<Frame>> {
     };
     let u32_at = |b: &[u8], o: usize| -> u32 {
         let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-        if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
     };
     let linktype = u32_at(data, 20);
     if linktype != 1 {
@@ -68,6 +73,7 @@ fn classify(f: &[u8]) -> Frame {
                     src_port: u16::from_be_bytes([p[0], p[1]]),
                     dst_port: u16::from_be_bytes([p[2], p[3]]),
                 },
+                (2, _) => Frame::LinkHousekeeping,
                 _ => Frame::OtherIp(proto),
             }
         }
@@ -86,7 +92,7 @@ fn classify(f: &[u8]) -> Frame {
                     src_port: u16::from_be_bytes([p[0], p[1]]),
                     dst_port: u16::from_be_bytes([p[2], p[3]]),
                 },
-                (58, Some(p)) if (130..=143).contains(&p[0]) => Frame::Icmpv6Link,
+                (58, Some(p)) if (130..=143).contains(&p[0]) => Frame::LinkHousekeeping,
                 _ => Frame::OtherIp(next),
             }
         }
@@ -132,7 +138,17 @@ mod tests {
         let mut arp = vec![0u8; 42];
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         let f = frames(&pcap_with(&[udp, tcp, arp])).unwrap();
-        assert_eq!(f, vec![Frame::Udp { src_port: 51820, dst_port: 51820 }, Frame::OtherIp(6), Frame::Arp]);
+        assert_eq!(
+            f,
+            vec![
+                Frame::Udp {
+                    src_port: 51820,
+                    dst_port: 51820
+                },
+                Frame::OtherIp(6),
+                Frame::Arp
+            ]
+        );
     }
 
     #[test]
