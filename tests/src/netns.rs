@@ -216,6 +216,7 @@ pub fn is_running(pid: u32) -> bool {
 /// that build their own topology instead of a `Lab`).
 #[derive(Default)]
 pub struct Cleanup {
+    pub children: Vec<Child>,
     pub pids: Vec<u32>,
     pub netns: Vec<String>,
     pub files: Vec<PathBuf>,
@@ -223,6 +224,10 @@ pub struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        for mut child in self.children.drain(..) {
+            stop_pid(child.id(), Duration::from_secs(3));
+            let _ = child.wait();
+        }
         for pid in self.pids.drain(..) {
             stop_pid(pid, Duration::from_secs(3));
         }

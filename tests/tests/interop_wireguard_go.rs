@@ -65,7 +65,7 @@ fn interop(v6_underlay: bool) {
         &dir.join("wggo.log"),
     )
     .expect("wireguard-go (apt-get install wireguard-go)");
-    clean.pids.push(wggo.id());
+    clean.children.push(wggo);
     let sock = Path::new("/var/run/wireguard").join(format!("{wg_if}.sock"));
     assert!(
         netns::wait_for(Duration::from_secs(10), || sock.exists().then_some(())).is_some(),
@@ -123,7 +123,7 @@ fn interop(v6_underlay: bool) {
         &dir.join("router.log"),
     )
     .unwrap();
-    clean.pids.push(router.id());
+    clean.children.push(router);
     let up = netns::wait_for(Duration::from_secs(10), || Status::read(&state).ok());
     assert!(
         up.is_some(),

@@ -10,6 +10,10 @@ use serde::Serialize;
 pub enum Drop {
     /// Outbound: no peer's allowed IPs contain the destination.
     NoPeer,
+    /// Outbound: a multicast or broadcast destination. The mesh carries
+    /// unicast only; these are mostly the kernel's own IPv6 housekeeping
+    /// (MLD reports, router solicitations) on the TUN device.
+    Multicast,
     /// Outbound: the peer has no endpoint yet (it has not reached us).
     NoEndpoint,
     /// Inbound: decrypted, but the inner source is not in the sender's allowed IPs.
@@ -28,11 +32,12 @@ pub enum Drop {
     QueueFull,
 }
 
-const N: usize = 9;
+const N: usize = 10;
 
 impl Drop {
     pub const ALL: [Drop; N] = [
         Drop::NoPeer,
+        Drop::Multicast,
         Drop::NoEndpoint,
         Drop::SourceNotAllowed,
         Drop::DecryptFailed,
@@ -47,6 +52,7 @@ impl Drop {
     pub fn name(self) -> &'static str {
         match self {
             Drop::NoPeer => "no_peer",
+            Drop::Multicast => "multicast",
             Drop::NoEndpoint => "no_endpoint",
             Drop::SourceNotAllowed => "source_not_allowed",
             Drop::DecryptFailed => "decrypt_failed",

@@ -262,6 +262,11 @@ impl Dataplane {
                 self.counters.drop(Drop::Malformed);
                 continue;
             };
+            let broadcast = matches!(dst, std::net::IpAddr::V4(a) if a.is_broadcast());
+            if dst.is_multicast() || broadcast {
+                self.counters.drop(Drop::Multicast);
+                continue;
+            }
             let Some(peer) = table.route(dst) else {
                 debug!(%dst, "no peer for destination");
                 self.counters.drop(Drop::NoPeer);

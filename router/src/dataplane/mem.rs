@@ -10,10 +10,13 @@ use std::time::Duration;
 
 use super::io::{Batch, TunIo, UdpIo};
 
+/// A datagram in flight: its source and its bytes.
+type Datagram = (SocketAddr, Vec<u8>);
+
 /// A switch joining in-memory UDP sockets by address.
 #[derive(Default)]
 pub struct MemNet {
-    ports: Mutex<HashMap<SocketAddr, Sender<(SocketAddr, Vec<u8>)>>>,
+    ports: Mutex<HashMap<SocketAddr, Sender<Datagram>>>,
 }
 
 impl MemNet {
@@ -47,7 +50,7 @@ impl MemNet {
 pub struct MemUdp {
     addr: SocketAddr,
     net: Arc<MemNet>,
-    rx: Mutex<Receiver<(SocketAddr, Vec<u8>)>>,
+    rx: Mutex<Receiver<Datagram>>,
 }
 
 fn fill<T>(

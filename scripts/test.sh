@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine, as root: installs what the tests
+# need, checks formatting and lints, builds everything once in release mode
+# and runs every test (unit, in-memory, namespace end-to-end, interop).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh: run as root (the tests build network namespaces and TUN devices)" >&2
+    exit 1
+fi
+scripts/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --release --locked --workspace --all-targets -- -D warnings
+cargo build --release --locked --workspace
+cargo test --release --locked --workspace
