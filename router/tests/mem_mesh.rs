@@ -212,3 +212,24 @@ fn reapplying_keeps_sessions_and_removing_drops_routes() {
         a.dp.counters.drops(Drop::NoPeer) == 1
     });
 }
+
+#[test]
+fn endpoint_roams_to_where_authenticated_packets_come_from() {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let net = MemNet::new();
+    let a = start(&net, &ka, 1, vec![spec("b", &kb, 2, &["10.244.2.0/24"])]);
+    // B comes up at another address than A was told (ep 3, not ep 2) and talks first.
+    let b = start(&net, &kb, 3, vec![spec("a", &ka, 1, &["10.244.1.0/24"])]);
+    let p = ping([10, 244, 2, 5], [10, 244, 1, 1], 1);
+    b.host.to_router.send(p.clone()).unwrap();
+    expect(&a.host, &p);
+    assert_eq!(a.dp.table().peers[0].lock().endpoint, Some(ep(3)), "A follows B to its new address");
+    let back = ping([10, 244, 1, 1], [10, 244, 2, 5], 2);
+    a.host.to_router.send(back.clone()).unwrap();
+    expect(&b.host, &back);
+
+    // Garbage from a third address does not move the endpoint.
+    assert!(net.deliver(ep(9), ep(1), vec![4, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]));
+    wait_for("decrypt_failed", || a.dp.counters.drops(Drop::DecryptFailed) >= 1);
+    assert_eq!(a.dp.table().peers[0].lock().endpoint, Some(ep(3)));
+}

@@ -51,6 +51,9 @@ pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// WireGuard's data-message overhead: header, counter and tag.
 pub const WG_OVERHEAD: usize = 32;
 
+/// Placeholder address for TUN-bound packets (they have no UDP peer).
+const UNSPECIFIED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
 /// What a reconcile changed, by peer name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MeshDiff {
@@ -232,13 +235,10 @@ impl Dataplane {
         if out.is_full() {
             self.flush_udp(out, udp);
         }
-        let slot = out.n;
-        match out.bufs.get_mut(slot).and_then(|b| b.get_mut(..data.len())) {
+        match out.bufs.get_mut(out.n).and_then(|b| b.get_mut(..data.len())) {
             Some(dst) => {
                 dst.copy_from_slice(data);
-                out.lens[slot] = data.len();
-                out.addrs[slot] = to;
-                out.n += 1;
+                out.commit(data.len(), to);
             }
             None => self.counters.drop(Drop::QueueFull),
         }
@@ -275,8 +275,7 @@ impl Dataplane {
             if out.is_full() {
                 self.flush_udp(out, udp);
             }
-            let slot = out.n;
-            let Some(buf) = out.bufs.get_mut(slot) else {
+            let Some(buf) = out.bufs.get_mut(out.n) else {
                 self.counters.drop(Drop::QueueFull);
                 continue;
             };
@@ -292,9 +291,7 @@ impl Dataplane {
                     drop(st);
                     match endpoint {
                         Some(ep) => {
-                            out.lens[slot] = len;
-                            out.addrs[slot] = ep;
-                            out.n += 1;
+                            out.commit(len, ep);
                             peer.counters.tx(pkt.len());
                         }
                         None => self.counters.drop(Drop::NoEndpoint),
@@ -386,8 +383,7 @@ impl Dataplane {
             if tun_out.is_full() {
                 self.flush_tun(tun_out, tun);
             }
-            let slot = tun_out.n;
-            let Some(buf) = tun_out.bufs.get_mut(slot) else {
+            let Some(buf) = tun_out.bufs.get_mut(tun_out.n) else {
                 self.counters.drop(Drop::QueueFull);
                 continue;
             };
@@ -407,13 +403,13 @@ impl Dataplane {
                     st.endpoint = Some(src);
                     let len = inner.len();
                     drop(st);
-                    self.accept_inner(table, peer, tun_out, slot, len, addr.into());
+                    self.accept_inner(table, peer, tun_out, len, addr.into());
                 }
                 TunnResult::WriteToTunnelV6(inner, addr) => {
                     st.endpoint = Some(src);
                     let len = inner.len();
                     drop(st);
-                    self.accept_inner(table, peer, tun_out, slot, len, addr.into());
+                    self.accept_inner(table, peer, tun_out, len, addr.into());
                 }
                 TunnResult::Err(e) => {
                     debug!(peer = %peer.name, error = ?e, "decapsulate failed");
@@ -436,14 +432,12 @@ impl Dataplane {
         table: &PeerTable,
         peer: &Arc<Peer>,
         tun_out: &mut Batch,
-        slot: usize,
         len: usize,
         src: std::net::IpAddr,
     ) {
         match table.route(src) {
             Some(owner) if Arc::ptr_eq(owner, peer) => {
-                tun_out.lens[slot] = len;
-                tun_out.n += 1;
+                tun_out.commit(len, UNSPECIFIED);
                 peer.counters.rx(len);
             }
             _ => {
@@ -460,8 +454,7 @@ impl Dataplane {
             if out.is_full() {
                 self.flush_udp(out, udp);
             }
-            let slot = out.n;
-            let Some(buf) = out.bufs.get_mut(slot) else {
+            let Some(buf) = out.bufs.get_mut(out.n) else {
                 continue;
             };
             let mut st = peer.lock();
@@ -469,9 +462,8 @@ impl Dataplane {
             match st.tunn.update_timers(buf) {
                 TunnResult::WriteToNetwork(b) => match endpoint {
                     Some(ep) => {
-                        out.lens[slot] = b.len();
-                        out.addrs[slot] = ep;
-                        out.n += 1;
+                        let len = b.len();
+                        out.commit(len, ep);
                     }
                     None => self.counters.drop(Drop::NoEndpoint),
                 },

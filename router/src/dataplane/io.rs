@@ -38,6 +38,22 @@ impl Batch {
         self.n >= self.bufs.len()
     }
 
+    /// Marks the next slot (`bufs[n]`, already written by the caller) as a
+    /// packet of `len` bytes for `addr`. Returns false, changing nothing,
+    /// when the batch is full.
+    #[inline]
+    pub fn commit(&mut self, len: usize, addr: SocketAddr) -> bool {
+        match (self.lens.get_mut(self.n), self.addrs.get_mut(self.n)) {
+            (Some(l), Some(a)) => {
+                *l = len;
+                *a = addr;
+                self.n += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Packet `i` as a slice.
     #[inline]
     pub fn packet(&self, i: usize) -> &[u8] {

@@ -11,6 +11,8 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 use super::io::{Batch, TunIo};
 use super::poll_readable;
 
+const UNSPECIFIED: std::net::SocketAddr = std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
 pub struct TunDevice {
     dev: SyncDevice,
     name: String,
@@ -38,12 +40,10 @@ impl TunIo for TunDevice {
         if !poll_readable(self.dev.as_raw_fd(), timeout)? {
             return Ok(0);
         }
-        while batch.n < batch.capacity() {
-            let i = batch.n;
-            match self.dev.recv(&mut batch.bufs[i]) {
+        while let Some(buf) = batch.bufs.get_mut(batch.n) {
+            match self.dev.recv(buf) {
                 Ok(len) => {
-                    batch.lens[i] = len;
-                    batch.n += 1;
+                    batch.commit(len, UNSPECIFIED);
                 }
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
