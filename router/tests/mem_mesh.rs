@@ -223,13 +223,26 @@ fn endpoint_roams_to_where_authenticated_packets_come_from() {
     let p = ping([10, 244, 2, 5], [10, 244, 1, 1], 1);
     b.host.to_router.send(p.clone()).unwrap();
     expect(&a.host, &p);
-    assert_eq!(a.dp.table().peers[0].lock().endpoint, Some(ep(3)), "A follows B to its new address");
+    assert_eq!(
+        a.dp.table().peers[0].lock().endpoint,
+        Some(ep(3)),
+        "A follows B to its new address"
+    );
     let back = ping([10, 244, 1, 1], [10, 244, 2, 5], 2);
     a.host.to_router.send(back.clone()).unwrap();
     expect(&b.host, &back);
 
     // Garbage from a third address does not move the endpoint.
-    assert!(net.deliver(ep(9), ep(1), vec![4, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]));
-    wait_for("decrypt_failed", || a.dp.counters.drops(Drop::DecryptFailed) >= 1);
+    assert!(net.deliver(
+        ep(9),
+        ep(1),
+        vec![
+            4, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9,
+            9, 9, 9, 9, 9, 9, 9
+        ]
+    ));
+    wait_for("decrypt_failed", || {
+        a.dp.counters.drops(Drop::DecryptFailed) >= 1
+    });
     assert_eq!(a.dp.table().peers[0].lock().endpoint, Some(ep(3)));
 }

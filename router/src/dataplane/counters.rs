@@ -82,6 +82,13 @@ impl Counters {
         self.drops[why as usize].fetch_add(1, Relaxed);
     }
 
+    #[inline]
+    pub fn drop_n(&self, why: Drop, n: u64) {
+        if n > 0 {
+            self.drops[why as usize].fetch_add(n, Relaxed);
+        }
+    }
+
     pub fn drops(&self, why: Drop) -> u64 {
         self.drops[why as usize].load(Relaxed)
     }

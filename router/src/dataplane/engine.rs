@@ -52,7 +52,8 @@ pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 pub const WG_OVERHEAD: usize = 32;
 
 /// Placeholder address for TUN-bound packets (they have no UDP peer).
-const UNSPECIFIED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+const UNSPECIFIED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// What a reconcile changed, by peer name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -190,44 +191,36 @@ impl Dataplane {
 
     /// Sends and empties `out`, counting refused datagrams.
     fn flush_udp(&self, out: &mut Batch, udp: &dyn UdpIo) {
-        if out.n == 0 {
-            return;
-        }
-        let sent = match udp.send_batch(out) {
-            Ok(sent) => sent.min(out.n),
-            Err(e) => {
-                debug!(error = %e, "udp send failed");
-                0
-            }
-        };
-        self.counters
-            .udp_tx_datagrams
-            .fetch_add(sent as u64, Ordering::Relaxed);
-        for _ in sent..out.n {
-            self.counters.drop(Drop::SendFailed);
-        }
-        out.n = 0;
+        let sent = Self::flush(out, |b| udp.send_batch(b));
+        self.account(sent, &self.counters.udp_tx_datagrams, Drop::SendFailed);
     }
 
-    /// Writes and empties `out` to the TUN device.
+    /// Writes and empties `out` to the TUN device, counting refused packets.
     fn flush_tun(&self, out: &mut Batch, tun: &dyn TunIo) {
+        let sent = Self::flush(out, |b| tun.send_batch(b));
+        self.account(sent, &self.counters.tun_tx_packets, Drop::TunWriteFailed);
+    }
+
+    /// Hands `out` to `send` and empties it; returns (sent, refused).
+    fn flush(out: &mut Batch, send: impl FnOnce(&Batch) -> io::Result<usize>) -> (u64, u64) {
         if out.n == 0 {
-            return;
+            return (0, 0);
         }
-        let sent = match tun.send_batch(out) {
+        let sent = match send(out) {
             Ok(sent) => sent.min(out.n),
             Err(e) => {
-                debug!(error = %e, "tun write failed");
+                debug!(error = %e, "batch send failed");
                 0
             }
         };
-        self.counters
-            .tun_tx_packets
-            .fetch_add(sent as u64, Ordering::Relaxed);
-        for _ in sent..out.n {
-            self.counters.drop(Drop::TunWriteFailed);
-        }
+        let refused = out.n - sent;
         out.n = 0;
+        (sent as u64, refused as u64)
+    }
+
+    fn account(&self, (sent, refused): (u64, u64), ok: &std::sync::atomic::AtomicU64, why: Drop) {
+        ok.fetch_add(sent, Ordering::Relaxed);
+        self.counters.drop_n(why, refused);
     }
 
     /// Copies `data` into the next slot of `out` addressed to `to`, flushing first if full.
@@ -235,7 +228,11 @@ impl Dataplane {
         if out.is_full() {
             self.flush_udp(out, udp);
         }
-        match out.bufs.get_mut(out.n).and_then(|b| b.get_mut(..data.len())) {
+        match out
+            .bufs
+            .get_mut(out.n)
+            .and_then(|b| b.get_mut(..data.len()))
+        {
             Some(dst) => {
                 dst.copy_from_slice(data);
                 out.commit(data.len(), to);

@@ -39,37 +39,11 @@ impl<T> Lpm<T> {
         match net {
             IpNetwork::V4(n) => {
                 let p = n.prefix();
-                let key = u32::from(n.network()) & mask4(p);
-                let pos = self.v4.iter().position(|(q, _)| *q <= p);
-                let slot = match pos {
-                    Some(i) if self.v4[i].0 == p => i,
-                    Some(i) => {
-                        self.v4.insert(i, (p, HashMap::new()));
-                        i
-                    }
-                    None => {
-                        self.v4.push((p, HashMap::new()));
-                        self.v4.len() - 1
-                    }
-                };
-                self.v4[slot].1.insert(key, value);
+                insert_at(&mut self.v4, p, u32::from(n.network()) & mask4(p), value);
             }
             IpNetwork::V6(n) => {
                 let p = n.prefix();
-                let key = u128::from(n.network()) & mask6(p);
-                let pos = self.v6.iter().position(|(q, _)| *q <= p);
-                let slot = match pos {
-                    Some(i) if self.v6[i].0 == p => i,
-                    Some(i) => {
-                        self.v6.insert(i, (p, HashMap::new()));
-                        i
-                    }
-                    None => {
-                        self.v6.push((p, HashMap::new()));
-                        self.v6.len() - 1
-                    }
-                };
-                self.v6[slot].1.insert(key, value);
+                insert_at(&mut self.v6, p, u128::from(n.network()) & mask6(p), value);
             }
         }
     }
@@ -87,6 +61,25 @@ impl<T> Lpm<T> {
                 self.v6.iter().find_map(|(p, m)| m.get(&(a & mask6(*p))))
             }
         }
+    }
+}
+
+/// Inserts into the map for prefix length `p`, keeping levels sorted longest first.
+fn insert_at<K: std::hash::Hash + Eq, T>(
+    levels: &mut Vec<(u8, HashMap<K, T>)>,
+    p: u8,
+    key: K,
+    value: T,
+) {
+    let i = levels
+        .iter()
+        .position(|(q, _)| *q <= p)
+        .unwrap_or(levels.len());
+    if levels.get(i).is_none_or(|(q, _)| *q != p) {
+        levels.insert(i, (p, HashMap::new()));
+    }
+    if let Some((_, m)) = levels.get_mut(i) {
+        m.insert(key, value);
     }
 }
 

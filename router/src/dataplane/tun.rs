@@ -11,7 +11,8 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 use super::io::{Batch, TunIo};
 use super::poll_readable;
 
-const UNSPECIFIED: std::net::SocketAddr = std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+const UNSPECIFIED: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 pub struct TunDevice {
     dev: SyncDevice,
