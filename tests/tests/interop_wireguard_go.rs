@@ -156,14 +156,18 @@ fn interop(v6_underlay: bool) {
         .expect("iperf3 wireguard-go -> tunmesh");
     eprintln!("interop ({} underlay): tunmesh -> wireguard-go {fwd:.2} Gbit/s, wireguard-go -> tunmesh {rev:.2} Gbit/s", if v6_underlay { "IPv6" } else { "IPv4" });
     assert!(fwd > 0.0 && rev > 0.0);
-    let s = Status::read(&state).unwrap();
-    let p = &s.peers[0];
-    assert!(p.tx_bytes > 1_000_000 && p.rx_bytes > 1_000_000, "{p:?}");
-    assert!(
-        p.endpoint.as_deref() == Some(ep(ub).as_str()),
-        "endpoint {:?}",
-        p.endpoint
-    );
+    // The status snapshot is rewritten every second: poll for the traffic.
+    let counted = |s: &Status| s.peers[0].tx_bytes > 1_000_000 && s.peers[0].rx_bytes > 1_000_000;
+    let s = netns::wait_for(Duration::from_secs(10), || {
+        Status::read(&state).ok().filter(counted)
+    });
+    let s = s.unwrap_or_else(|| {
+        panic!(
+            "router did not count the iperf3 traffic: {:?}",
+            Status::read(&state)
+        )
+    });
+    assert_eq!(s.peers[0].endpoint.as_deref(), Some(ep(ub).as_str()));
 }
 
 #[test]

@@ -38,22 +38,21 @@ fn all_pairs_reachable_through_the_tunnels() {
         checks::matrix_table(&results)
     );
     assert_eq!(results.len(), 6 * 5 + 3 * 6);
-    // Traffic between nodes went through the routers, with handshakes done.
+    // Traffic between nodes went through the routers, with handshakes done
+    // (the status snapshot is rewritten every second: poll for it).
     for n in ["node-1", "node-2", "node-3"] {
-        let s = lab.router_status(n).unwrap();
-        assert_eq!(s.peers.len(), 2);
-        for p in &s.peers {
-            assert!(
-                p.latest_handshake_unix.is_some(),
-                "{n} -> {}: no handshake",
-                p.name
-            );
-            assert!(
-                p.rx_bytes > 0 && p.tx_bytes > 0,
-                "{n} -> {}: no traffic",
-                p.name
-            );
-        }
+        let done = |s: &tunmesh_router::status::Status| {
+            s.peers.len() == 2
+                && s.peers
+                    .iter()
+                    .all(|p| p.latest_handshake_unix.is_some() && p.rx_bytes > 0 && p.tx_bytes > 0)
+        };
+        let seen = lab.wait_status(n, Duration::from_secs(10), done);
+        assert!(
+            seen.is_some(),
+            "{n}: peers without handshake or traffic: {:#?}",
+            lab.router_status(n).map(|s| s.peers)
+        );
     }
 }
 
