@@ -49,6 +49,11 @@ struct Args {
     /// MTU of the TUN device (underlay MTU minus 80).
     #[arg(long, env = "TUNMESH_MTU", default_value_t = DEFAULT_MTU)]
     mtu: u16,
+    /// Use TUN offloads (virtio headers: TSO/USO super-packets are segmented
+    /// by the router, received TCP segments are coalesced). Falls back to
+    /// plain packets if the kernel refuses.
+    #[arg(long, env = "TUNMESH_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
+    offload: bool,
     /// Directory for the router's state (status.json).
     #[arg(long, env = "TUNMESH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -106,12 +112,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let udp = UdpSocket::bind(node.listen_port)
         .with_context(|| format!("binding UDP port {}", node.listen_port))?;
     let (rcvbuf, sndbuf) = udp.buffer_sizes();
-    let tun = TunDevice::create(&args.interface, args.mtu).with_context(|| {
+    let tun = TunDevice::create(&args.interface, args.mtu, args.offload).with_context(|| {
         format!(
             "creating TUN device {} (needs /dev/net/tun and CAP_NET_ADMIN)",
             args.interface
         )
     })?;
+    let tun_offload = tun.offload();
     let host = HostNet::connect()?;
     let index = host.link_index(&args.interface).await?;
     host.configure_link(
@@ -127,7 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let routes = host.sync_routes(index, &mesh_file.mesh.routes()).await?;
     info!(
         interface = %args.interface, mtu = args.mtu, port = udp.port(), public_key = %dp.public_key(),
-        peers = ?diff.added, routes = ?routes.added, rcvbuf, sndbuf, "router up"
+        peers = ?diff.added, routes = ?routes.added, rcvbuf, sndbuf, tun_offload, "router up"
     );
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -87,6 +87,62 @@ pub fn tcp_transfer(
         .map_err(|_| anyhow::anyhow!("receiver panicked"))?
 }
 
+/// Streams `total` pseudo-random bytes over TCP from namespace `from` to
+/// `dst` in `to`, hashing on both sides. Returns (sent hash, received hash,
+/// bytes received).
+pub fn tcp_stream(
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+    total: u64,
+    seed: u64,
+    timeout: Duration,
+) -> Result<([u8; 32], [u8; 32], u64)> {
+    let listener = in_netns(to, move || TcpListener::bind(SocketAddr::new(dst, 0)))?
+        .with_context(|| format!("listening on {dst} in {to}"))?;
+    let addr = listener.local_addr()?;
+    let receiver = std::thread::spawn(move || -> Result<([u8; 32], u64)> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+            h.update(&buf[..n]);
+        }
+        Ok((h.finalize().into(), got))
+    });
+    let mut s = in_netns(from, move || TcpStream::connect_timeout(&addr, timeout))?
+        .with_context(|| format!("connecting to {addr} from {from}"))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut h = Sha256::new();
+    let mut x = seed | 1;
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut left = total;
+    while left > 0 {
+        for w in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = (chunk.len() as u64).min(left) as usize;
+        s.write_all(&chunk[..n])?;
+        h.update(&chunk[..n]);
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let (got_hash, got) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    Ok((h.finalize().into(), got_hash, got))
+}
+
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }

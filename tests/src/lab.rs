@@ -40,6 +40,8 @@ pub struct LabOptions {
     pub root: PathBuf,
     /// The router binary; default: found next to the running executable.
     pub router_bin: Option<PathBuf>,
+    /// Extra arguments for every router (e.g. `--offload=false`).
+    pub router_args: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -49,6 +51,7 @@ impl Default for LabOptions {
             pods_per_node: 2,
             root: PathBuf::from(DEFAULT_ROOT),
             router_bin: None,
+            router_args: Vec::new(),
         }
     }
 }
@@ -211,7 +214,7 @@ impl Lab {
         for i in 0..opts.nodes {
             let text = self.mesh_file_text(i, None);
             std::fs::write(&self.state.nodes[i].mesh_file, text)?;
-            self.start_router(i, router_bin)?;
+            self.start_router(i, router_bin, &opts.router_args)?;
         }
         for i in 0..opts.nodes {
             self.wait_router(i)?;
@@ -250,24 +253,14 @@ impl Lab {
     }
 
     /// Starts node `i`'s router (0-based) and records its PID.
-    pub fn start_router(&mut self, i: usize, router_bin: &Path) -> Result<()> {
+    pub fn start_router(&mut self, i: usize, router_bin: &Path, extra: &[String]) -> Result<()> {
         let n = self.state.nodes[i].clone();
         let mesh = n.mesh_file.display().to_string();
         let state = n.state_dir.display().to_string();
-        let child = netns::spawn(
-            &n.ns,
-            router_bin,
-            &[
-                "--mesh-file",
-                &mesh,
-                "--state-dir",
-                &state,
-                "--mtu",
-                &MTU.to_string(),
-            ],
-            &[("RUST_LOG", "info")],
-            &n.log,
-        )?;
+        let mtu = MTU.to_string();
+        let mut args = vec!["--mesh-file", &mesh, "--state-dir", &state, "--mtu", &mtu];
+        args.extend(extra.iter().map(String::as_str));
+        let child = netns::spawn(&n.ns, router_bin, &args, &[("RUST_LOG", "info")], &n.log)?;
         self.state.nodes[i].router_pid = Some(child.id());
         self.save()
     }

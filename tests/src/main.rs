@@ -98,7 +98,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 nodes,
                 pods_per_node,
                 root: cli.root,
-                router_bin: None,
+                ..Default::default()
             })?;
             lab.keep();
             lab::set_current(None);
@@ -193,7 +193,7 @@ fn demo(
         nodes,
         pods_per_node,
         root: root.to_path_buf(),
-        router_bin: None,
+        ..Default::default()
     })?;
     print_lab(&lab);
     println!("\nchecking every pod-to-pod and node-to-pod pair (ping and a {} KiB TCP transfer, IPv4 and IPv6)...", checks::TCP_CHECK_BYTES / 1024);

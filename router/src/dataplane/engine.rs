@@ -202,7 +202,7 @@ impl Dataplane {
     }
 
     /// Hands `out` to `send` and empties it; returns (sent, refused).
-    fn flush(out: &mut Batch, send: impl FnOnce(&Batch) -> io::Result<usize>) -> (u64, u64) {
+    fn flush(out: &mut Batch, send: impl FnOnce(&mut Batch) -> io::Result<usize>) -> (u64, u64) {
         if out.n == 0 {
             return (0, 0);
         }
@@ -496,7 +496,9 @@ impl Dataplane {
                         let mut out = Batch::new(BATCH, dp.buf_size);
                         let mut errors = ErrorLog::new("reading the TUN device");
                         while !stop.load(Ordering::Relaxed) {
-                            match tun.recv_batch(&mut input, POLL) {
+                            let got = tun.recv_batch(&mut input, POLL);
+                            dp.counters.drop_n(Drop::Malformed, tun.take_malformed());
+                            match got {
                                 Ok(0) => {}
                                 Ok(_) => {
                                     let table = dp.table.load();

@@ -69,8 +69,14 @@ pub trait TunIo: Send + Sync {
     /// Returns `Ok(0)` on timeout.
     fn recv_batch(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize>;
     /// Writes packets `0..batch.n`. Returns how many the kernel accepted;
-    /// the rest are the caller's to count as dropped.
-    fn send_batch(&self, batch: &Batch) -> io::Result<usize>;
+    /// the rest are the caller's to count as dropped. May rewrite headers in
+    /// the batch (coalescing).
+    fn send_batch(&self, batch: &mut Batch) -> io::Result<usize>;
+    /// Packets the device itself dropped as malformed since the last call
+    /// (e.g. a super-packet it could not segment).
+    fn take_malformed(&self) -> u64 {
+        0
+    }
 }
 
 /// The UDP side: WireGuard datagrams to and from peers.

@@ -144,7 +144,7 @@ impl TunIo for MemTun {
         fill(&rx, batch, timeout, |b, i, data| copy_in(b, i, &data))
     }
 
-    fn send_batch(&self, batch: &Batch) -> io::Result<usize> {
+    fn send_batch(&self, batch: &mut Batch) -> io::Result<usize> {
         Ok((0..batch.n)
             .filter(|&i| self.to_host.send(batch.packet(i).to_vec()).is_ok())
             .count())

@@ -5,6 +5,7 @@ pub mod counters;
 pub mod engine;
 pub mod io;
 pub mod mem;
+pub mod offload;
 pub mod packet;
 pub mod peers;
 pub mod table;

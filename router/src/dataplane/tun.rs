@@ -1,44 +1,258 @@
 //! The real TUN device (created with tun-rs; see README for why), read and
-//! written in batches. Plain IP packets for now (no IFF_VNET_HDR); offloads
-//! arrive with the throughput issue behind the same `TunIo` interface.
+//! written in batches.
+//!
+//! With offloads (`IFF_VNET_HDR` + `TUNSETOFFLOAD` CSUM/TSO4/TSO6/USO4/USO6),
+//! a read may return a 64 KiB TCP or UDP super-packet: it is cut into
+//! MTU-sized segments here (`offload::Gso`), so the engine only ever sees
+//! plain packets. A super-packet that does not fit the batch stays pending
+//! and continues into the next batch. On write, TCP segments of one flow are
+//! coalesced (`offload::coalesce`) and written as one super-packet with one
+//! `writev` (head packet, then the members' payloads: no copy).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use super::io::{Batch, TunIo};
+use super::io::{Batch, TunIo, BATCH};
+use super::offload::{self, Coalescer, Gso, VnetHdr, F_NEEDS_CSUM, GSO_NONE, VNET_HDR_LEN};
 use super::poll_readable;
 
 const UNSPECIFIED: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
+/// Largest read from an offloading TUN: a 64 KiB super-packet and its header.
+const SUPER_BUF: usize = 65536 + VNET_HDR_LEN;
+
+/// Read-side state: the last read and the super-packet being cut up.
+struct Rx {
+    buf: Vec<u8>,
+    len: usize,
+    pending: Option<(Gso, usize)>,
+}
+
 pub struct TunDevice {
     dev: SyncDevice,
     name: String,
+    offload: bool,
+    rx: Mutex<Rx>,
+    tx: Mutex<Coalescer>,
+    malformed: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl TunDevice {
-    /// Creates (or, after a restart, re-creates) the TUN device `name` with `mtu`.
-    pub fn create(name: &str, mtu: u16) -> io::Result<Self> {
-        let dev = DeviceBuilder::new().name(name).mtu(mtu).build_sync()?;
+    /// Creates (or, after a restart, re-creates) the TUN device `name` with
+    /// `mtu`. With `offload`, asks for virtio headers and TSO/USO; if the
+    /// kernel refuses, falls back to plain packets (see `offload()`).
+    pub fn create(name: &str, mtu: u16, offload: bool) -> io::Result<Self> {
+        let (dev, offload) = match offload {
+            true => match DeviceBuilder::new()
+                .name(name)
+                .mtu(mtu)
+                .offload(true)
+                .build_sync()
+            {
+                Ok(d) => (d, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "TUN offloads refused; using plain packets");
+                    (
+                        DeviceBuilder::new().name(name).mtu(mtu).build_sync()?,
+                        false,
+                    )
+                }
+            },
+            false => (
+                DeviceBuilder::new().name(name).mtu(mtu).build_sync()?,
+                false,
+            ),
+        };
         dev.set_nonblocking(true)?;
         Ok(TunDevice {
             dev,
             name: name.to_string(),
+            offload,
+            rx: Mutex::new(Rx {
+                buf: if offload {
+                    vec![0u8; SUPER_BUF]
+                } else {
+                    Vec::new()
+                },
+                len: 0,
+                pending: None,
+            }),
+            tx: Mutex::new(Coalescer {
+                groups: Vec::with_capacity(BATCH),
+                next: Vec::with_capacity(BATCH),
+            }),
+            malformed: AtomicU64::new(0),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Whether virtio headers (TSO/USO, GRO) are in use.
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
+    fn fd(&self) -> RawFd {
+        self.dev.as_raw_fd()
+    }
+
+    /// Cuts the pending super-packet into free slots of `batch`.
+    fn drain_pending(&self, rx: &mut Rx, batch: &mut Batch) {
+        while let Some((gso, i)) = rx.pending {
+            let Some(slot) = batch.bufs.get_mut(batch.n) else {
+                return;
+            };
+            let pkt = rx.buf.get(VNET_HDR_LEN..rx.len).unwrap_or(&[]);
+            match gso.segment(pkt, i, slot) {
+                Ok(len) => {
+                    batch.commit(len, UNSPECIFIED);
+                }
+                Err(e) => {
+                    tracing::debug!(error = ?e, "cannot cut segment");
+                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            rx.pending = (i + 1 < gso.segments()).then_some((gso, i + 1));
+        }
+    }
+
+    fn recv_offload(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize> {
+        let mut rx = lock(&self.rx);
+        self.drain_pending(&mut rx, batch);
+        if batch.n == 0 && !poll_readable(self.fd(), timeout)? {
+            return Ok(0);
+        }
+        while !batch.is_full() {
+            // SAFETY: reading into a buffer we own, at most its length.
+            let r = unsafe { libc::read(self.fd(), rx.buf.as_mut_ptr().cast(), rx.buf.len()) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => break,
+                    _ if batch.n > 0 => break,
+                    _ => return Err(e),
+                }
+            }
+            rx.len = r as usize;
+            let Some(hdr) = VnetHdr::parse(&rx.buf[..rx.len]) else {
+                self.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if hdr.gso_type == GSO_NONE {
+                let len = rx.len - VNET_HDR_LEN;
+                let Rx { buf, .. } = &mut *rx;
+                let pkt = &mut buf[VNET_HDR_LEN..VNET_HDR_LEN + len];
+                if hdr.flags & F_NEEDS_CSUM != 0
+                    && offload::complete_checksum(
+                        pkt,
+                        usize::from(hdr.csum_start),
+                        usize::from(hdr.csum_offset),
+                    )
+                    .is_err()
+                {
+                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                match batch.bufs.get_mut(batch.n).and_then(|b| b.get_mut(..len)) {
+                    Some(slot) => {
+                        slot.copy_from_slice(pkt);
+                        batch.commit(len, UNSPECIFIED);
+                    }
+                    None => {
+                        self.malformed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                continue;
+            }
+            match Gso::new(&hdr, &rx.buf[VNET_HDR_LEN..rx.len]) {
+                Ok(gso) => {
+                    rx.pending = Some((gso, 0));
+                    self.drain_pending(&mut rx, batch);
+                }
+                Err(e) => {
+                    tracing::debug!(error = ?e, "cannot segment super-packet");
+                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(batch.n)
+    }
+
+    fn send_offload(&self, batch: &mut Batch) -> io::Result<usize> {
+        let mut c = lock(&self.tx);
+        let n = batch.n.min(batch.capacity());
+        {
+            let b: &Batch = batch;
+            offload::coalesce(&mut c, n, |i| b.packet(i));
+        }
+        let mut sent = 0;
+        // SAFETY: all-zero is a valid iovec.
+        let mut iov: [libc::iovec; BATCH + 1] = unsafe { std::mem::zeroed() };
+        for k in 0..c.groups.len() {
+            let g = c.groups[k];
+            let head_len = batch.lens.get(g.head).copied().unwrap_or(0);
+            let Some(head) = batch
+                .bufs
+                .get_mut(g.head)
+                .and_then(|b| b.get_mut(..head_len))
+            else {
+                continue;
+            };
+            let vnet = offload::finish_tcp_group(&g, head).encode();
+            iov[0] = libc::iovec {
+                iov_base: vnet.as_ptr() as *mut libc::c_void,
+                iov_len: vnet.len(),
+            };
+            iov[1] = libc::iovec {
+                iov_base: head.as_mut_ptr().cast(),
+                iov_len: head.len(),
+            };
+            let mut cnt = 2;
+            let off = offload::payload_offset(&g);
+            let mut next = c.next.get(g.head).copied().flatten();
+            while let Some(i) = next {
+                let p = batch.packet(i);
+                if let (Some(pl), Some(slot)) = (p.get(off..), iov.get_mut(cnt)) {
+                    *slot = libc::iovec {
+                        iov_base: pl.as_ptr() as *mut libc::c_void,
+                        iov_len: pl.len(),
+                    };
+                    cnt += 1;
+                }
+                next = c.next.get(i).copied().flatten();
+            }
+            // SAFETY: `iov[..cnt]` point at `vnet` and at batch buffers, all
+            // alive for the call; the kernel only reads them.
+            let r = unsafe { libc::writev(self.fd(), iov.as_ptr(), cnt as libc::c_int) };
+            if r >= 0 {
+                sent += g.count;
+            } else {
+                tracing::debug!(error = %io::Error::last_os_error(), packets = g.count, "tun writev");
+            }
+        }
+        Ok(sent)
+    }
 }
 
 impl TunIo for TunDevice {
     fn recv_batch(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize> {
         batch.n = 0;
-        if !poll_readable(self.dev.as_raw_fd(), timeout)? {
+        if self.offload {
+            return self.recv_offload(batch, timeout);
+        }
+        if !poll_readable(self.fd(), timeout)? {
             return Ok(0);
         }
         while let Some(buf) = batch.bufs.get_mut(batch.n) {
@@ -62,7 +276,10 @@ impl TunIo for TunDevice {
         Ok(batch.n)
     }
 
-    fn send_batch(&self, batch: &Batch) -> io::Result<usize> {
+    fn send_batch(&self, batch: &mut Batch) -> io::Result<usize> {
+        if self.offload {
+            return self.send_offload(batch);
+        }
         let mut sent = 0;
         for i in 0..batch.n {
             match self.dev.send(batch.packet(i)) {
@@ -71,5 +288,9 @@ impl TunIo for TunDevice {
             }
         }
         Ok(sent)
+    }
+
+    fn take_malformed(&self) -> u64 {
+        self.malformed.swap(0, Ordering::Relaxed)
     }
 }
