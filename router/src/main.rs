@@ -109,9 +109,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
 
     let dp = Dataplane::new(&key, usize::from(args.mtu));
-    let udp = UdpSocket::bind(node.listen_port)
+    let udp = UdpSocket::bind(node.listen_port, args.offload)
         .with_context(|| format!("binding UDP port {}", node.listen_port))?;
     let (rcvbuf, sndbuf) = udp.buffer_sizes();
+    let (udp_gso, udp_gro) = udp.offloads();
     let tun = TunDevice::create(&args.interface, args.mtu, args.offload).with_context(|| {
         format!(
             "creating TUN device {} (needs /dev/net/tun and CAP_NET_ADMIN)",
@@ -134,7 +135,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let routes = host.sync_routes(index, &mesh_file.mesh.routes()).await?;
     info!(
         interface = %args.interface, mtu = args.mtu, port = udp.port(), public_key = %dp.public_key(),
-        peers = ?diff.added, routes = ?routes.added, rcvbuf, sndbuf, tun_offload, "router up"
+        peers = ?diff.added, routes = ?routes.added, rcvbuf, sndbuf, tun_offload, udp_gso, udp_gro, "router up"
     );
 
     let stop = Arc::new(AtomicBool::new(false));

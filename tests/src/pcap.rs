@@ -6,8 +6,13 @@ use anyhow::{bail, Result};
 /// What one captured frame carried, as far as the checks need to know.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// UDP over IPv4 or IPv6, with ports.
-    Udp { src_port: u16, dst_port: u16 },
+    /// UDP over IPv4 or IPv6, with ports and the frame's length (a GSO
+    /// super-datagram crossing a veth is one frame holding many datagrams).
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+        bytes: usize,
+    },
     /// IGMP, or IPv6 neighbour discovery, router solicitation or MLD:
     /// multicast and neighbour housekeeping of the link itself.
     LinkHousekeeping,
@@ -72,6 +77,7 @@ fn classify(f: &[u8]) -> Frame {
                 (17, Some(p)) => Frame::Udp {
                     src_port: u16::from_be_bytes([p[0], p[1]]),
                     dst_port: u16::from_be_bytes([p[2], p[3]]),
+                    bytes: f.len(),
                 },
                 (2, _) => Frame::LinkHousekeeping,
                 _ => Frame::OtherIp(proto),
@@ -91,6 +97,7 @@ fn classify(f: &[u8]) -> Frame {
                 (17, Some(p)) => Frame::Udp {
                     src_port: u16::from_be_bytes([p[0], p[1]]),
                     dst_port: u16::from_be_bytes([p[2], p[3]]),
+                    bytes: f.len(),
                 },
                 (58, Some(p)) if (130..=143).contains(&p[0]) => Frame::LinkHousekeeping,
                 _ => Frame::OtherIp(next),
@@ -143,7 +150,8 @@ mod tests {
             vec![
                 Frame::Udp {
                     src_port: 51820,
-                    dst_port: 51820
+                    dst_port: 51820,
+                    bytes: 42
                 },
                 Frame::OtherIp(6),
                 Frame::Arp

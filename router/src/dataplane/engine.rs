@@ -526,7 +526,9 @@ impl Dataplane {
                         let mut udp_out = Batch::new(BATCH, dp.buf_size);
                         let mut errors = ErrorLog::new("receiving UDP");
                         while !stop.load(Ordering::Relaxed) {
-                            match udp.recv_batch(&mut input, POLL) {
+                            let got = udp.recv_batch(&mut input, POLL);
+                            dp.counters.drop_n(Drop::Malformed, udp.take_malformed());
+                            match got {
                                 Ok(0) => {}
                                 Ok(_) => {
                                     let table = dp.table.load();

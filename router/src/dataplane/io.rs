@@ -88,4 +88,9 @@ pub trait UdpIo: Send + Sync {
     /// sent; datagrams the kernel refused are skipped and counted by the
     /// return value falling short.
     fn send_batch(&self, batch: &Batch) -> io::Result<usize>;
+    /// Datagrams the socket itself dropped as malformed since the last call
+    /// (e.g. truncated, or larger than a batch buffer).
+    fn take_malformed(&self) -> u64 {
+        0
+    }
 }

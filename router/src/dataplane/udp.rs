@@ -1,11 +1,20 @@
 //! The real UDP socket: one dual-stack socket (IPv4 peers appear as
 //! IPv4-mapped IPv6 addresses and are mapped back), falling back to IPv4
 //! only where IPv6 is disabled. Batches move with `recvmmsg`/`sendmmsg`.
+//!
+//! Offloads: on send, consecutive datagrams of a batch to the same peer and
+//! of the same size go out as one message with `UDP_SEGMENT` (GSO), the
+//! kernel cutting them apart; on receive, `UDP_GRO` hands over runs of
+//! datagrams from one sender as one buffer with their segment size, which is
+//! cut back into datagrams here. If the kernel refuses GSO at send time,
+//! the socket falls back to plain datagrams for good.
 
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -21,11 +30,35 @@ pub struct UdpSocket {
     sock: Socket,
     dual_stack: bool,
     port: u16,
+    gso: AtomicBool,
+    gro: Option<Mutex<Gro>>,
+    malformed: AtomicU64,
 }
 
+/// Receive-side GRO state: large buffers, and the coalesced message being
+/// cut into datagrams (it may span several batches).
+struct Gro {
+    bufs: Vec<Vec<u8>>,
+    ctrl: Vec<[u64; CMSG_WORDS]>,
+    /// (buffer index, length, segment size, sender) of each message.
+    msgs: Vec<(usize, usize, usize, SocketAddr)>,
+    /// Next message in `msgs`, and offset inside it.
+    cursor: (usize, usize),
+}
+
+/// Messages per GRO `recvmmsg` and the size of each buffer.
+const GRO_MSGS: usize = 8;
+const GRO_BUF: usize = 65536;
+/// Control buffer per message, in u64 words (room for one int/u16 cmsg).
+const CMSG_WORDS: usize = 4;
+/// The kernel's limit on segments per GSO send.
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 65000;
+
 impl UdpSocket {
-    /// Binds `port` on all addresses, IPv6 and IPv4 in one socket where possible.
-    pub fn bind(port: u16) -> io::Result<Self> {
+    /// Binds `port` on all addresses, IPv6 and IPv4 in one socket where
+    /// possible. `offload` turns on UDP GSO and GRO where the kernel has them.
+    pub fn bind(port: u16, offload: bool) -> io::Result<Self> {
         let v6 = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
             s.set_only_v6(false)?;
             s.bind(&SockAddr::from(SocketAddr::from((
@@ -64,11 +97,27 @@ impl UdpSocket {
             .as_socket()
             .map(|a| a.port())
             .unwrap_or(port);
+        let gro = (offload && setsockopt_int(&sock, libc::SOL_UDP, libc::UDP_GRO, 1)).then(|| {
+            Mutex::new(Gro {
+                bufs: (0..GRO_MSGS).map(|_| vec![0u8; GRO_BUF]).collect(),
+                ctrl: vec![[0u64; CMSG_WORDS]; GRO_MSGS],
+                msgs: Vec::with_capacity(GRO_MSGS),
+                cursor: (0, 0),
+            })
+        });
         Ok(UdpSocket {
             sock,
             dual_stack,
             port,
+            gso: AtomicBool::new(offload),
+            gro,
+            malformed: AtomicU64::new(0),
         })
+    }
+
+    /// Whether UDP GSO (send) and GRO (receive) are in use.
+    pub fn offloads(&self) -> (bool, bool) {
+        (self.gso.load(Ordering::Relaxed), self.gro.is_some())
     }
 
     pub fn port(&self) -> u16 {
@@ -90,6 +139,19 @@ impl UdpSocket {
             }
             other => SockAddr::from(other),
         }
+    }
+}
+
+fn setsockopt_int(sock: &Socket, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> bool {
+    // SAFETY: setsockopt with a valid fd, a pointer to a c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
     }
 }
 
@@ -118,8 +180,8 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-impl UdpIo for UdpSocket {
-    fn recv_batch(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize> {
+impl UdpSocket {
+    fn recv_plain(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize> {
         batch.n = 0;
         if !poll_readable(self.sock.as_raw_fd(), timeout)? {
             return Ok(0);
@@ -179,13 +241,14 @@ impl UdpIo for UdpSocket {
         Ok(n)
     }
 
-    fn send_batch(&self, batch: &Batch) -> io::Result<usize> {
+    /// Sends datagrams `start..batch.n` one message each.
+    fn send_plain(&self, batch: &Batch, start: usize) -> io::Result<usize> {
         let n = batch.n.min(BATCH).min(batch.capacity());
         // SAFETY: all-zero is a valid value for these plain C structs.
         let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
         let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-        for i in 0..n {
+        for i in start..n {
             let pkt = batch.packet(i);
             iovs[i] = libc::iovec {
                 iov_base: pkt.as_ptr() as *mut libc::c_void,
@@ -206,7 +269,7 @@ impl UdpIo for UdpSocket {
             hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
             hdrs[i].msg_hdr.msg_iovlen = 1;
         }
-        let mut off = 0;
+        let mut off = start;
         let mut sent = 0;
         while off < n {
             // SAFETY: `hdrs[off..n]` are initialised above and point at data
@@ -234,5 +297,280 @@ impl UdpIo for UdpSocket {
             sent += r as usize;
         }
         Ok(sent)
+    }
+}
+
+/// Fills `msg`'s control buffer with one cmsg carrying `val` (u16).
+fn put_u16_cmsg(
+    msg: &mut libc::msghdr,
+    ctrl: &mut [u64; CMSG_WORDS],
+    level: libc::c_int,
+    ty: libc::c_int,
+    val: u16,
+) {
+    msg.msg_control = ctrl.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    // SAFETY: the control buffer is CMSG_WORDS*8 = 32 bytes, more than
+    // CMSG_SPACE(2) = 24, and aligned for cmsghdr; CMSG_FIRSTHDR/DATA stay inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(msg);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = ty;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), val);
+    }
+}
+
+/// The GRO segment size in a received message's control data, if any.
+fn gro_segment_size(msg: &libc::msghdr) -> Option<usize> {
+    // SAFETY: iterating cmsgs the kernel wrote into our control buffer,
+    // bounded by msg_controllen, with the libc macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).ok().filter(|v| *v > 0);
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    None
+}
+
+impl UdpSocket {
+    /// Receives with GRO: coalesced messages land in large buffers and are
+    /// cut into datagrams of their segment size, copied into `batch`.
+    fn recv_gro(
+        &self,
+        gro: &Mutex<Gro>,
+        batch: &mut Batch,
+        timeout: Duration,
+    ) -> io::Result<usize> {
+        let mut g = gro.lock().unwrap_or_else(|p| p.into_inner());
+        self.drain_gro(&mut g, batch);
+        if batch.n > 0 {
+            return Ok(batch.n);
+        }
+        if !poll_readable(self.sock.as_raw_fd(), timeout)? {
+            return Ok(0);
+        }
+        let Gro {
+            bufs,
+            ctrl,
+            msgs,
+            cursor,
+        } = &mut *g;
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut iovs: [libc::iovec; GRO_MSGS] = unsafe { zeroed() };
+        let mut names: [libc::sockaddr_storage; GRO_MSGS] = unsafe { zeroed() };
+        let mut hdrs: [libc::mmsghdr; GRO_MSGS] = unsafe { zeroed() };
+        for (i, buf) in bufs.iter_mut().enumerate().take(GRO_MSGS) {
+            iovs[i] = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            let h = &mut hdrs[i].msg_hdr;
+            h.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = ctrl[i].as_mut_ptr().cast();
+            h.msg_controllen = CMSG_WORDS * 8;
+        }
+        // SAFETY: `hdrs` point at `iovs`, `names`, `ctrl` and `bufs`, all of
+        // which outlive the call; the kernel writes within the given lengths.
+        let r = unsafe {
+            libc::recvmmsg(
+                self.sock.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                GRO_MSGS as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            };
+        }
+        msgs.clear();
+        for (i, h) in hdrs.iter().enumerate().take((r as usize).min(GRO_MSGS)) {
+            let len = h.msg_len as usize;
+            if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                self.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let seg = gro_segment_size(&h.msg_hdr).unwrap_or(len);
+            // SAFETY: the kernel filled `names[i]` with `msg_namelen` bytes of a sockaddr.
+            let addr = unsafe { SockAddr::new(names[i], h.msg_hdr.msg_namelen) };
+            let from = addr
+                .as_socket()
+                .map(canonical)
+                .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+            msgs.push((i, len, seg, from));
+        }
+        *cursor = (0, 0);
+        self.drain_gro(&mut g, batch);
+        Ok(batch.n)
+    }
+
+    /// Copies datagrams from the pending GRO messages into free slots.
+    fn drain_gro(&self, g: &mut Gro, batch: &mut Batch) {
+        while let Some(&(buf, len, seg, from)) = g.msgs.get(g.cursor.0) {
+            let seg = seg.max(1);
+            let off = g.cursor.1;
+            if off >= len {
+                g.cursor = (g.cursor.0 + 1, 0);
+                continue;
+            }
+            let Some(slot) = batch.bufs.get_mut(batch.n) else {
+                return;
+            };
+            let end = (off + seg).min(len);
+            let data = g.bufs.get(buf).and_then(|b| b.get(off..end)).unwrap_or(&[]);
+            match slot.get_mut(..data.len()) {
+                Some(dst) => {
+                    dst.copy_from_slice(data);
+                    batch.commit(data.len(), from);
+                }
+                None => {
+                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            g.cursor.1 = end;
+        }
+    }
+
+    /// Sends with GSO: runs of datagrams to one peer, all of one size but
+    /// the last, go out as one message with `UDP_SEGMENT`.
+    fn send_gso(&self, batch: &Batch) -> io::Result<usize> {
+        let n = batch.n.min(BATCH).min(batch.capacity());
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
+        let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
+        let mut ctrl = [[0u64; CMSG_WORDS]; BATCH];
+        // Datagram count of each message.
+        let mut counts = [0usize; BATCH];
+        let mut m = 0;
+        let mut i = 0;
+        while i < n {
+            let to = batch.addrs[i];
+            let size = batch.lens[i];
+            let mut j = i;
+            let mut bytes = 0;
+            // Extend the run: same peer, same size; a shorter datagram ends it.
+            while j < n
+                && batch.addrs[j] == to
+                && j - i < GSO_MAX_SEGMENTS
+                && bytes + batch.lens[j] <= GSO_MAX_BYTES
+            {
+                let len = batch.lens[j];
+                if len > size {
+                    break;
+                }
+                let pkt = batch.packet(j);
+                iovs[j] = libc::iovec {
+                    iov_base: pkt.as_ptr() as *mut libc::c_void,
+                    iov_len: pkt.len(),
+                };
+                bytes += len;
+                j += 1;
+                if len < size {
+                    break;
+                }
+            }
+            let sa = self.to_sockaddr(to);
+            let salen = (sa.len() as usize).min(size_of::<libc::sockaddr_storage>());
+            // SAFETY: copying `salen` bytes of a sockaddr into a sockaddr_storage, which is large enough.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    sa.as_ptr().cast::<u8>(),
+                    (&mut names[m] as *mut libc::sockaddr_storage).cast::<u8>(),
+                    salen,
+                );
+            }
+            let h = &mut hdrs[m].msg_hdr;
+            h.msg_name = (&mut names[m] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = salen as libc::socklen_t;
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = j - i;
+            if j - i > 1 {
+                put_u16_cmsg(
+                    h,
+                    &mut ctrl[m],
+                    libc::SOL_UDP,
+                    libc::UDP_SEGMENT,
+                    size as u16,
+                );
+            }
+            counts[m] = j - i;
+            m += 1;
+            i = j;
+        }
+        let mut off = 0;
+        let mut sent = 0;
+        while off < m {
+            // SAFETY: `hdrs[off..m]` are initialised above and point at data
+            // that outlives the call; the kernel only reads the buffers.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.sock.as_raw_fd(),
+                    hdrs.as_mut_ptr().add(off),
+                    (m - off) as libc::c_uint,
+                    0,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // The kernel or device cannot segment: plain datagrams from now on.
+                    Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                        if counts[off] > 1 =>
+                    {
+                        tracing::warn!(error = %e, "UDP GSO refused; sending plain datagrams");
+                        self.gso.store(false, Ordering::Relaxed);
+                        let first: usize = counts[..off].iter().sum();
+                        return Ok(sent + self.send_plain(batch, first)?);
+                    }
+                    _ => {
+                        tracing::debug!(error = %e, "udp send refused");
+                        off += 1;
+                        continue;
+                    }
+                }
+            }
+            let r = r as usize;
+            sent += counts[off..off + r].iter().sum::<usize>();
+            off += r;
+        }
+        Ok(sent)
+    }
+}
+
+impl UdpIo for UdpSocket {
+    fn recv_batch(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize> {
+        batch.n = 0;
+        match &self.gro {
+            Some(gro) => self.recv_gro(gro, batch, timeout),
+            None => self.recv_plain(batch, timeout),
+        }
+    }
+
+    fn send_batch(&self, batch: &Batch) -> io::Result<usize> {
+        if self.gso.load(Ordering::Relaxed) {
+            self.send_gso(batch)
+        } else {
+            self.send_plain(batch, 0)
+        }
+    }
+
+    fn take_malformed(&self) -> u64 {
+        self.malformed.swap(0, Ordering::Relaxed)
     }
 }
