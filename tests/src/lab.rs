@@ -467,27 +467,9 @@ pub fn teardown(dir: &Path) -> Result<()> {
             }
         }
     }
-    // Anything else still running inside the lab's namespaces (iperf3, tcpdump...).
-    let prefix = format!("tm{id}-");
-    for ns in netns::list_netns(&prefix) {
-        if let Ok(out) = std::process::Command::new("ip")
-            .args(["netns", "pids", &ns])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-            {
-                netns::stop_pid(pid, Duration::from_secs(2));
-            }
-        }
-    }
-    let mut all = netns::list_netns(&prefix);
-    // Pods first, then nodes, then the underlay (longest names first).
-    all.sort_by_key(|n| std::cmp::Reverse(n.len()));
-    for ns in all {
-        netns::del_netns(&ns);
-    }
+    // Anything else still running inside the lab's namespaces (iperf3,
+    // tcpdump...), then the namespaces themselves.
+    netns::purge_prefix(&format!("tm{id}-"));
     let _ = std::fs::remove_dir_all(dir);
     if current() == Some(dir.to_path_buf()) {
         set_current(None);

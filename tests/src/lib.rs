@@ -6,8 +6,10 @@
 //! - `lab`: the cluster (underlay bridge, node namespaces running routers,
 //!   pod namespaces), recorded on disk so `exec` and `down` find it later;
 //! - `checks`: ping, byte-exact TCP transfers, iperf3, the connectivity matrix;
-//! - `pcap`: just enough of the pcap format to inspect underlay captures.
+//! - `pcap`: just enough of the pcap format to inspect underlay captures;
+//! - `bench`: tunmesh against raw veth, wireguard-go and boringtun-cli.
 
+pub mod bench;
 pub mod checks;
 pub mod lab;
 pub mod netns;

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use tunmesh_lab::checks;
 use tunmesh_lab::lab::{self, Lab, LabOptions, DEFAULT_ROOT};
+use tunmesh_lab::{bench, checks, netns};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +49,27 @@ enum Cmd {
     },
     /// List running labs.
     List,
+    /// Throughput of tunmesh against raw veth, wireguard-go (both Debian
+    /// packages) and boringtun-cli, side by side (scripts/install-anchors.sh
+    /// installs the peers).
+    Bench {
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        #[arg(long, default_value_t = 3)]
+        reps: u32,
+        /// Also write the rows and medians as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Comma-separated subset of raw,tunmesh,wggo,wggo_new,boringtun.
+        #[arg(long, value_delimiter = ',', default_values_t = bench::ALL_CONFIGS.map(String::from))]
+        configs: Vec<String>,
+        /// Comma-separated subset of tcp1,tcp4,udp.
+        #[arg(long, value_delimiter = ',', default_values_t = bench::ALL_TESTS.map(String::from))]
+        tests: Vec<String>,
+        /// Where scripts/install-anchors.sh put wireguard-go-new and boringtun-cli.
+        #[arg(long, env = "TUNMESH_ANCHORS", default_value = bench::DEFAULT_ANCHORS)]
+        anchors: PathBuf,
+    },
     /// Up, check every pod-to-pod and node-to-pod pair, iperf3, down.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -68,6 +89,10 @@ fn main() -> ExitCode {
         if let Some(dir) = lab::current() {
             eprintln!("\ninterrupted: removing lab {}", dir.display());
             let _ = lab::teardown(&dir);
+        }
+        if let Some(prefix) = netns::purge_on_signal() {
+            eprintln!("\ninterrupted: removing namespaces {prefix}*");
+            netns::purge_prefix(&prefix);
         }
         std::process::exit(130);
     });
@@ -142,6 +167,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            seconds,
+            reps,
+            json,
+            configs,
+            tests,
+            anchors,
+        } => {
+            need_root()?;
+            let report = bench::run(&bench::BenchOptions {
+                seconds,
+                reps,
+                configs,
+                tests,
+                anchors,
+            })?;
+            println!("\n{}", bench::table(&report));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("JSON written to {}", path.display());
+            }
+            match report.tunmesh_vs_wireguard_go_tcp1 {
+                Some(r) => {
+                    println!("bench: tunmesh/wireguard-go = {r:.2} (tcp1 median)");
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    println!("bench: tunmesh/wireguard-go = n/a (tcp1 median: tunmesh or wireguard-go did not run)");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Cmd::Demo {
             nodes,

@@ -252,3 +252,36 @@ pub fn run_id() -> String {
         std::process::id() % 16
     )
 }
+
+/// Stops every process inside the namespaces named `prefix*` and deletes
+/// those namespaces (pods first: longest names first).
+pub fn purge_prefix(prefix: &str) {
+    for ns in list_netns(prefix) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+            {
+                stop_pid(pid, Duration::from_secs(2));
+            }
+        }
+    }
+    let mut all = list_netns(prefix);
+    all.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for ns in all {
+        del_netns(&ns);
+    }
+}
+
+static PURGE_ON_SIGNAL: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Names the namespace prefix a Ctrl-C handler should purge (`None`: nothing).
+pub fn set_purge_on_signal(prefix: Option<String>) {
+    if let Ok(mut p) = PURGE_ON_SIGNAL.lock() {
+        *p = prefix;
+    }
+}
+
+pub fn purge_on_signal() -> Option<String> {
+    PURGE_ON_SIGNAL.lock().map(|p| p.clone()).unwrap_or(None)
+}
