@@ -22,7 +22,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 use super::counters::{Counters, Drop};
 use super::io::{Batch, TunIo, UdpIo, BATCH};
 use super::packet;
-use super::peers::{Peer, PeerTable};
+use super::peers::{Peer, PeerState, PeerTable};
 use crate::model::DesiredMesh;
 use crate::{PrivateKey, PublicKey};
 
@@ -253,6 +253,9 @@ impl Dataplane {
         self.counters
             .tun_rx_packets
             .fetch_add(input.n as u64, Ordering::Relaxed);
+        // The peer's lock is held across a run of packets to the same peer
+        // (one lock per run, not per packet) and released before a send.
+        let mut held: Option<(&Arc<Peer>, MutexGuard<'_, PeerState>)> = None;
         for i in 0..input.n {
             let pkt = input.packet(i);
             let Some(dst) = packet::dst_addr(pkt) else {
@@ -270,6 +273,7 @@ impl Dataplane {
                 continue;
             };
             if out.is_full() {
+                held = None;
                 self.flush_udp(out, udp);
             }
             let Some(buf) = out.bufs.get_mut(out.n) else {
@@ -280,12 +284,19 @@ impl Dataplane {
                 self.counters.drop(Drop::Malformed);
                 continue;
             }
-            let mut st = peer.lock();
+            if !held.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, peer)) {
+                // NB: release the previous peer before locking the next, so
+                // no thread ever holds two peer locks (no lock ordering).
+                drop(held.take());
+                held = Some((peer, peer.lock()));
+            }
+            let Some((_, st)) = held.as_mut() else {
+                continue;
+            };
             let endpoint = st.endpoint;
             match st.tunn.encapsulate(pkt, buf) {
                 TunnResult::WriteToNetwork(b) => {
                     let len = b.len();
-                    drop(st);
                     match endpoint {
                         Some(ep) => {
                             out.commit(len, ep);
@@ -305,6 +316,7 @@ impl Dataplane {
                 }
             }
         }
+        drop(held);
         self.flush_udp(out, udp);
     }
 
@@ -323,6 +335,8 @@ impl Dataplane {
             .udp_rx_datagrams
             .fetch_add(input.n as u64, Ordering::Relaxed);
         let mut cookie = [0u8; 64];
+        // As outbound: one lock per run of datagrams from the same peer.
+        let mut held: Option<(&Arc<Peer>, MutexGuard<'_, PeerState>)> = None;
         for i in 0..input.n {
             let datagram = input.packet(i);
             let src = input
@@ -378,13 +392,20 @@ impl Dataplane {
                 continue;
             };
             if tun_out.is_full() {
+                held = None;
                 self.flush_tun(tun_out, tun);
             }
             let Some(buf) = tun_out.bufs.get_mut(tun_out.n) else {
                 self.counters.drop(Drop::QueueFull);
                 continue;
             };
-            let mut st = peer.lock();
+            if !held.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, peer)) {
+                drop(held.take());
+                held = Some((peer, peer.lock()));
+            }
+            let Some((_, st)) = held.as_mut() else {
+                continue;
+            };
             match st.tunn.decapsulate(Some(src.ip()), datagram, buf) {
                 TunnResult::Done => st.endpoint = Some(src),
                 TunnResult::WriteToNetwork(reply) => {
@@ -399,13 +420,11 @@ impl Dataplane {
                 TunnResult::WriteToTunnelV4(inner, addr) => {
                     st.endpoint = Some(src);
                     let len = inner.len();
-                    drop(st);
                     self.accept_inner(table, peer, tun_out, len, addr.into());
                 }
                 TunnResult::WriteToTunnelV6(inner, addr) => {
                     st.endpoint = Some(src);
                     let len = inner.len();
-                    drop(st);
                     self.accept_inner(table, peer, tun_out, len, addr.into());
                 }
                 TunnResult::Err(e) => {
@@ -418,6 +437,7 @@ impl Dataplane {
                 }
             }
         }
+        drop(held);
         self.flush_tun(tun_out, tun);
         self.flush_udp(udp_out, udp);
     }
