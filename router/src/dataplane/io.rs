@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 /// Packets per batch.
-pub const BATCH: usize = 64;
+pub const BATCH: usize = 128;
 
 /// A fixed set of packet buffers, allocated once per worker and reused for
 /// every batch. `lens[i]` is the length of packet `i`, `addrs[i]` its UDP
