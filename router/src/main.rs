@@ -140,7 +140,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let port = udp.port();
-    let handles = dp.spawn(Arc::new(tun), Arc::new(udp), Arc::clone(&stop))?;
+    let tun = Arc::new(tun);
+    let handles = dp.spawn(
+        Arc::clone(&tun) as Arc<dyn tunmesh_router::dataplane::TunIo>,
+        Arc::new(udp),
+        Arc::clone(&stop),
+    )?;
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -193,6 +198,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     listen_port: port,
                     peers: status::peers(&dp),
                     counters: dp.counters.snapshot(),
+                    offload: tun.offload_stats(),
                     reloads,
                     last_reload: last_reload.clone(),
                 };

@@ -45,6 +45,9 @@ pub struct Status {
     pub listen_port: u16,
     pub peers: Vec<PeerStatus>,
     pub counters: CountersSnapshot,
+    /// What the TUN offloads did (all zero with offloads off).
+    #[serde(default)]
+    pub offload: crate::dataplane::tun::OffloadStats,
     pub reloads: u64,
     pub last_reload: Option<ReloadStatus>,
 }

@@ -143,6 +143,89 @@ pub fn tcp_stream(
     Ok((h.finalize().into(), got_hash, got))
 }
 
+/// The content of UDP datagram `seq` of `len` bytes in `udp_bursts`.
+fn datagram(seq: u32, len: usize, buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(&seq.to_be_bytes());
+    buf.extend((4..len).map(|i| (i as u32).wrapping_mul(2654435761).wrapping_add(seq) as u8));
+}
+
+/// Sends bursts of UDP datagrams (sizes taken in turn from `sizes`, `per`
+/// datagrams per burst) from namespace `from` to `dst` in `to`, waiting for
+/// each burst to arrive before the next. Returns (sent, arrived intact,
+/// arrived damaged or with the wrong length).
+pub fn udp_bursts(
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+    sizes: &[usize],
+    per: usize,
+    rounds: usize,
+) -> Result<(u64, u64, u64)> {
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let rx = in_netns(to, move || UdpSocket::bind(SocketAddr::new(dst, 0)))?
+        .with_context(|| format!("binding UDP on {dst} in {to}"))?;
+    let addr = rx.local_addr()?;
+    let tx = in_netns(from, move || -> std::io::Result<UdpSocket> {
+        let unspecified: IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
+        s.connect(addr)?;
+        Ok(s)
+    })??;
+    rx.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let (good, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sizes_rx: Vec<usize> = sizes.to_vec();
+    let receiver = {
+        let (good, bad, done) = (Arc::clone(&good), Arc::clone(&bad), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut want = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let Ok(n) = rx.recv(&mut buf) else { continue };
+                let seq = buf
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(u32::MAX);
+                let len = sizes_rx[(seq as usize / per) % sizes_rx.len()];
+                datagram(seq, len, &mut want);
+                if buf[..n] == want[..] {
+                    good.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let mut sent = 0u64;
+    let mut msg = Vec::new();
+    for round in 0..rounds {
+        let len = sizes[round % sizes.len()];
+        for _ in 0..per {
+            datagram(sent as u32, len, &mut msg);
+            tx.send(&msg)?;
+            sent += 1;
+        }
+        let all = sent;
+        let _ = netns::wait_for(Duration::from_secs(3), || {
+            (good.load(Ordering::Relaxed) + bad.load(Ordering::Relaxed) >= all).then_some(())
+        });
+    }
+    done.store(true, Ordering::Relaxed);
+    let _ = receiver.join();
+    Ok((
+        sent,
+        good.load(Ordering::Relaxed),
+        bad.load(Ordering::Relaxed),
+    ))
+}
+
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }

@@ -5,8 +5,9 @@
 //! kernel did not segment (TSO/USO): `Gso` splits it into MTU-sized segments
 //! with correct IP lengths, IDs, TCP sequence numbers, flags and full
 //! checksums before encryption. Writes may carry several decrypted TCP
-//! segments of one flow coalesced into one super-packet (GRO): `Coalescer`
-//! decides which packets of a batch join, `finish_tcp_group` rewrites the
+//! segments (or UDP datagrams) of one flow coalesced into one super-packet
+//! (GRO): `Coalescer`
+//! decides which packets of a batch join, `finish_group` rewrites the
 //! first packet's headers, and the TUN writes the group with one `writev`.
 
 use std::net::IpAddr;
@@ -249,54 +250,59 @@ impl Gso {
     }
 }
 
-/// What the coalescer needs to know of a TCP packet that may join others.
+/// What the coalescer needs to know of a TCP segment or UDP datagram that
+/// may join others of its flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TcpSeg {
+pub struct Seg {
+    pub udp: bool,
     pub src: IpAddr,
     pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
+    /// TCP sequence number (0 for UDP).
     pub seq: u32,
+    /// TCP flags (0 for UDP).
     pub flags: u8,
     pub l3_len: usize,
     pub l4_len: usize,
     pub payload: usize,
 }
 
-/// A plain TCP segment with data and only ACK (and maybe PSH) set, no IP
-/// options, fragments or IPv6 extension headers: a candidate for GRO.
-pub fn tcp_candidate(pkt: &[u8]) -> Option<TcpSeg> {
-    let (v6, l3_len) = match pkt.first()? >> 4 {
-        4 if pkt[0] & 0x0f == 5 && *pkt.get(9)? == 6 => {
+impl Seg {
+    fn same_flow(&self, o: &Seg) -> bool {
+        self.udp == o.udp
+            && self.src == o.src
+            && self.dst == o.dst
+            && self.sport == o.sport
+            && self.dport == o.dport
+    }
+}
+
+/// A candidate for GRO: a TCP segment with data and only ACK (and maybe
+/// PSH) set, or a UDP datagram with data; no IP options, fragments or IPv6
+/// extension headers, lengths consistent with the buffer.
+pub fn candidate(pkt: &[u8]) -> Option<Seg> {
+    let (v6, l3_len, proto) = match pkt.first()? >> 4 {
+        4 if pkt[0] & 0x0f == 5 => {
             // No MF flag, no fragment offset.
             if u16::from_be_bytes([*pkt.get(6)?, *pkt.get(7)?]) & 0x3fff != 0 {
                 return None;
             }
-            let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+            let total = usize::from(u16::from_be_bytes([*pkt.get(2)?, *pkt.get(3)?]));
             if total != pkt.len() {
                 return None;
             }
-            (false, 20)
+            (false, 20, *pkt.get(9)?)
         }
-        6 if *pkt.get(6)? == 6 => {
-            let plen = usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
+        6 => {
+            let plen = usize::from(u16::from_be_bytes([*pkt.get(4)?, *pkt.get(5)?]));
             if plen + 40 != pkt.len() {
                 return None;
             }
-            (true, 40)
+            (true, 40, *pkt.get(6)?)
         }
         _ => return None,
     };
-    let t = pkt.get(l3_len..l3_len + 20)?;
-    let l4_len = usize::from(t[12] >> 4) * 4;
-    let flags = t[13];
-    if l4_len < 20 || pkt.len() <= l3_len + l4_len {
-        return None;
-    }
-    if flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_CWR | 0x40) != 0 || flags & TCP_ACK == 0
-    {
-        return None;
-    }
     let (src, dst) = if v6 {
         let s: [u8; 16] = pkt.get(8..24)?.try_into().ok()?;
         let d: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
@@ -306,23 +312,59 @@ pub fn tcp_candidate(pkt: &[u8]) -> Option<TcpSeg> {
         let d: [u8; 4] = pkt.get(16..20)?.try_into().ok()?;
         (IpAddr::from(s), IpAddr::from(d))
     };
-    Some(TcpSeg {
-        src,
-        dst,
-        sport: u16::from_be_bytes([t[0], t[1]]),
-        dport: u16::from_be_bytes([t[2], t[3]]),
-        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
-        flags,
-        l3_len,
-        l4_len,
-        payload: pkt.len() - l3_len - l4_len,
-    })
+    match proto {
+        6 => {
+            let t = pkt.get(l3_len..l3_len + 20)?;
+            let l4_len = usize::from(t[12] >> 4) * 4;
+            let flags = t[13];
+            if l4_len < 20 || pkt.len() <= l3_len + l4_len {
+                return None;
+            }
+            if flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_CWR | 0x40) != 0
+                || flags & TCP_ACK == 0
+            {
+                return None;
+            }
+            Some(Seg {
+                udp: false,
+                src,
+                dst,
+                sport: u16::from_be_bytes([t[0], t[1]]),
+                dport: u16::from_be_bytes([t[2], t[3]]),
+                seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+                flags,
+                l3_len,
+                l4_len,
+                payload: pkt.len() - l3_len - l4_len,
+            })
+        }
+        17 => {
+            let u = pkt.get(l3_len..l3_len + 8)?;
+            let ulen = usize::from(u16::from_be_bytes([u[4], u[5]]));
+            if ulen != pkt.len() - l3_len || ulen <= 8 {
+                return None;
+            }
+            Some(Seg {
+                udp: true,
+                src,
+                dst,
+                sport: u16::from_be_bytes([u[0], u[1]]),
+                dport: u16::from_be_bytes([u[2], u[3]]),
+                seq: 0,
+                flags: 0,
+                l3_len,
+                l4_len: 8,
+                payload: ulen - 8,
+            })
+        }
+        _ => None,
+    }
 }
 
-/// Headers that must be equal for two segments to join: IPv4 TOS, DF and
-/// TTL (or IPv6 traffic class, flow label and hop limit), and the TCP ACK
-/// number, window-independent options and header length.
-fn same_headers(a: &[u8], b: &[u8], s: &TcpSeg) -> bool {
+/// Headers that must be equal for two packets to join: IPv4 TOS, DF and
+/// TTL (or IPv6 traffic class, flow label and hop limit); for TCP also the
+/// ACK number and the options.
+fn same_headers(a: &[u8], b: &[u8], s: &Seg) -> bool {
     let l3_same = if s.l3_len == 40 {
         a.get(0..4) == b.get(0..4) && a.get(7) == b.get(7)
     } else {
@@ -332,8 +374,9 @@ fn same_headers(a: &[u8], b: &[u8], s: &TcpSeg) -> bool {
     };
     let t = s.l3_len;
     l3_same
-        && a.get(t + 8..t + 12) == b.get(t + 8..t + 12)
-        && a.get(t + 20..t + s.l4_len) == b.get(t + 20..t + s.l4_len)
+        && (s.udp
+            || (a.get(t + 8..t + 12) == b.get(t + 8..t + 12)
+                && a.get(t + 20..t + s.l4_len) == b.get(t + 20..t + s.l4_len)))
 }
 
 /// A run of packets of one flow that will be written as one super-packet.
@@ -344,7 +387,7 @@ pub struct Group {
     /// Index of the last packet joined (for the `next` chain).
     pub tail: usize,
     pub count: usize,
-    seg: Option<TcpSeg>,
+    seg: Option<Seg>,
     next_seq: u32,
     gso_size: usize,
     pub total_payload: usize,
@@ -354,6 +397,8 @@ pub struct Group {
 
 /// Largest super-packet the coalescer builds (IPv4 total length is 16 bits).
 const MAX_SUPER: usize = 65535;
+/// Most datagrams in one UDP super-packet (the kernel's UDP_MAX_SEGMENTS).
+const MAX_UDP_SEGMENTS: usize = 64;
 
 /// Groups the packets of a batch for writing: TCP segments of one flow with
 /// contiguous sequence numbers and equal headers join one group; everything
@@ -379,19 +424,19 @@ pub fn coalesce<'a>(c: &mut Coalescer, n: usize, pkt: impl Fn(usize) -> &'a [u8]
     for i in 0..n {
         c.next.push(None);
         let p = pkt(i);
-        let seg = tcp_candidate(p);
+        let seg = candidate(p);
         if let Some(s) = seg {
-            // The newest open group of this flow, if any.
-            let found = c.groups.iter().rposition(|g| {
-                g.seg.is_some_and(|h| {
-                    h.src == s.src && h.dst == s.dst && h.sport == s.sport && h.dport == s.dport
-                })
-            });
+            // The newest group of this flow, if any.
+            let found = c
+                .groups
+                .iter()
+                .rposition(|g| g.seg.is_some_and(|h| h.same_flow(&s)));
             if let Some(gi) = found {
                 let g = &mut c.groups[gi];
                 let head = pkt(g.head);
                 let fits = !g.closed
-                    && g.next_seq == s.seq
+                    && (s.udp || g.next_seq == s.seq)
+                    && (!s.udp || g.count < MAX_UDP_SEGMENTS)
                     && s.payload <= g.gso_size
                     && g.seg
                         .is_some_and(|h| h.l4_len == s.l4_len && h.l3_len == s.l3_len)
@@ -422,7 +467,7 @@ pub fn coalesce<'a>(c: &mut Coalescer, n: usize, pkt: impl Fn(usize) -> &'a [u8]
 }
 
 impl Group {
-    fn single(i: usize, seg: Option<TcpSeg>) -> Self {
+    fn single(i: usize, seg: Option<Seg>) -> Self {
         Group {
             head: i,
             tail: i,
@@ -441,9 +486,9 @@ impl Group {
 
 /// Rewrites the head packet of a group of two or more into the header of
 /// the super-packet (lengths, IPv4 header checksum, PSH, the pseudo-header
-/// sum in the TCP checksum field) and returns the virtio header to write
-/// with it. For a group of one: the packet is left alone, header all zero.
-pub fn finish_tcp_group(g: &Group, head: &mut [u8]) -> VnetHdr {
+/// sum in the TCP or UDP checksum field) and returns the virtio header to
+/// write with it. For a group of one: the packet is left alone, header all zero.
+pub fn finish_group(g: &Group, head: &mut [u8]) -> VnetHdr {
     let Some(s) = g.seg.filter(|_| g.count > 1) else {
         return VnetHdr::default();
     };
@@ -456,18 +501,26 @@ pub fn finish_tcp_group(g: &Group, head: &mut [u8]) -> VnetHdr {
         head[2..4].copy_from_slice(&((l3 + l4_total) as u16).to_be_bytes());
         ipv4_header_checksum(&mut head[..l3]);
     }
-    if g.psh {
-        head[l3 + 13] |= TCP_PSH;
-    }
-    let partial = fold(pseudo_sum(head, v6, 6, l4_total));
-    head[l3 + 16..l3 + 18].copy_from_slice(&partial.to_be_bytes());
+    let (proto, check_at, gso_type) = if s.udp {
+        // The UDP length covers the whole super-datagram; the kernel sets
+        // each segment's own when it cuts them apart.
+        head[l3 + 4..l3 + 6].copy_from_slice(&(l4_total as u16).to_be_bytes());
+        (17, 6, GSO_UDP_L4)
+    } else {
+        if g.psh {
+            head[l3 + 13] |= TCP_PSH;
+        }
+        (6, 16, if v6 { GSO_TCPV6 } else { GSO_TCPV4 })
+    };
+    let partial = fold(pseudo_sum(head, v6, proto, l4_total));
+    head[l3 + check_at..l3 + check_at + 2].copy_from_slice(&partial.to_be_bytes());
     VnetHdr {
         flags: F_NEEDS_CSUM,
-        gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        gso_type,
         hdr_len: (l3 + s.l4_len) as u16,
         gso_size: g.gso_size as u16,
         csum_start: l3 as u16,
-        csum_offset: 16,
+        csum_offset: check_at as u16,
     }
 }
 
@@ -592,6 +645,96 @@ mod tests {
         p
     }
 
+    fn udp_port(mut p: Vec<u8>, sport: u16) -> Vec<u8> {
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p
+    }
+
+    fn icmp() -> Vec<u8> {
+        let mut b = vec![0u8; 60];
+        let n = crate::dataplane::packet::icmpv4_echo(
+            &mut b,
+            [10, 0, 0, 1].into(),
+            [10, 0, 0, 2].into(),
+            1,
+            1,
+            b"x",
+        )
+        .unwrap();
+        b.truncate(n);
+        b
+    }
+
+    /// Coalesces `segs` into groups and rebuilds each super-packet as the
+    /// TUN write would (virtio header, head, members' payloads).
+    fn rebuild(segs: &[Vec<u8>]) -> Vec<(VnetHdr, Vec<u8>)> {
+        let mut c = Coalescer::default();
+        coalesce(&mut c, segs.len(), |i| &segs[i]);
+        c.groups
+            .iter()
+            .map(|g| {
+                let mut whole = segs[g.head].clone();
+                let hdr = finish_group(g, &mut whole);
+                let mut i = c.next[g.head];
+                while let Some(k) = i {
+                    whole.extend_from_slice(&segs[k][payload_offset(g)..]);
+                    i = c.next[k];
+                }
+                (hdr, whole)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn split_coalesce_split_round_trips_byte_for_byte() {
+        for (v6, udp) in [(false, false), (true, false), (false, true), (true, true)] {
+            let data = payload(7000, 11);
+            let (sup, gso) = if udp {
+                (udp_super(v6, &data), GSO_UDP_L4)
+            } else {
+                (
+                    tcp_super(v6, &data, TCP_ACK | TCP_PSH, &TS_OPTS),
+                    if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+                )
+            };
+            let segs = split(
+                VnetHdr {
+                    gso_type: gso,
+                    gso_size: 1300,
+                    ..Default::default()
+                },
+                &sup,
+            );
+            let groups = rebuild(&segs);
+            assert_eq!(groups.len(), 1, "v6={v6} udp={udp}");
+            let (hdr, whole) = &groups[0];
+            assert_eq!(hdr.gso_type, gso);
+            let mut check = whole.clone();
+            complete_checksum(
+                &mut check,
+                usize::from(hdr.csum_start),
+                usize::from(hdr.csum_offset),
+            )
+            .unwrap();
+            if udp {
+                // The UDP length of the super-datagram covers all of it.
+                let l3 = if v6 { 40 } else { 20 };
+                assert_eq!(
+                    usize::from(u16::from_be_bytes([check[l3 + 4], check[l3 + 5]])),
+                    check.len() - l3
+                );
+            }
+            assert!(
+                l4_checksum_ok(&check),
+                "v6={v6} udp={udp}: super-packet checksum"
+            );
+            // Cutting the super-packet again (as the kernel does on receive)
+            // gives back exactly the datagrams/segments that went in.
+            let again = split(*hdr, whole);
+            assert_eq!(again, segs, "v6={v6} udp={udp}");
+        }
+    }
+
     fn split(hdr: VnetHdr, sup: &[u8]) -> Vec<Vec<u8>> {
         let g = Gso::new(&hdr, sup).unwrap();
         (0..g.segments())
@@ -713,7 +856,7 @@ mod tests {
             let g = c.groups[0];
             assert_eq!(g.count, 5);
             let mut head = segs[0].clone();
-            let hdr = finish_tcp_group(&g, &mut head);
+            let hdr = finish_group(&g, &mut head);
             assert_eq!(hdr.gso_type, gso);
             assert_eq!(hdr.gso_size, 1400);
             assert_eq!(hdr.flags, F_NEEDS_CSUM);
@@ -849,13 +992,36 @@ mod tests {
                 vec![1, 1],
             ),
             (
-                "not TCP",
+                "UDP datagrams of one flow join",
                 vec![
                     udp_super(false, &payload(10, 1)),
                     udp_super(false, &payload(10, 1)),
                 ],
+                vec![2],
+            ),
+            (
+                "UDP: a longer datagram starts anew",
+                vec![
+                    udp_super(false, &payload(10, 1)),
+                    udp_super(false, &payload(20, 1)),
+                ],
                 vec![1, 1],
             ),
+            (
+                "UDP: other port, other flow",
+                vec![
+                    udp_super(false, &payload(10, 1)),
+                    udp_port(udp_super(false, &payload(10, 1)), 9),
+                    udp_super(false, &payload(10, 1)),
+                ],
+                vec![2, 1],
+            ),
+            (
+                "UDP: at most 64 per super-packet",
+                (0..65).map(|_| udp_super(false, &payload(10, 1))).collect(),
+                vec![64, 1],
+            ),
+            ("neither TCP nor UDP", vec![icmp(), icmp()], vec![1, 1]),
         ];
         for (name, pkts, want) in cases {
             let mut c = Coalescer::default();
@@ -890,7 +1056,7 @@ mod tests {
                     let _ = g.segment(&p, i, &mut out);
                 }
             }
-            let _ = tcp_candidate(&p);
+            let _ = candidate(&p);
             let _ = complete_checksum(&mut p, (x % 64) as usize, (x % 20) as usize);
             let pkts = [p.clone(), p.clone()];
             let mut c = Coalescer::default();

@@ -5,8 +5,8 @@
 //! a read may return a 64 KiB TCP or UDP super-packet: it is cut into
 //! MTU-sized segments here (`offload::Gso`), so the engine only ever sees
 //! plain packets. A super-packet that does not fit the batch stays pending
-//! and continues into the next batch. On write, TCP segments of one flow are
-//! coalesced (`offload::coalesce`) and written as one super-packet with one
+//! and continues into the next batch. On write, TCP segments (and UDP
+//! datagrams) of one flow are coalesced (`offload::coalesce`) and written as one super-packet with one
 //! `writev` (head packet, then the members' payloads: no copy).
 
 use std::io;
@@ -41,6 +41,30 @@ pub struct TunDevice {
     rx: Mutex<Rx>,
     tx: Mutex<Coalescer>,
     malformed: AtomicU64,
+    stats: OffloadCounters,
+}
+
+/// What the offloads did, for the status snapshot.
+#[derive(Debug, Default)]
+struct OffloadCounters {
+    super_packets_read: AtomicU64,
+    segments_cut: AtomicU64,
+    tcp_writes_coalesced: AtomicU64,
+    udp_writes_coalesced: AtomicU64,
+    packets_coalesced: AtomicU64,
+}
+
+/// A copy of the offload counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OffloadStats {
+    /// TSO/USO super-packets read from the TUN and cut into segments.
+    pub super_packets_read: u64,
+    pub segments_cut: u64,
+    /// TUN writes that carried several TCP segments / UDP datagrams.
+    pub tcp_writes_coalesced: u64,
+    pub udp_writes_coalesced: u64,
+    /// Packets that went out inside those writes.
+    pub packets_coalesced: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -92,7 +116,19 @@ impl TunDevice {
                 next: Vec::with_capacity(BATCH),
             }),
             malformed: AtomicU64::new(0),
+            stats: OffloadCounters::default(),
         })
+    }
+
+    pub fn offload_stats(&self) -> OffloadStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        OffloadStats {
+            super_packets_read: l(&self.stats.super_packets_read),
+            segments_cut: l(&self.stats.segments_cut),
+            tcp_writes_coalesced: l(&self.stats.tcp_writes_coalesced),
+            udp_writes_coalesced: l(&self.stats.udp_writes_coalesced),
+            packets_coalesced: l(&self.stats.packets_coalesced),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -178,6 +214,12 @@ impl TunDevice {
             }
             match Gso::new(&hdr, &rx.buf[VNET_HDR_LEN..rx.len]) {
                 Ok(gso) => {
+                    self.stats
+                        .super_packets_read
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .segments_cut
+                        .fetch_add(gso.segments() as u64, Ordering::Relaxed);
                     rx.pending = Some((gso, 0));
                     self.drain_pending(&mut rx, batch);
                 }
@@ -210,7 +252,8 @@ impl TunDevice {
             else {
                 continue;
             };
-            let vnet = offload::finish_tcp_group(&g, head).encode();
+            let hdr = offload::finish_group(&g, head);
+            let vnet = hdr.encode();
             iov[0] = libc::iovec {
                 iov_base: vnet.as_ptr() as *mut libc::c_void,
                 iov_len: vnet.len(),
@@ -238,6 +281,17 @@ impl TunDevice {
             let r = unsafe { libc::writev(self.fd(), iov.as_ptr(), cnt as libc::c_int) };
             if r >= 0 {
                 sent += g.count;
+                if g.count > 1 {
+                    let kind = if hdr.gso_type == offload::GSO_UDP_L4 {
+                        &self.stats.udp_writes_coalesced
+                    } else {
+                        &self.stats.tcp_writes_coalesced
+                    };
+                    kind.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .packets_coalesced
+                        .fetch_add(g.count as u64, Ordering::Relaxed);
+                }
             } else {
                 tracing::debug!(error = %io::Error::last_os_error(), packets = g.count, "tun writev");
             }
