@@ -246,3 +246,35 @@ fn endpoint_roams_to_where_authenticated_packets_come_from() {
     });
     assert_eq!(a.dp.table().peers[0].lock().endpoint, Some(ep(3)));
 }
+
+#[test]
+fn persistent_keepalive_is_sent_without_traffic() {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let net = MemNet::new();
+    let mut to_b = spec("b", &kb, 2, &["10.244.2.0/24"]);
+    to_b.persistent_keepalive = Some(1);
+    let a = start(&net, &ka, 1, vec![to_b]);
+    let b = start(&net, &kb, 2, vec![spec("a", &ka, 1, &["10.244.1.0/24"])]);
+    // No packet is sent by anyone: the keepalive alone makes A handshake
+    // with B and then keep sending empty data packets.
+    let rx = |n: &Node| n.dp.counters.snapshot().udp_rx_datagrams;
+    wait_for("handshake from keepalive", || {
+        b.dp.table().peers[0]
+            .lock()
+            .tunn
+            .time_since_last_handshake()
+            .is_some()
+    });
+    let before = rx(&b);
+    wait_for("two more keepalives", || rx(&b) >= before + 2);
+    assert_eq!(
+        b.dp.table().peers[0]
+            .counters
+            .rx_packets
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "keepalives carry no inner packet"
+    );
+    assert_eq!(b.dp.counters.drops(Drop::DecryptFailed), 0);
+    drop(a);
+}
