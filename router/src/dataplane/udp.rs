@@ -132,6 +132,49 @@ impl UdpSocket {
         )
     }
 
+    /// Writes `addr` (IPv4-mapped on a dual-stack socket) into `name` and
+    /// returns its length.
+    fn fill_name(&self, addr: SocketAddr, name: &mut libc::sockaddr_storage) -> libc::socklen_t {
+        let sa = self.to_sockaddr(addr);
+        let len = (sa.len() as usize).min(size_of::<libc::sockaddr_storage>());
+        // SAFETY: copying `len` bytes of a sockaddr into a sockaddr_storage,
+        // which is at least that large.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                sa.as_ptr().cast::<u8>(),
+                (name as *mut libc::sockaddr_storage).cast::<u8>(),
+                len,
+            );
+        }
+        len as libc::socklen_t
+    }
+
+    /// `recvmmsg` without blocking: the number of messages, 0 when none
+    /// are ready.
+    ///
+    /// # Safety
+    /// Every header must point at buffers that stay valid for the call.
+    unsafe fn recvmmsg(&self, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+        // SAFETY: the caller guarantees the headers' buffers; the count is the slice's length.
+        let r = unsafe {
+            libc::recvmmsg(
+                self.sock.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                hdrs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+            _ => Err(e),
+        }
+    }
+
     fn to_sockaddr(&self, addr: SocketAddr) -> SockAddr {
         match addr {
             SocketAddr::V4(a) if self.dual_stack => {
@@ -176,8 +219,13 @@ fn set_buffer(sock: &Socket, force: libc::c_int, plain: libc::c_int, bytes: usiz
     }
 }
 
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+/// The sender of a received message, IPv4-mapped addresses mapped back.
+fn sender(name: &libc::sockaddr_storage, len: libc::socklen_t) -> SocketAddr {
+    // SAFETY: the kernel filled `name` with `len` bytes of a sockaddr.
+    let addr = unsafe { SockAddr::new(*name, len) };
+    addr.as_socket()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+        .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
 }
 
 impl UdpSocket {
@@ -201,26 +249,15 @@ impl UdpSocket {
             hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
             hdrs[i].msg_hdr.msg_iovlen = 1;
         }
-        // SAFETY: `hdrs[..cap]` point at `iovs`/`names` and at buffers owned by
-        // `batch`, all of which outlive the call; the kernel writes at most
-        // `iov_len` bytes into each buffer.
-        let r = unsafe {
-            libc::recvmmsg(
-                self.sock.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                cap as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
+        // SAFETY: the headers point at iovecs, names, control buffers and
+        // data buffers that all outlive the call; the kernel writes within
+        // the lengths given.
+        let r = match unsafe { self.recvmmsg(&mut hdrs[..cap]) } {
+            Ok(0) => return Ok(0),
+            Ok(r) => r,
+            Err(e) => return Err(e),
         };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
-                _ => Err(e),
-            };
-        }
-        let n = (r as usize).min(cap);
+        let n = r.min(cap);
         for i in 0..n {
             let truncated = hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             // A truncated datagram is kept with length 0: it fails to parse
@@ -230,12 +267,7 @@ impl UdpSocket {
             } else {
                 hdrs[i].msg_len as usize
             };
-            // SAFETY: the kernel filled `names[i]` with `msg_namelen` bytes of a sockaddr.
-            let addr = unsafe { SockAddr::new(names[i], hdrs[i].msg_hdr.msg_namelen) };
-            batch.addrs[i] = addr
-                .as_socket()
-                .map(canonical)
-                .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+            batch.addrs[i] = sender(&names[i], hdrs[i].msg_hdr.msg_namelen);
         }
         batch.n = n;
         Ok(n)
@@ -254,18 +286,8 @@ impl UdpSocket {
                 iov_base: pkt.as_ptr() as *mut libc::c_void,
                 iov_len: pkt.len(),
             };
-            let sa = self.to_sockaddr(batch.addrs[i]);
-            let len = (sa.len() as usize).min(size_of::<libc::sockaddr_storage>());
-            // SAFETY: copying `len` bytes of a sockaddr into a sockaddr_storage, which is large enough.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    sa.as_ptr().cast::<u8>(),
-                    (&mut names[i] as *mut libc::sockaddr_storage).cast::<u8>(),
-                    len,
-                );
-            }
+            hdrs[i].msg_hdr.msg_namelen = self.fill_name(batch.addrs[i], &mut names[i]);
             hdrs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
-            hdrs[i].msg_hdr.msg_namelen = len as libc::socklen_t;
             hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
             hdrs[i].msg_hdr.msg_iovlen = 1;
         }
@@ -379,39 +401,23 @@ impl UdpSocket {
             h.msg_control = ctrl[i].as_mut_ptr().cast();
             h.msg_controllen = CMSG_WORDS * 8;
         }
-        // SAFETY: `hdrs` point at `iovs`, `names`, `ctrl` and `bufs`, all of
-        // which outlive the call; the kernel writes within the given lengths.
-        let r = unsafe {
-            libc::recvmmsg(
-                self.sock.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                GRO_MSGS as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
+        // SAFETY: the headers point at iovecs, names, control buffers and
+        // data buffers that all outlive the call; the kernel writes within
+        // the lengths given.
+        let r = match unsafe { self.recvmmsg(&mut hdrs[..GRO_MSGS]) } {
+            Ok(0) => return Ok(0),
+            Ok(r) => r,
+            Err(e) => return Err(e),
         };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
-                _ => Err(e),
-            };
-        }
         msgs.clear();
-        for (i, h) in hdrs.iter().enumerate().take((r as usize).min(GRO_MSGS)) {
+        for (i, h) in hdrs.iter().enumerate().take(r.min(GRO_MSGS)) {
             let len = h.msg_len as usize;
             if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
                 self.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let seg = gro_segment_size(&h.msg_hdr).unwrap_or(len);
-            // SAFETY: the kernel filled `names[i]` with `msg_namelen` bytes of a sockaddr.
-            let addr = unsafe { SockAddr::new(names[i], h.msg_hdr.msg_namelen) };
-            let from = addr
-                .as_socket()
-                .map(canonical)
-                .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
-            msgs.push((i, len, seg, from));
+            msgs.push((i, len, seg, sender(&names[i], h.msg_hdr.msg_namelen)));
         }
         *cursor = (0, 0);
         self.drain_gro(&mut g, batch);
@@ -484,19 +490,9 @@ impl UdpSocket {
                     break;
                 }
             }
-            let sa = self.to_sockaddr(to);
-            let salen = (sa.len() as usize).min(size_of::<libc::sockaddr_storage>());
-            // SAFETY: copying `salen` bytes of a sockaddr into a sockaddr_storage, which is large enough.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    sa.as_ptr().cast::<u8>(),
-                    (&mut names[m] as *mut libc::sockaddr_storage).cast::<u8>(),
-                    salen,
-                );
-            }
             let h = &mut hdrs[m].msg_hdr;
+            h.msg_namelen = self.fill_name(to, &mut names[m]);
             h.msg_name = (&mut names[m] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = salen as libc::socklen_t;
             h.msg_iov = &mut iovs[i];
             h.msg_iovlen = j - i;
             if j - i > 1 {
