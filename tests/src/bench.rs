@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use tunmesh_keygen::PrivateKey;
 
-use crate::lab::find_binary;
-use crate::netns::{self, add_netns, exec, exec_output, ip, veth, Cleanup};
+use crate::netns::{self, add_netns, exec, ip, veth, Cleanup};
+use crate::peers::{self, Side};
 
 /// Where `scripts/install-anchors.sh` puts the peers we compare against.
 pub const DEFAULT_ANCHORS: &str = "/var/cache/tunmesh/anchors";
@@ -23,6 +23,9 @@ pub const ALL_TESTS: [&str; 3] = ["tcp1", "tcp4", "udp"];
 
 const UNDERLAY_A: &str = "172.30.0.1";
 const UNDERLAY_B: &str = "172.30.0.2";
+/// The underlay addresses with the WireGuard port (`peers::WG_PORT`).
+const ENDPOINT_A: &str = "172.30.0.1:51820";
+const ENDPOINT_B: &str = "172.30.0.2:51820";
 const MTU: &str = "1420";
 
 #[derive(Debug, Clone)]
@@ -98,6 +101,14 @@ struct Testbed {
     clean: Cleanup,
 }
 
+impl Drop for Testbed {
+    /// Whatever still runs in the testbed's namespaces goes with them.
+    fn drop(&mut self) {
+        netns::purge_prefix(&format!("tm{}-", self.id));
+        netns::set_purge_on_signal(None);
+    }
+}
+
 /// A running tunnel: its daemons, the address iperf3 targets, its TUN names.
 struct Tunnel {
     children: Vec<std::process::Child>,
@@ -150,149 +161,108 @@ impl Testbed {
         Ok([mk("a")?, mk("b")?])
     }
 
+    /// The two sides of a tunnel: (A, B) with fresh keys; `a_own`/`b_own`
+    /// are each side's address, `a_peer`/`b_peer` what each routes to the other.
+    fn sides<'a>(
+        &'a self,
+        keys: &'a [(PrivateKey, PathBuf); 2],
+        own: [&'a str; 2],
+        peer: [&'a str; 2],
+    ) -> [Side<'a>; 2] {
+        let [(ka, pa), (kb, pb)] = keys;
+        [
+            Side {
+                ns: &self.a,
+                key_file: pa,
+                own: own[0],
+                peer_key: kb.public_key(),
+                peer_endpoint: ENDPOINT_B,
+                peer_cidr: peer[0],
+            },
+            Side {
+                ns: &self.b,
+                key_file: pb,
+                own: own[1],
+                peer_key: ka.public_key(),
+                peer_endpoint: ENDPOINT_A,
+                peer_cidr: peer[1],
+            },
+        ]
+    }
+
     fn start_tunmesh(&mut self) -> Result<Tunnel> {
-        let router = find_binary("tunmesh-router", "TUNMESH_ROUTER_BIN")?;
-        let [(ka, pa), (kb, pb)] = self.keys()?;
+        let keys = self.keys()?;
+        let sides = self.sides(
+            &keys,
+            ["10.99.1.0/24", "10.99.2.0/24"],
+            ["10.99.2.0/24", "10.99.1.0/24"],
+        );
         let mut children = Vec::new();
-        let sides = [
-            (
-                &self.a,
-                &pa,
-                "10.99.1.0/24",
-                &kb,
-                UNDERLAY_B,
-                "10.99.2.0/24",
-                "a",
-            ),
-            (
-                &self.b,
-                &pb,
-                "10.99.2.0/24",
-                &ka,
-                UNDERLAY_A,
-                "10.99.1.0/24",
-                "b",
-            ),
-        ];
-        for (ns, key, own, peer_key, peer_ip, peer_cidr, n) in sides {
-            let mesh = self.dir.join(format!("mesh-{n}.toml"));
-            std::fs::write(
-                &mesh,
-                format!(
-                    "[node]\nprivate_key_file = \"{}\"\nlisten_port = 51820\npod_cidrs = [\"{own}\"]\n\n[[peer]]\nname = \"peer\"\npublic_key = \"{}\"\nendpoint = \"{peer_ip}:51820\"\nallowed_ips = [\"{peer_cidr}\"]\n",
-                    key.display(),
-                    peer_key.public_key()
-                ),
-            )?;
-            let state = self.dir.join(format!("state-{n}"));
-            let _ = std::fs::remove_dir_all(&state);
-            let child = netns::spawn(
-                ns,
-                &router,
-                &[
-                    "--mesh-file",
-                    &mesh.display().to_string(),
-                    "--state-dir",
-                    &state.display().to_string(),
-                    "--mtu",
-                    MTU,
-                ],
-                &[("RUST_LOG", "warn")],
-                &self.dir.join(format!("tunmesh-{n}.log")),
-            )?;
-            children.push(child);
-            if netns::wait_for(Duration::from_secs(10), || {
-                state.join("status.json").exists().then_some(())
-            })
-            .is_none()
-            {
-                bail!(
-                    "tunmesh router in {ns} did not start: {}",
-                    std::fs::read_to_string(self.dir.join(format!("tunmesh-{n}.log")))
-                        .unwrap_or_default()
-                );
+        for (side, tag) in sides.iter().zip(["a", "b"]) {
+            match peers::start_router(side, &self.dir, tag, &["--mtu", MTU]) {
+                Ok((child, _)) => children.push(child),
+                Err(e) => {
+                    stop(Tunnel {
+                        children,
+                        target: String::new(),
+                        tuns: Default::default(),
+                    });
+                    return Err(e);
+                }
             }
         }
-        let t = Tunnel {
+        self.finish(Tunnel {
             children,
             target: "10.99.2.1".into(),
             tuns: ["tunmesh0".into(), "tunmesh0".into()],
-        };
-        self.handshake(&t)?;
-        Ok(t)
+        })
     }
 
     /// wireguard-go or boringtun-cli in both namespaces, configured with `wg`.
     fn start_wg(&mut self, bin: &Path, extra: &[&str]) -> Result<Tunnel> {
-        let [(ka, pa), (kb, pb)] = self.keys()?;
+        let keys = self.keys()?;
         let ifs = [format!("tmw{}a", self.id), format!("tmw{}b", self.id)];
+        for ifn in &ifs {
+            self.clean
+                .files
+                .push(Path::new("/var/run/wireguard").join(format!("{ifn}.sock")));
+        }
+        let sides = self.sides(
+            &keys,
+            ["10.99.0.1/24", "10.99.0.2/24"],
+            ["10.99.0.2/32", "10.99.0.1/32"],
+        );
         let mut children = Vec::new();
-        for (ns, ifn) in [(&self.a, &ifs[0]), (&self.b, &ifs[1])] {
-            let sock = Path::new("/var/run/wireguard").join(format!("{ifn}.sock"));
-            let _ = std::fs::remove_file(&sock);
-            self.clean.files.push(sock.clone());
-            let mut args: Vec<&str> = extra.to_vec();
-            args.push(ifn);
-            children.push(netns::spawn(
-                ns,
-                bin,
-                &args,
-                &[("LOG_LEVEL", "error")],
-                &self.dir.join(format!("{ifn}.log")),
-            )?);
-            if netns::wait_for(Duration::from_secs(10), || sock.exists().then_some(())).is_none() {
-                bail!("{} did not create {}", bin.display(), sock.display());
+        for (side, ifn) in sides.iter().zip(&ifs) {
+            match peers::start_wg(side, bin, extra, ifn, &self.dir.join(format!("{ifn}.log"))) {
+                Ok(child) => children.push(child),
+                Err(e) => {
+                    stop(Tunnel {
+                        children,
+                        target: String::new(),
+                        tuns: Default::default(),
+                    });
+                    return Err(e);
+                }
             }
         }
-        let sides = [
-            (
-                &self.a,
-                &ifs[0],
-                &pa,
-                &kb,
-                "10.99.0.1",
-                "10.99.0.2",
-                UNDERLAY_B,
-            ),
-            (
-                &self.b,
-                &ifs[1],
-                &pb,
-                &ka,
-                "10.99.0.2",
-                "10.99.0.1",
-                UNDERLAY_A,
-            ),
-        ];
-        for (ns, ifn, key, peer, own, peer_tun, peer_ip) in sides {
-            exec(
-                ns,
-                "wg",
-                &[
-                    "set",
-                    ifn,
-                    "listen-port",
-                    "51820",
-                    "private-key",
-                    &key.display().to_string(),
-                    "peer",
-                    &peer.public_key().to_base64(),
-                    "allowed-ips",
-                    &format!("{peer_tun}/32"),
-                    "endpoint",
-                    &format!("{peer_ip}:51820"),
-                ],
-            )?;
-            ip(&["-n", ns, "addr", "add", &format!("{own}/24"), "dev", ifn])?;
-            ip(&["-n", ns, "link", "set", ifn, "mtu", MTU, "up"])?;
-        }
-        let t = Tunnel {
+        self.finish(Tunnel {
             children,
             target: "10.99.0.2".into(),
-            tuns: [ifs[0].clone(), ifs[1].clone()],
-        };
-        self.handshake(&t)?;
-        Ok(t)
+            tuns: ifs,
+        })
+    }
+
+    /// Checks traffic crosses the new tunnel (which also completes the
+    /// handshake); stops it if not.
+    fn finish(&self, t: Tunnel) -> Result<Tunnel> {
+        match self.handshake(&t) {
+            Ok(()) => Ok(t),
+            Err(e) => {
+                stop(t);
+                Err(e)
+            }
+        }
     }
 
     fn handshake(&self, t: &Tunnel) -> Result<()> {
@@ -300,13 +270,6 @@ impl Testbed {
             bail!("no traffic through the tunnel to {}", t.target);
         }
         Ok(())
-    }
-
-    fn stop(&mut self, t: Tunnel) {
-        for mut c in t.children {
-            netns::stop_pid(c.id(), Duration::from_secs(3));
-            let _ = c.wait();
-        }
     }
 
     /// (UDP RcvbufErrors of both namespaces, TUN tx_dropped of both).
@@ -339,6 +302,14 @@ impl Testbed {
     }
 }
 
+/// Stops a tunnel's daemons.
+fn stop(t: Tunnel) {
+    for mut c in t.children {
+        netns::stop_pid(c.id(), Duration::from_secs(3));
+        let _ = c.wait();
+    }
+}
+
 fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
@@ -359,58 +330,14 @@ fn clk_tck() -> f64 {
     }
 }
 
-/// One iperf3 run: (Gbit/s received, retransmits or loss %).
-fn iperf(bed: &Testbed, target: &str, test: &str, seconds: u32) -> Result<(f64, f64)> {
-    let log = bed.dir.join("iperf3-server.log");
-    let mut srv = netns::spawn(
-        &bed.b,
-        Path::new("iperf3"),
-        &["-s", "-1", "-p", "5201"],
-        &[],
-        &log,
-    )?;
-    let up = netns::wait_for(Duration::from_secs(10), || {
-        let out = exec_output(&bed.b, "ss", &["-Hltn", "sport", "=", ":5201"]).ok()?;
-        (!out.stdout.is_empty()).then_some(())
-    });
-    let result = (|| -> Result<(f64, f64)> {
-        up.context("iperf3 server did not start")?;
-        let secs = seconds.to_string();
-        let mut args = vec!["-c", target, "-p", "5201", "-t", &secs, "-J"];
-        match test {
-            "tcp1" => {}
-            "tcp4" => args.extend(["-P", "4"]),
-            "udp" => args.extend(["-u", "-b", "0", "-l", "1392"]),
-            other => bail!("unknown test {other}"),
-        }
-        let out = exec_output(
-            &bed.a,
-            "timeout",
-            &[&[&(seconds + 20).to_string(), "iperf3"][..], &args[..]].concat(),
-        )?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-            bail!("iperf3: {e}");
-        }
-        let end = &v["end"];
-        if test == "udp" {
-            Ok((
-                end["sum"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
-                end["sum"]["lost_percent"].as_f64().unwrap_or(0.0),
-            ))
-        } else {
-            Ok((
-                end["sum_received"]["bits_per_second"]
-                    .as_f64()
-                    .unwrap_or(0.0)
-                    / 1e9,
-                end["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0),
-            ))
-        }
-    })();
-    netns::stop_pid(srv.id(), Duration::from_secs(2));
-    let _ = srv.wait();
-    result
+/// The iperf3 client arguments of a test.
+fn test_args(test: &str) -> Result<&'static [&'static str]> {
+    Ok(match test {
+        "tcp1" => &[],
+        "tcp4" => &["-P", "4"],
+        "udp" => &["-u", "-b", "0", "-l", "1392"],
+        other => bail!("unknown test {other} (have: {})", ALL_TESTS.join(", ")),
+    })
 }
 
 fn version(bin: &Path, arg: &str) -> String {
@@ -493,11 +420,19 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             for test in &opts.tests {
                 let (t0, d0) = (cpu_ticks(&pids), bed.drops(&tunnel.tuns));
                 let started = std::time::Instant::now();
-                let res = iperf(&bed, &tunnel.target, test, opts.seconds);
+                let res = test_args(test).and_then(|args| {
+                    crate::checks::iperf3(
+                        &bed.a,
+                        &bed.b,
+                        tunnel.target.parse()?,
+                        opts.seconds,
+                        args,
+                    )
+                });
                 let secs = started.elapsed().as_secs_f64();
                 let (t1, d1) = (cpu_ticks(&pids), bed.drops(&tunnel.tuns));
                 match res {
-                    Ok((gbps, extra)) => {
+                    Ok(crate::checks::Iperf { gbps, retr_or_loss }) => {
                         let row = Row {
                             rep,
                             config: cfg.clone(),
@@ -505,7 +440,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                             gbps,
                             ratio: None,
                             daemon_cpu: 100.0 * (t1.saturating_sub(t0)) as f64 / hz / secs,
-                            retr_or_loss: extra,
+                            retr_or_loss,
                             udp_rcvbuf_errors: d1.0.saturating_sub(d0.0),
                             tun_drops: d1.1.saturating_sub(d0.1),
                         };
@@ -518,7 +453,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                     Err(e) => eprintln!("rep {rep} {cfg} {test}: {e:#}"),
                 }
             }
-            bed.stop(tunnel);
+            stop(tunnel);
         }
     }
     // Ratios against raw of the same rep and test.
@@ -576,7 +511,6 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         _ => None,
     };
     drop(bed);
-    netns::set_purge_on_signal(None);
     Ok(Report {
         rows,
         summaries,

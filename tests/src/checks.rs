@@ -24,80 +24,44 @@ pub fn ping(ns: &str, dst: IpAddr, deadline_s: u32) -> bool {
     .unwrap_or(false)
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so both ends can agree on
-/// what was sent without shipping it twice.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
+/// Deterministic pseudo-random bytes (xorshift64), so both ends can agree
+/// on what was sent without shipping it twice.
+pub struct Pattern(u64);
+
+impl Pattern {
+    pub fn new(seed: u64) -> Self {
+        Pattern(seed | 1)
     }
-    v.truncate(len);
+
+    /// Fills `buf` with the next bytes of the sequence.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for w in buf.chunks_mut(8) {
+            let x = &mut self.0;
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+        }
+    }
+}
+
+/// `len` bytes of the pattern seeded with `seed`.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Pattern::new(seed).fill(&mut v);
     v
 }
 
-/// Sends `data` over TCP from namespace `from` to `dst` in namespace `to`
-/// and returns the SHA-256 of what arrived (compare with `sha256(data)`).
-pub fn tcp_transfer(
+/// Opens a TCP connection from namespace `from` to `dst` in namespace `to`,
+/// lets `send` write into it, and returns the SHA-256 and the number of the
+/// bytes that arrived.
+fn tcp_send(
     from: &str,
     to: &str,
     dst: IpAddr,
-    data: Vec<u8>,
     timeout: Duration,
-) -> Result<[u8; 32]> {
-    let listener = in_netns(to, move || TcpListener::bind(SocketAddr::new(dst, 0)))?
-        .with_context(|| format!("listening on {dst} in {to}"))?;
-    let addr = listener.local_addr()?;
-    let receiver = std::thread::spawn(move || -> Result<[u8; 32]> {
-        listener.set_nonblocking(false)?;
-        let (mut s, _) = listener.accept()?;
-        s.set_read_timeout(Some(timeout))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Ok(h.finalize().into())
-    });
-    let sent = (|| -> Result<()> {
-        let mut s = in_netns(from, move || TcpStream::connect_timeout(&addr, timeout))?
-            .with_context(|| format!("connecting to {addr} from {from}"))?;
-        s.set_write_timeout(Some(timeout))?;
-        s.write_all(&data)?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        Ok(())
-    })();
-    if let Err(e) = sent {
-        // Unblock the receiver by connecting locally, then report the send error.
-        let _ = in_netns(to, move || {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-        });
-        let _ = receiver.join();
-        return Err(e);
-    }
-    receiver
-        .join()
-        .map_err(|_| anyhow::anyhow!("receiver panicked"))?
-}
-
-/// Streams `total` pseudo-random bytes over TCP from namespace `from` to
-/// `dst` in `to`, hashing on both sides. Returns (sent hash, received hash,
-/// bytes received).
-pub fn tcp_stream(
-    from: &str,
-    to: &str,
-    dst: IpAddr,
-    total: u64,
-    seed: u64,
-    timeout: Duration,
-) -> Result<([u8; 32], [u8; 32], u64)> {
+    send: impl FnOnce(&mut TcpStream) -> std::io::Result<()>,
+) -> Result<([u8; 32], u64)> {
     let listener = in_netns(to, move || TcpListener::bind(SocketAddr::new(dst, 0)))?
         .with_context(|| format!("listening on {dst} in {to}"))?;
     let addr = listener.local_addr()?;
@@ -117,30 +81,65 @@ pub fn tcp_stream(
         }
         Ok((h.finalize().into(), got))
     });
-    let mut s = in_netns(from, move || TcpStream::connect_timeout(&addr, timeout))?
-        .with_context(|| format!("connecting to {addr} from {from}"))?;
-    s.set_write_timeout(Some(timeout))?;
-    let mut h = Sha256::new();
-    let mut x = seed | 1;
-    let mut chunk = vec![0u8; 256 * 1024];
-    let mut left = total;
-    while left > 0 {
-        for w in chunk.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = (chunk.len() as u64).min(left) as usize;
-        s.write_all(&chunk[..n])?;
-        h.update(&chunk[..n]);
-        left -= n as u64;
+    let sent = (|| -> Result<()> {
+        let mut s = in_netns(from, move || TcpStream::connect_timeout(&addr, timeout))?
+            .with_context(|| format!("connecting to {addr} from {from}"))?;
+        s.set_write_timeout(Some(timeout))?;
+        send(&mut s)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        // Unblock the receiver by connecting locally, then report the send error.
+        let _ = in_netns(to, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        });
+        let _ = receiver.join();
+        return Err(e);
     }
-    s.shutdown(std::net::Shutdown::Write)?;
-    let (got_hash, got) = receiver
+    receiver
         .join()
-        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-    Ok((h.finalize().into(), got_hash, got))
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?
+}
+
+/// Sends `data` over TCP from namespace `from` to `dst` in namespace `to`
+/// and returns the SHA-256 of what arrived (compare with `sha256(data)`).
+pub fn tcp_transfer(
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+    data: Vec<u8>,
+    timeout: Duration,
+) -> Result<[u8; 32]> {
+    tcp_send(from, to, dst, timeout, |s| s.write_all(&data)).map(|(h, _)| h)
+}
+
+/// Streams `total` pattern bytes over TCP from namespace `from` to `dst`
+/// in `to`, hashing on both sides, without holding them in memory. Returns
+/// (sent hash, received hash, bytes received).
+pub fn tcp_stream(
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+    total: u64,
+    seed: u64,
+    timeout: Duration,
+) -> Result<([u8; 32], [u8; 32], u64)> {
+    let mut sent = Sha256::new();
+    let (got, n) = tcp_send(from, to, dst, timeout, |s| {
+        let mut gen = Pattern::new(seed);
+        let mut chunk = vec![0u8; 256 * 1024];
+        let mut left = total;
+        while left > 0 {
+            let n = (chunk.len() as u64).min(left) as usize;
+            gen.fill(&mut chunk[..n]);
+            s.write_all(&chunk[..n])?;
+            sent.update(&chunk[..n]);
+            left -= n as u64;
+        }
+        Ok(())
+    })?;
+    Ok((sent.finalize().into(), got, n))
 }
 
 /// The content of UDP datagram `seq` of `len` bytes in `udp_bursts`.
@@ -253,15 +252,24 @@ pub fn tcp_ok(from: &str, to: &str, dst: IpAddr, len: usize) -> bool {
     matches!(tcp_transfer(from, to, dst, data, Duration::from_secs(10)), Ok(h) if h == want)
 }
 
+/// What one iperf3 run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Iperf {
+    /// Receiver goodput.
+    pub gbps: f64,
+    /// TCP retransmits, or UDP receiver loss in percent.
+    pub retr_or_loss: f64,
+}
+
 /// iperf3 from namespace `client` to `server_ip` in namespace `server`.
-/// Returns receiver goodput in Gbit/s. `extra` goes to the client (e.g. `-R`).
+/// `extra` goes to the client (e.g. `-R`, `-P 4`, `-u -b 0`).
 pub fn iperf3(
     client: &str,
     server: &str,
     server_ip: IpAddr,
     seconds: u32,
     extra: &[&str],
-) -> Result<f64> {
+) -> Result<Iperf> {
     let port = "5201";
     let log = std::env::temp_dir().join(format!(
         "tunmesh-iperf3-{}-{server}.log",
@@ -278,26 +286,52 @@ pub fn iperf3(
         let out = exec_output(server, "ss", &["-Hltn", "sport", "=", ":5201"]).ok()?;
         (!out.stdout.is_empty()).then_some(())
     });
-    let result = (|| -> Result<f64> {
+    let result = (|| -> Result<Iperf> {
         if listening.is_none() {
             bail!("iperf3 server did not start in {server}");
         }
-        let secs = seconds.to_string();
-        let dst = server_ip.to_string();
-        let mut args = vec!["-c", &dst, "-p", port, "-t", &secs, "-J"];
+        let (secs, limit, dst) = (
+            seconds.to_string(),
+            (seconds + 20).to_string(),
+            server_ip.to_string(),
+        );
+        // `timeout`: a stuck tunnel ends the run instead of hanging it.
+        let mut args = vec![
+            limit.as_str(),
+            "iperf3",
+            "-c",
+            &dst,
+            "-p",
+            port,
+            "-t",
+            &secs,
+            "-J",
+        ];
         args.extend_from_slice(extra);
-        let out = exec_output(client, "iperf3", &args)?;
+        let out = exec_output(client, "timeout", &args)?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
         if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
             bail!("iperf3: {e}");
         }
-        let bps = v["end"]["sum_received"]["bits_per_second"]
+        let end = &v["end"];
+        let (bps, extra) = if extra.contains(&"-u") {
+            (&end["sum"]["bits_per_second"], &end["sum"]["lost_percent"])
+        } else {
+            (
+                &end["sum_received"]["bits_per_second"],
+                &end["sum_sent"]["retransmits"],
+            )
+        };
+        let bps = bps
             .as_f64()
-            .context("iperf3 JSON has no end.sum_received.bits_per_second")?;
-        Ok(bps / 1e9)
+            .context("iperf3 JSON has no throughput in end")?;
+        Ok(Iperf {
+            gbps: bps / 1e9,
+            retr_or_loss: extra.as_f64().unwrap_or(0.0),
+        })
     })();
-    let _ = srv.kill();
+    netns::stop_pid(srv.id(), Duration::from_secs(2));
     let _ = srv.wait();
     let _ = std::fs::remove_file(&log);
     result

@@ -97,23 +97,6 @@ pub struct Lab {
     keep: bool,
 }
 
-fn random_id() -> String {
-    let mut b = [0u8; 3];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_ok();
-    if !ok {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        b = (t ^ std::process::id()).to_le_bytes()[..3]
-            .try_into()
-            .unwrap_or([0; 3]);
-    }
-    format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
-}
-
 /// The router binary: `$TUNMESH_ROUTER_BIN`, else next to this executable
 /// (or one level up, for test binaries in `target/*/deps`).
 pub fn find_binary(name: &str, env: &str) -> Result<PathBuf> {
@@ -148,7 +131,7 @@ impl Lab {
             Some(p) => p.clone(),
             None => find_binary("tunmesh-router", "TUNMESH_ROUTER_BIN")?,
         };
-        let id = random_id();
+        let id = netns::run_id();
         let dir = opts.root.join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let prefix = format!("tm{id}");
@@ -268,26 +251,7 @@ impl Lab {
     /// Waits until node `i`'s router has written its first status.
     pub fn wait_router(&self, i: usize) -> Result<()> {
         let n = &self.state.nodes[i];
-        let pid = n.router_pid.unwrap_or(0);
-        let ready = netns::wait_for(Duration::from_secs(20), || {
-            if !netns::is_running(pid) {
-                return Some(false);
-            }
-            n.state_dir
-                .join(tunmesh_router::status::STATUS_FILE)
-                .exists()
-                .then_some(true)
-        });
-        if ready != Some(true) {
-            let log = std::fs::read_to_string(&n.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            bail!(
-                "router of {} did not come up; last log lines:\n{}",
-                n.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        Ok(())
+        crate::peers::wait_router(&n.name, n.router_pid.unwrap_or(0), &n.state_dir, &n.log)
     }
 
     /// Attaches pod `j` to node `i` (both 1-based) with a veth and routes.

@@ -7,6 +7,8 @@
 //!   pod namespaces), recorded on disk so `exec` and `down` find it later;
 //! - `checks`: ping, byte-exact TCP transfers, iperf3, the connectivity matrix;
 //! - `pcap`: just enough of the pcap format to inspect underlay captures;
+//! - `peers`: a one-peer tunmesh router or a `wg`-configured WireGuard
+//!   daemon in a namespace;
 //! - `bench`: tunmesh against raw veth, wireguard-go and boringtun-cli.
 
 pub mod bench;
@@ -14,6 +16,7 @@ pub mod checks;
 pub mod lab;
 pub mod netns;
 pub mod pcap;
+pub mod peers;
 
 pub use lab::{Lab, LabOptions};
 

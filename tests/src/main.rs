@@ -271,7 +271,7 @@ fn demo(
         a.name, b.name, seconds
     );
     let gbps = match checks::iperf3(&a.ns, &b.ns, b.ipv4.into(), seconds, &[]) {
-        Ok(g) => g,
+        Ok(r) => r.gbps,
         Err(e) => {
             eprintln!("iperf3 failed: {e:#}");
             0.0

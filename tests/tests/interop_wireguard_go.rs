@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tunmesh_keygen::PrivateKey;
 use tunmesh_lab::checks::{iperf3, ping};
-use tunmesh_lab::lab::find_binary;
 use tunmesh_lab::netns::{self, add_netns, exec, ip, veth, Cleanup};
+use tunmesh_lab::peers::{self, Side};
 use tunmesh_lab::require_root;
 use tunmesh_router::status::Status;
 
@@ -53,83 +53,43 @@ fn interop(v6_underlay: bool) {
         }
     };
 
-    // Side B: wireguard-go, configured with wg, as an operator would.
     let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let kb_file = dir.join("b.key");
+    let (ka_file, kb_file) = (dir.join("a.key"), dir.join("b.key"));
+    ka.write_file(&ka_file).unwrap();
     kb.write_file(&kb_file).unwrap();
-    let wggo = netns::spawn(
-        &b,
+    let (ep_a, ep_b) = (ep(ua), ep(ub));
+
+    // Side B: wireguard-go, configured with wg, as an operator would.
+    let wg_side = Side {
+        ns: &b,
+        key_file: &kb_file,
+        own: "10.99.2.1/24",
+        peer_key: ka.public_key(),
+        peer_endpoint: &ep_a,
+        peer_cidr: "10.99.1.0/24",
+    };
+    let wggo = peers::start_wg(
+        &wg_side,
         Path::new("wireguard-go"),
-        &["-f", &wg_if],
-        &[("LOG_LEVEL", "verbose")],
+        &["-f"],
+        &wg_if,
         &dir.join("wggo.log"),
     )
     .expect("wireguard-go (apt-get install wireguard-go)");
     clean.children.push(wggo);
-    let sock = Path::new("/var/run/wireguard").join(format!("{wg_if}.sock"));
-    assert!(
-        netns::wait_for(Duration::from_secs(10), || sock.exists().then_some(())).is_some(),
-        "wireguard-go did not start"
-    );
-    exec(
-        &b,
-        "wg",
-        &[
-            "set",
-            &wg_if,
-            "listen-port",
-            "51820",
-            "private-key",
-            &kb_file.display().to_string(),
-            "peer",
-            &ka.public_key().to_base64(),
-            "allowed-ips",
-            "10.99.1.0/24",
-            "endpoint",
-            &ep(ua),
-        ],
-    )
-    .unwrap();
-    ip(&["-n", &b, "addr", "add", "10.99.2.1/24", "dev", &wg_if]).unwrap();
-    ip(&["-n", &b, "link", "set", &wg_if, "mtu", "1420", "up"]).unwrap();
-    ip(&["-n", &b, "route", "add", "10.99.1.0/24", "dev", &wg_if]).unwrap();
 
     // Side A: tunmesh with a mesh file naming the wireguard-go peer.
-    let ka_file = dir.join("a.key");
-    ka.write_file(&ka_file).unwrap();
-    let mesh = dir.join("mesh.toml");
-    std::fs::write(
-        &mesh,
-        format!(
-            "[node]\nprivate_key_file = \"{}\"\nlisten_port = 51820\npod_cidrs = [\"10.99.1.0/24\"]\n\n\
-             [[peer]]\nname = \"wireguard-go\"\npublic_key = \"{}\"\nendpoint = \"{}\"\nallowed_ips = [\"10.99.2.0/24\"]\n",
-            ka_file.display(),
-            kb.public_key(),
-            ep(ub)
-        ),
-    )
-    .unwrap();
-    let state = dir.join("state");
-    let router = netns::spawn(
-        &a,
-        &find_binary("tunmesh-router", "TUNMESH_ROUTER_BIN").unwrap(),
-        &[
-            "--mesh-file",
-            &mesh.display().to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-        ],
-        &[("RUST_LOG", "info")],
-        &dir.join("router.log"),
-    )
-    .unwrap();
+    let tm_side = Side {
+        ns: &a,
+        key_file: &ka_file,
+        own: "10.99.1.0/24",
+        peer_key: kb.public_key(),
+        peer_endpoint: &ep_b,
+        peer_cidr: "10.99.2.0/24",
+    };
+    let (router, state) =
+        peers::start_router(&tm_side, &dir, "tunmesh", &[]).expect("tunmesh router");
     clean.children.push(router);
-    let up = netns::wait_for(Duration::from_secs(10), || Status::read(&state).ok());
-    assert!(
-        up.is_some(),
-        "router did not start: {}",
-        std::fs::read_to_string(dir.join("router.log")).unwrap_or_default()
-    );
 
     assert!(
         ping(&a, "10.99.2.1".parse().unwrap(), 10),
@@ -151,9 +111,11 @@ fn interop(v6_underlay: bool) {
     );
 
     let fwd = iperf3(&a, &b, "10.99.2.1".parse().unwrap(), 3, &[])
-        .expect("iperf3 tunmesh -> wireguard-go");
+        .expect("iperf3 tunmesh -> wireguard-go")
+        .gbps;
     let rev = iperf3(&a, &b, "10.99.2.1".parse().unwrap(), 3, &["-R"])
-        .expect("iperf3 wireguard-go -> tunmesh");
+        .expect("iperf3 wireguard-go -> tunmesh")
+        .gbps;
     eprintln!("interop ({} underlay): tunmesh -> wireguard-go {fwd:.2} Gbit/s, wireguard-go -> tunmesh {rev:.2} Gbit/s", if v6_underlay { "IPv6" } else { "IPv4" });
     assert!(fwd > 0.0 && rev > 0.0);
     // The status snapshot is rewritten every second: poll for the traffic.
@@ -167,7 +129,7 @@ fn interop(v6_underlay: bool) {
             Status::read(&state)
         )
     });
-    assert_eq!(s.peers[0].endpoint.as_deref(), Some(ep(ub).as_str()));
+    assert_eq!(s.peers[0].endpoint.as_deref(), Some(ep_b.as_str()));
 }
 
 #[test]

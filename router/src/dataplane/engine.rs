@@ -339,11 +339,7 @@ impl Dataplane {
         let mut held: Option<(&Arc<Peer>, MutexGuard<'_, PeerState>)> = None;
         for i in 0..input.n {
             let datagram = input.packet(i);
-            let src = input
-                .addrs
-                .get(i)
-                .copied()
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let src = input.addrs.get(i).copied().unwrap_or(UNSPECIFIED);
             // MACs and load are checked before any Diffie-Hellman work, so a
             // flood of initiations from unknown keys costs little.
             let parsed =

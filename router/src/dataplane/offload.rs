@@ -397,12 +397,14 @@ pub struct Group {
 
 /// Largest super-packet the coalescer builds (IPv4 total length is 16 bits).
 const MAX_SUPER: usize = 65535;
-/// Most datagrams in one UDP super-packet (the kernel's UDP_MAX_SEGMENTS).
-const MAX_UDP_SEGMENTS: usize = 64;
+/// Most packets in one super-packet, TCP or UDP (the kernel's
+/// UDP_MAX_SEGMENTS). NB: it also bounds the iovecs of one TUN write.
+pub const MAX_SEGMENTS: usize = 64;
 
 /// Groups the packets of a batch for writing: TCP segments of one flow with
-/// contiguous sequence numbers and equal headers join one group; everything
-/// else is a group of one. Groups keep the order of their first packet, so
+/// contiguous sequence numbers and equal headers, or UDP datagrams of one
+/// flow, join one group (at most `MAX_SEGMENTS`); everything else is a
+/// group of one. Groups keep the order of their first packet, so
 /// packets of one flow are never reordered. Reuses its vectors across batches.
 #[derive(Debug, Default)]
 pub struct Coalescer {
@@ -436,7 +438,7 @@ pub fn coalesce<'a>(c: &mut Coalescer, n: usize, pkt: impl Fn(usize) -> &'a [u8]
                 let head = pkt(g.head);
                 let fits = !g.closed
                     && (s.udp || g.next_seq == s.seq)
-                    && (!s.udp || g.count < MAX_UDP_SEGMENTS)
+                    && g.count < MAX_SEGMENTS
                     && s.payload <= g.gso_size
                     && g.seg
                         .is_some_and(|h| h.l4_len == s.l4_len && h.l3_len == s.l3_len)
@@ -1015,6 +1017,11 @@ mod tests {
                     udp_super(false, &payload(10, 1)),
                 ],
                 vec![2, 1],
+            ),
+            (
+                "TCP: tiny segments, at most 64 per super-packet",
+                (0..65).map(|k| seg_with(k, a, 1, 1, &[])).collect(),
+                vec![64, 1],
             ),
             (
                 "UDP: at most 64 per super-packet",

@@ -240,8 +240,10 @@ impl TunDevice {
             offload::coalesce(&mut c, n, |i| b.packet(i));
         }
         let mut sent = 0;
+        // The virtio header, the head packet, and the other members'
+        // payloads: a group has at most MAX_SEGMENTS packets.
         // SAFETY: all-zero is a valid iovec.
-        let mut iov: [libc::iovec; BATCH + 1] = unsafe { std::mem::zeroed() };
+        let mut iov: [libc::iovec; offload::MAX_SEGMENTS + 1] = unsafe { std::mem::zeroed() };
         for k in 0..c.groups.len() {
             let g = c.groups[k];
             let head_len = batch.lens.get(g.head).copied().unwrap_or(0);
@@ -263,18 +265,27 @@ impl TunDevice {
                 iov_len: head.len(),
             };
             let mut cnt = 2;
+            let mut whole = true;
             let off = offload::payload_offset(&g);
             let mut next = c.next.get(g.head).copied().flatten();
             while let Some(i) = next {
-                let p = batch.packet(i);
-                if let (Some(pl), Some(slot)) = (p.get(off..), iov.get_mut(cnt)) {
-                    *slot = libc::iovec {
-                        iov_base: pl.as_ptr() as *mut libc::c_void,
-                        iov_len: pl.len(),
-                    };
-                    cnt += 1;
+                match (batch.packet(i).get(off..), iov.get_mut(cnt)) {
+                    (Some(pl), Some(slot)) => {
+                        *slot = libc::iovec {
+                            iov_base: pl.as_ptr() as *mut libc::c_void,
+                            iov_len: pl.len(),
+                        };
+                        cnt += 1;
+                    }
+                    // Never write part of a group: its packets are counted
+                    // as not written instead.
+                    _ => whole = false,
                 }
                 next = c.next.get(i).copied().flatten();
+            }
+            if !whole {
+                tracing::debug!(packets = g.count, "coalesced group does not fit one write");
+                continue;
             }
             // SAFETY: `iov[..cnt]` point at `vnet` and at batch buffers, all
             // alive for the call; the kernel only reads them.

@@ -202,21 +202,8 @@ fn setsockopt_int(sock: &Socket, level: libc::c_int, opt: libc::c_int, val: libc
 /// falling back to the ordinary one.
 fn set_buffer(sock: &Socket, force: libc::c_int, plain: libc::c_int, bytes: usize) {
     let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    for opt in [force, plain] {
-        // SAFETY: setsockopt with a valid fd, a pointer to a c_int and its size.
-        let r = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&val as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            return;
-        }
-    }
+    let _ = setsockopt_int(sock, libc::SOL_SOCKET, force, val)
+        || setsockopt_int(sock, libc::SOL_SOCKET, plain, val);
 }
 
 /// The sender of a received message, IPv4-mapped addresses mapped back.
@@ -271,54 +258,6 @@ impl UdpSocket {
         }
         batch.n = n;
         Ok(n)
-    }
-
-    /// Sends datagrams `start..batch.n` one message each.
-    fn send_plain(&self, batch: &Batch, start: usize) -> io::Result<usize> {
-        let n = batch.n.min(BATCH).min(batch.capacity());
-        // SAFETY: all-zero is a valid value for these plain C structs.
-        let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
-        let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-        for i in start..n {
-            let pkt = batch.packet(i);
-            iovs[i] = libc::iovec {
-                iov_base: pkt.as_ptr() as *mut libc::c_void,
-                iov_len: pkt.len(),
-            };
-            hdrs[i].msg_hdr.msg_namelen = self.fill_name(batch.addrs[i], &mut names[i]);
-            hdrs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
-            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
-            hdrs[i].msg_hdr.msg_iovlen = 1;
-        }
-        let mut off = start;
-        let mut sent = 0;
-        while off < n {
-            // SAFETY: `hdrs[off..n]` are initialised above and point at data
-            // that outlives the call; the kernel only reads the buffers.
-            let r = unsafe {
-                libc::sendmmsg(
-                    self.sock.as_raw_fd(),
-                    hdrs.as_mut_ptr().add(off),
-                    (n - off) as libc::c_uint,
-                    0,
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // The datagram at `off` was refused (unreachable, bad
-                // address...): skip it and send the rest.
-                tracing::debug!(error = %e, to = %batch.addrs[off], "udp send refused");
-                off += 1;
-                continue;
-            }
-            off += r as usize;
-            sent += r as usize;
-        }
-        Ok(sent)
     }
 }
 
@@ -451,19 +390,23 @@ impl UdpSocket {
         }
     }
 
-    /// Sends with GSO: runs of datagrams to one peer, all of one size but
-    /// the last, go out as one message with `UDP_SEGMENT`.
-    fn send_gso(&self, batch: &Batch) -> io::Result<usize> {
+    /// Sends datagrams `start..batch.n`. Runs of up to `max_run`
+    /// datagrams to one peer, all of one size but the last, go out as one
+    /// message with `UDP_SEGMENT` (GSO); with `max_run` 1, one datagram per
+    /// message. If the kernel refuses GSO, the rest goes out plain, and so
+    /// does everything after.
+    fn send_runs(&self, batch: &Batch, start: usize, max_run: usize) -> io::Result<usize> {
         let n = batch.n.min(BATCH).min(batch.capacity());
         // SAFETY: all-zero is a valid value for these plain C structs.
         let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
         let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
         let mut ctrl = [[0u64; CMSG_WORDS]; BATCH];
-        // Datagram count of each message.
+        // Datagram count and first datagram of each message.
         let mut counts = [0usize; BATCH];
+        let mut firsts = [0usize; BATCH];
         let mut m = 0;
-        let mut i = 0;
+        let mut i = start;
         while i < n {
             let to = batch.addrs[i];
             let size = batch.lens[i];
@@ -472,7 +415,7 @@ impl UdpSocket {
             // Extend the run: same peer, same size; a shorter datagram ends it.
             while j < n
                 && batch.addrs[j] == to
-                && j - i < GSO_MAX_SEGMENTS
+                && j - i < max_run
                 && bytes + batch.lens[j] <= GSO_MAX_BYTES
             {
                 let len = batch.lens[j];
@@ -490,6 +433,7 @@ impl UdpSocket {
                     break;
                 }
             }
+            let j = j.max(i + 1);
             let h = &mut hdrs[m].msg_hdr;
             h.msg_namelen = self.fill_name(to, &mut names[m]);
             h.msg_name = (&mut names[m] as *mut libc::sockaddr_storage).cast();
@@ -504,7 +448,7 @@ impl UdpSocket {
                     size as u16,
                 );
             }
-            counts[m] = j - i;
+            (counts[m], firsts[m]) = (j - i, i);
             m += 1;
             i = j;
         }
@@ -531,11 +475,12 @@ impl UdpSocket {
                     {
                         tracing::warn!(error = %e, "UDP GSO refused; sending plain datagrams");
                         self.gso.store(false, Ordering::Relaxed);
-                        let first: usize = counts[..off].iter().sum();
-                        return Ok(sent + self.send_plain(batch, first)?);
+                        return Ok(sent + self.send_runs(batch, firsts[off], 1)?);
                     }
+                    // This message was refused (unreachable, bad address...):
+                    // skip it and send the rest.
                     _ => {
-                        tracing::debug!(error = %e, "udp send refused");
+                        tracing::debug!(error = %e, to = %batch.addrs[firsts[off]], "udp send refused");
                         off += 1;
                         continue;
                     }
@@ -559,11 +504,12 @@ impl UdpIo for UdpSocket {
     }
 
     fn send_batch(&self, batch: &Batch) -> io::Result<usize> {
-        if self.gso.load(Ordering::Relaxed) {
-            self.send_gso(batch)
+        let max_run = if self.gso.load(Ordering::Relaxed) {
+            GSO_MAX_SEGMENTS
         } else {
-            self.send_plain(batch, 0)
-        }
+            1
+        };
+        self.send_runs(batch, 0, max_run)
     }
 
     fn take_malformed(&self) -> u64 {
