@@ -197,24 +197,10 @@ impl Testbed {
             ["10.99.1.0/24", "10.99.2.0/24"],
             ["10.99.2.0/24", "10.99.1.0/24"],
         );
-        let mut children = Vec::new();
-        for (side, tag) in sides.iter().zip(["a", "b"]) {
-            match peers::start_router(side, &self.dir, tag, &["--mtu", MTU]) {
-                Ok((child, _)) => children.push(child),
-                Err(e) => {
-                    stop(Tunnel {
-                        children,
-                        target: String::new(),
-                        tuns: Default::default(),
-                    });
-                    return Err(e);
-                }
-            }
-        }
-        self.finish(Tunnel {
-            children,
-            target: "10.99.2.1".into(),
-            tuns: ["tunmesh0".into(), "tunmesh0".into()],
+        let dir = self.dir.clone();
+        let tuns = ["tunmesh0".into(), "tunmesh0".into()];
+        self.start_pair(&sides, "10.99.2.1", tuns, |i, side| {
+            peers::start_router(side, &dir, ["a", "b"][i], &["--mtu", MTU]).map(|(child, _)| child)
         })
     }
 
@@ -232,30 +218,43 @@ impl Testbed {
             ["10.99.0.1/24", "10.99.0.2/24"],
             ["10.99.0.2/32", "10.99.0.1/32"],
         );
-        let mut children = Vec::new();
-        for (side, ifn) in sides.iter().zip(&ifs) {
-            match peers::start_wg(side, bin, extra, ifn, &self.dir.join(format!("{ifn}.log"))) {
-                Ok(child) => children.push(child),
+        let dir = self.dir.clone();
+        let names = ifs.clone();
+        self.start_pair(&sides, "10.99.0.2", ifs, |i, side| {
+            peers::start_wg(
+                side,
+                bin,
+                extra,
+                &names[i],
+                &dir.join(format!("{}.log", names[i])),
+            )
+        })
+    }
+
+    /// Starts both ends with `start`, then checks that traffic crosses the
+    /// tunnel (which also completes the handshake). Whatever was started is
+    /// stopped again if any step fails.
+    fn start_pair(
+        &self,
+        sides: &[Side; 2],
+        target: &str,
+        tuns: [String; 2],
+        mut start: impl FnMut(usize, &Side) -> Result<std::process::Child>,
+    ) -> Result<Tunnel> {
+        let mut t = Tunnel {
+            children: Vec::new(),
+            target: target.into(),
+            tuns,
+        };
+        for (i, side) in sides.iter().enumerate() {
+            match start(i, side) {
+                Ok(child) => t.children.push(child),
                 Err(e) => {
-                    stop(Tunnel {
-                        children,
-                        target: String::new(),
-                        tuns: Default::default(),
-                    });
+                    stop(t);
                     return Err(e);
                 }
             }
         }
-        self.finish(Tunnel {
-            children,
-            target: "10.99.0.2".into(),
-            tuns: ifs,
-        })
-    }
-
-    /// Checks traffic crosses the new tunnel (which also completes the
-    /// handshake); stops it if not.
-    fn finish(&self, t: Tunnel) -> Result<Tunnel> {
         match self.handshake(&t) {
             Ok(()) => Ok(t),
             Err(e) => {
