@@ -4,11 +4,13 @@
 //!
 //! Layout (see DESIGN.md): `model` (plain domain types), `source` (where the
 //! desired mesh comes from), `dataplane` (the packet path), `hostnet`
-//! (addresses, routes, sysctls), `status` (what the router reports).
+//! (addresses, routes, sysctls), `status` (what the router reports),
+//! `nodestate` (what the CNI plugin reads).
 
 pub mod dataplane;
 pub mod hostnet;
 pub mod model;
+pub mod nodestate;
 pub mod source;
 pub mod status;
 

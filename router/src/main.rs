@@ -1,24 +1,32 @@
-//! `tunmesh-router`: wiring only. Parses flags, loads the mesh file and key,
-//! creates the TUN device and UDP socket, starts the data plane, and serves
-//! SIGHUP (reload the mesh file) and SIGTERM/SIGINT (stop).
+//! `tunmesh-router`: wiring only. Parses flags, picks the peer source (Node
+//! objects through the Kubernetes API, or a static mesh file), loads the
+//! key, creates the TUN device and UDP socket, starts the data plane, and
+//! applies every snapshot the source produces. Serves SIGHUP (reload the
+//! mesh file) and SIGTERM/SIGINT (stop).
 
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Parser;
+use ipnetwork::IpNetwork;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use tunmesh_router::dataplane::tun::TunDevice;
 use tunmesh_router::dataplane::udp::UdpSocket;
 use tunmesh_router::dataplane::Dataplane;
 use tunmesh_router::hostnet::{self, HostNet};
-use tunmesh_router::source::file::{self, NodeSettings};
+use tunmesh_router::model::{Nets, Snapshot};
+use tunmesh_router::nodestate::NodeState;
+use tunmesh_router::source::file::{self, first_host, NodeSettings};
+use tunmesh_router::source::kube::{self as kube_source, KubeSettings, KubeStatus};
 use tunmesh_router::status::{self, ReloadStatus, Status};
 use tunmesh_router::PrivateKey;
 
@@ -27,8 +35,10 @@ const DEFAULT_INTERFACE: &str = "tunmesh0";
 /// TUN MTU: a 1500-byte underlay minus WireGuard over IPv6 (80 bytes), so
 /// nothing fragments whichever family the underlay uses.
 const DEFAULT_MTU: u16 = 1420;
-/// Where the router keeps its status (and, later, its key and CNI state).
+/// Where the router keeps its key, status and the CNI plugin's node state.
 const DEFAULT_STATE_DIR: &str = "/var/lib/tunmesh";
+/// WireGuard's usual port.
+const DEFAULT_PORT: u16 = 51820;
 /// How often the status snapshot is rewritten.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -36,17 +46,53 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 #[command(
     name = "tunmesh-router",
     version,
-    about = "tunmesh node agent: encrypted pod networking over a userspace WireGuard mesh"
+    about = "tunmesh node agent: encrypted pod networking over a userspace WireGuard mesh",
+    long_about = "tunmesh node agent: encrypted pod networking over a userspace WireGuard mesh.\n\n\
+        By default peers come from Node objects (Kubernetes API, in-cluster or --kubeconfig): \
+        one peer per other Node, its spec.podCIDRs routed to it. With --mesh-file they come \
+        from a static TOML file instead."
 )]
 struct Args {
     /// Static mesh file (TOML): this node's key, port and pod CIDRs, and its
-    /// peers. Re-read on SIGHUP; a bad file is refused and the last good mesh kept.
+    /// peers, instead of the Kubernetes API. Re-read on SIGHUP; a bad file
+    /// is refused and the last good mesh kept.
     #[arg(long, env = "TUNMESH_MESH_FILE")]
-    mesh_file: PathBuf,
+    mesh_file: Option<PathBuf>,
+    /// This router's Node (Kubernetes mode; the DaemonSet passes
+    /// spec.nodeName through the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, then the
+    /// in-cluster ServiceAccount).
+    #[arg(long, env = "TUNMESH_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// UDP port for WireGuard (Kubernetes mode; a mesh file names its own).
+    #[arg(long, env = "TUNMESH_LISTEN_PORT", default_value_t = DEFAULT_PORT)]
+    listen_port: u16,
+    /// Endpoint published for peers (`IP:port`); default: the Node's
+    /// InternalIP and --listen-port. A `tunmesh.io/force-endpoint`
+    /// annotation set on the Node by an operator wins over both.
+    #[arg(long, env = "TUNMESH_ENDPOINT")]
+    endpoint: Option<SocketAddr>,
+    /// Private key file, created (mode 0600) if missing and kept across
+    /// restarts (Kubernetes mode; default: <state-dir>/private.key).
+    #[arg(long, env = "TUNMESH_PRIVATE_KEY_FILE")]
+    private_key_file: Option<PathBuf>,
+    /// The cluster's pod networks, comma-separated (Kubernetes mode):
+    /// routed into the TUN even where no peer exists, so such traffic is
+    /// dropped and counted instead of leaving the node in clear.
+    #[arg(long, env = "TUNMESH_CLUSTER_CIDRS", value_delimiter = ',')]
+    cluster_cidrs: Vec<IpNetwork>,
+    /// Persistent keepalive for every peer, seconds (Kubernetes mode; 0 = off).
+    #[arg(long, env = "TUNMESH_PERSISTENT_KEEPALIVE", default_value_t = 0)]
+    persistent_keepalive: u16,
+    /// Rebuild the mesh from the Node store this often even without a change.
+    #[arg(long, env = "TUNMESH_RESYNC_SECONDS", default_value_t = 30)]
+    resync_seconds: u64,
     /// Name of the TUN device the router creates.
     #[arg(long, env = "TUNMESH_INTERFACE", default_value = DEFAULT_INTERFACE)]
     interface: String,
-    /// MTU of the TUN device (underlay MTU minus 80).
+    /// MTU of the TUN device and of pods (underlay MTU minus 80).
     #[arg(long, env = "TUNMESH_MTU", default_value_t = DEFAULT_MTU)]
     mtu: u16,
     /// Use TUN offloads (virtio headers: TSO/USO super-packets are segmented
@@ -54,7 +100,7 @@ struct Args {
     /// plain packets if the kernel refuses.
     #[arg(long, env = "TUNMESH_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
     offload: bool,
-    /// Directory for the router's state (status.json).
+    /// Directory for the router's state: key, status.json, node.json.
     #[arg(long, env = "TUNMESH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
 }
@@ -62,7 +108,10 @@ struct Args {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            // kube's client logs every failed request at ERROR; the source
+            // reports API failures itself, once, with what to do about them.
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,kube_client::client::builder=off")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -97,20 +146,182 @@ fn check_key_mode(path: &Path) {
     }
 }
 
+/// Where peers come from, and what only that source knows.
+enum Source {
+    File {
+        path: PathBuf,
+        node: NodeSettings,
+    },
+    Kube {
+        rx: watch::Receiver<Option<Snapshot>>,
+        status: Arc<Mutex<KubeStatus>>,
+    },
+}
+
+/// Everything the main loop applies snapshots to.
+struct Node {
+    args: Args,
+    node_name: String,
+    cluster_cidrs: Vec<IpNetwork>,
+    dp: Arc<Dataplane>,
+    host: HostNet,
+    index: u32,
+    /// Pod CIDRs currently on the TUN (as gateways) and in node.json.
+    pod_cidrs: Option<Vec<IpNetwork>>,
+}
+
+impl Node {
+    /// Applies one snapshot: peers as a minimal diff, routes, and (when
+    /// they changed) the gateway addresses and the CNI plugin's node state.
+    async fn apply(&mut self, snap: &Snapshot) -> Result<String, String> {
+        let diff = self.dp.apply(&snap.mesh);
+        let routes = self
+            .host
+            .sync_routes(self.index, &snap.mesh.routes())
+            .await
+            .map_err(|e| format!("peers applied, routes failed: {e}"))?;
+        if !diff.is_empty() || !routes.added.is_empty() || !routes.removed.is_empty() {
+            info!(added = ?diff.added, updated = ?diff.updated, replaced = ?diff.replaced,
+                  removed = ?diff.removed, unchanged = diff.unchanged,
+                  routes_added = %Nets(&routes.added), routes_removed = %Nets(&routes.removed), "mesh applied");
+        }
+        if self.pod_cidrs.as_ref() != Some(&snap.pod_cidrs) {
+            self.set_pod_cidrs(&snap.pod_cidrs)
+                .await
+                .map_err(|e| format!("peers applied, pod CIDRs failed: {e:#}"))?;
+        }
+        Ok(format!(
+            "{} added, {} updated, {} replaced, {} removed, {} unchanged",
+            diff.added.len(),
+            diff.updated.len(),
+            diff.replaced.len(),
+            diff.removed.len(),
+            diff.unchanged
+        ))
+    }
+
+    /// Puts the gateway of each pod CIDR on the TUN device and writes
+    /// node.json for the CNI plugin (not while no CIDR is assigned: the
+    /// plugin then answers "try again later").
+    async fn set_pod_cidrs(&mut self, cidrs: &[IpNetwork]) -> anyhow::Result<()> {
+        let gateways: Vec<IpAddr> = cidrs.iter().map(|c| first_host(*c)).collect();
+        self.host
+            .configure_link(
+                self.index,
+                &self.args.interface,
+                u32::from(self.args.mtu),
+                &gateways,
+            )
+            .await?;
+        if !cidrs.is_empty() {
+            NodeState {
+                node_name: self.node_name.clone(),
+                interface: self.args.interface.clone(),
+                mtu: self.args.mtu,
+                pod_cidrs: cidrs.to_vec(),
+                gateways: gateways.clone(),
+                cluster_cidrs: self.cluster_cidrs.clone(),
+            }
+            .write(&self.args.state_dir)?;
+            info!(pod_cidrs = %Nets(cidrs), "pod CIDRs in place (gateways on the TUN device); node.json written");
+        }
+        self.pod_cidrs = Some(cidrs.to_vec());
+        Ok(())
+    }
+}
+
+/// Applies a snapshot from the Kubernetes source; on failure says so and
+/// returns when to try again.
+async fn apply_or_retry(node: &mut Node, snap: &Snapshot) -> Option<tokio::time::Instant> {
+    match node.apply(snap).await {
+        Ok(_) => None,
+        Err(e) => {
+            error!(error = %e, "applying the mesh from Node objects failed; retrying in 2 s");
+            Some(tokio::time::Instant::now() + Duration::from_secs(2))
+        }
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mesh_file = file::load(&args.mesh_file)?;
-    let node: NodeSettings = mesh_file.node.clone();
-    let key = PrivateKey::read_file(&node.private_key_file).context("node.private_key_file")?;
-    check_key_mode(&node.private_key_file);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&args.state_dir)
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
 
+    // The source, the key and the port, and the first snapshot if the
+    // source has one at once (a mesh file does; the API is awaited below).
+    let (mut source, key, port, node_name, cluster_cidrs, first) = match &args.mesh_file {
+        Some(path) => {
+            let f = file::load(path)?;
+            let key =
+                PrivateKey::read_file(&f.node.private_key_file).context("node.private_key_file")?;
+            check_key_mode(&f.node.private_key_file);
+            let name = args.node_name.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                host.trim().to_string()
+            });
+            let snap = Snapshot {
+                mesh: f.mesh,
+                pod_cidrs: f.node.pod_cidrs.clone(),
+            };
+            let port = f.node.listen_port;
+            let cluster = f.node.cluster_cidrs.clone();
+            let src = Source::File {
+                path: path.clone(),
+                node: f.node,
+            };
+            (src, key, port, name, cluster, Some(snap))
+        }
+        None => {
+            let Some(name) = args.node_name.clone().filter(|n| !n.is_empty()) else {
+                bail!("no peer source: give --node-name (or NODE_NAME) to use the Kubernetes API, or --mesh-file");
+            };
+            let key_path = args
+                .private_key_file
+                .clone()
+                .unwrap_or_else(|| args.state_dir.join("private.key"));
+            let (key, created) = PrivateKey::load_or_create(&key_path)
+                .with_context(|| format!("private key {}", key_path.display()))?;
+            check_key_mode(&key_path);
+            if created {
+                info!(path = %key_path.display(), "created a new private key");
+            }
+            let client = kube_source::client(args.kubeconfig.as_deref())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let (tx, rx) = watch::channel(None);
+            let status = Arc::new(Mutex::new(KubeStatus::default()));
+            let settings = KubeSettings {
+                node_name: name.clone(),
+                listen_port: args.listen_port,
+                endpoint: args.endpoint,
+                cluster_cidrs: args.cluster_cidrs.clone(),
+                persistent_keepalive: Some(args.persistent_keepalive).filter(|k| *k > 0),
+                resync: Duration::from_secs(args.resync_seconds.max(1)),
+            };
+            tokio::spawn(kube_source::run(
+                client,
+                settings,
+                key.public_key(),
+                tx,
+                Arc::clone(&status),
+            ));
+            let src = Source::Kube { rx, status };
+            (
+                src,
+                key,
+                args.listen_port,
+                name,
+                args.cluster_cidrs.clone(),
+                None,
+            )
+        }
+    };
+
     let dp = Dataplane::new(&key, usize::from(args.mtu));
-    let udp = UdpSocket::bind(node.listen_port, args.offload)
-        .with_context(|| format!("binding UDP port {}", node.listen_port))?;
+    let udp =
+        UdpSocket::bind(port, args.offload).with_context(|| format!("binding UDP port {port}"))?;
     let (rcvbuf, sndbuf) = udp.buffer_sizes();
     let (udp_gso, udp_gro) = udp.offloads();
     let tun = TunDevice::create(&args.interface, args.mtu, args.offload).with_context(|| {
@@ -122,26 +333,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tun_offload = tun.offload();
     let host = HostNet::connect()?;
     let index = host.link_index(&args.interface).await?;
-    host.configure_link(
-        index,
-        &args.interface,
-        u32::from(args.mtu),
-        &node.gateways(),
-    )
-    .await?;
     hostnet::prepare_sysctls(&args.interface);
-
-    let diff = dp.apply(&mesh_file.mesh);
-    let routes = host.sync_routes(index, &mesh_file.mesh.routes()).await?;
     info!(
         interface = %args.interface, mtu = args.mtu, port = udp.port(), public_key = %dp.public_key(),
-        peers = ?diff.added, routes = ?routes.added, rcvbuf, sndbuf, tun_offload, udp_gso, udp_gro, "router up"
+        node = %node_name, source = if args.mesh_file.is_some() { "mesh file" } else { "kubernetes" },
+        rcvbuf, sndbuf, tun_offload, udp_gso, udp_gro, "router up"
     );
+    let port = udp.port();
+    let mut node = Node {
+        args,
+        node_name,
+        cluster_cidrs,
+        dp,
+        host,
+        index,
+        pod_cidrs: None,
+    };
+    match &first {
+        Some(snap) => node.apply(snap).await.map_err(anyhow::Error::msg)?,
+        // Link up with no gateway yet, so the device exists for routes.
+        None => {
+            node.set_pod_cidrs(&[]).await?;
+            String::new()
+        }
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
-    let port = udp.port();
     let tun = Arc::new(tun);
-    let handles = dp.spawn(
+    let handles = node.dp.spawn(
         Arc::clone(&tun) as Arc<dyn tunmesh_router::dataplane::TunIo>,
         Arc::new(udp),
         Arc::clone(&stop),
@@ -154,33 +373,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut reloads = 0u64;
     let mut last_reload: Option<ReloadStatus> = None;
     let mut status_failing = false;
+    // After a failed apply (netlink refused a route, say), the latest
+    // snapshot is applied again at this time.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                let Source::File { path, node: settings } = &source else {
+                    info!("SIGHUP: nothing to reload (Node objects are watched continuously)");
+                    continue;
+                };
                 reloads += 1;
-                let message = match file::load(&args.mesh_file) {
+                let message = match file::load(path) {
                     Err(e) => {
                         error!(error = %e, "reload refused; keeping the last good mesh");
                         Err(e.to_string())
                     }
                     Ok(f) => {
-                        if f.node != node {
-                            warn!(file = %args.mesh_file.display(), "[node] settings changed; they take effect on restart (peers are applied now)");
+                        if &f.node != settings {
+                            warn!(file = %path.display(), "[node] settings changed; they take effect on restart (peers are applied now)");
                         }
-                        let diff = dp.apply(&f.mesh);
-                        match host.sync_routes(index, &f.mesh.routes()).await {
-                            Ok(r) => {
-                                info!(added = ?diff.added, updated = ?diff.updated, replaced = ?diff.replaced,
-                                      removed = ?diff.removed, unchanged = diff.unchanged,
-                                      routes_added = ?r.added, routes_removed = ?r.removed, "mesh reloaded");
-                                Ok(format!("{} added, {} updated, {} replaced, {} removed, {} unchanged",
-                                    diff.added.len(), diff.updated.len(), diff.replaced.len(), diff.removed.len(), diff.unchanged))
-                            }
-                            Err(e) => {
-                                error!(error = %e, "reload: syncing routes failed");
-                                Err(format!("peers applied, routes failed: {e}"))
-                            }
+                        let snap = Snapshot { mesh: f.mesh, pod_cidrs: settings.pod_cidrs.clone() };
+                        let r = node.apply(&snap).await;
+                        match &r {
+                            Ok(m) => info!(result = %m, "mesh reloaded"),
+                            Err(e) => error!(error = %e, "reload failed"),
                         }
+                        r
                     }
                 };
                 last_reload = Some(ReloadStatus {
@@ -189,20 +408,57 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     message: message.unwrap_or_else(|e| e),
                 });
             }
+            changed = async {
+                match &mut source {
+                    Source::Kube { rx, .. } => rx.changed().await,
+                    Source::File { .. } => std::future::pending().await,
+                }
+            } => {
+                if changed.is_err() {
+                    bail!("the Kubernetes source stopped");
+                }
+                let snap = match &mut source {
+                    Source::Kube { rx, .. } => rx.borrow_and_update().clone(),
+                    Source::File { .. } => None,
+                };
+                if let Some(snap) = snap {
+                    retry_at = apply_or_retry(&mut node, &snap).await;
+                }
+            }
+            _ = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let snap = match &source {
+                    Source::Kube { rx, .. } => rx.borrow().clone(),
+                    Source::File { .. } => None,
+                };
+                retry_at = match snap {
+                    Some(snap) => apply_or_retry(&mut node, &snap).await,
+                    None => None,
+                };
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
                 let s = Status {
-                    interface: args.interface.clone(),
-                    public_key: dp.public_key().to_base64(),
+                    interface: node.args.interface.clone(),
+                    public_key: node.dp.public_key().to_base64(),
                     listen_port: port,
-                    peers: status::peers(&dp),
-                    counters: dp.counters.snapshot(),
+                    peers: status::peers(&node.dp),
+                    counters: node.dp.counters.snapshot(),
                     offload: tun.offload_stats(),
                     reloads,
                     last_reload: last_reload.clone(),
+                    kubernetes: match &source {
+                        Source::Kube { status, .. } => status.lock().ok().map(|s| s.clone()),
+                        Source::File { .. } => None,
+                    },
+                    pod_cidrs: node.pod_cidrs.iter().flatten().map(|c| c.to_string()).collect(),
                 };
-                match s.write(&args.state_dir) {
+                match s.write(&node.args.state_dir) {
                     Ok(()) => status_failing = false,
                     Err(e) if !status_failing => {
                         warn!(error = %e, "writing status");

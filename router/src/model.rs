@@ -46,3 +46,27 @@ impl DesiredMesh {
         r
     }
 }
+
+/// What a peer source hands the router each time something changes: the
+/// mesh, and this node's own pod CIDRs (gateway addresses on the TUN device
+/// and the CNI plugin's address ranges; empty while none is assigned).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub mesh: DesiredMesh,
+    pub pod_cidrs: Vec<IpNetwork>,
+}
+
+/// Displays prefixes as `10.244.1.0/24, fd00:10:244:1::/64` (logs).
+pub struct Nets<'a>(pub &'a [IpNetwork]);
+
+impl std::fmt::Display for Nets<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, n) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{n}")?;
+        }
+        Ok(())
+    }
+}

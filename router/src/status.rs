@@ -50,6 +50,12 @@ pub struct Status {
     pub offload: crate::dataplane::tun::OffloadStats,
     pub reloads: u64,
     pub last_reload: Option<ReloadStatus>,
+    /// The Kubernetes source's state (absent with a mesh file).
+    #[serde(default)]
+    pub kubernetes: Option<crate::source::kube::KubeStatus>,
+    /// This node's pod CIDRs as last applied (empty while none is assigned).
+    #[serde(default)]
+    pub pod_cidrs: Vec<String>,
 }
 
 pub fn unix_now() -> u64 {

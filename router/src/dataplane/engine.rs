@@ -472,7 +472,12 @@ impl Dataplane {
             };
             let mut st = peer.lock();
             let endpoint = st.endpoint;
-            match st.tunn.update_timers(buf) {
+            let result = if std::mem::take(&mut st.initiate) {
+                st.tunn.format_handshake_initiation(buf, false)
+            } else {
+                st.tunn.update_timers(buf)
+            };
+            match result {
                 TunnResult::WriteToNetwork(b) => match endpoint {
                     Some(ep) => {
                         let len = b.len();

@@ -22,6 +22,13 @@ pub struct PeerState {
     /// Current endpoint: the configured one, or the last address an
     /// authenticated packet came from (roaming).
     pub endpoint: Option<SocketAddr>,
+    /// Start a handshake at the next timer tick instead of waiting for
+    /// traffic. Set for a new session with a known endpoint: the far side
+    /// may still hold a session with this node's previous incarnation of the
+    /// peer (re-added after a bad annotation, say), and would keep sending
+    /// on it, unheard, until its own timers gave up (15 s or more). A
+    /// handshake from here replaces it at once.
+    pub initiate: bool,
 }
 
 /// One peer in a table.
@@ -50,6 +57,7 @@ impl Peer {
             state: Arc::new(Mutex::new(PeerState {
                 tunn,
                 endpoint: spec.endpoint,
+                initiate: spec.endpoint.is_some(),
             })),
             counters: Arc::default(),
         }

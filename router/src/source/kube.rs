@@ -1,0 +1,468 @@
+//! The Kubernetes source: Node objects are the directory.
+//!
+//! One task watches all Nodes with a reflector. On every change, and on a
+//! periodic resync, it rebuilds the whole desired mesh from the store
+//! (`nodes::translate`, level-triggered, never event-diffed) and hands it
+//! to the router through a `watch` channel. On the way it keeps this
+//! router's own Node annotated with its public key and endpoint, and turns
+//! every new problem it finds into a log warning and a Kubernetes Event on
+//! the Node at fault.
+//!
+//! When the API server goes away the store keeps the last listing, so the
+//! last mesh stays in place; the watcher reconnects with backoff and relists,
+//! and whatever changed meanwhile is picked up by the rebuild that follows.
+//!
+//! Verbs used, and nothing more (deploy/rbac.yaml): nodes get, list, watch,
+//! patch; events create. Events are created once per distinct problem (no
+//! patching of event series, which would need another verb).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Config};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::nodes::{self, Problem, TranslateSettings, ANN_ENDPOINT, ANN_PUBLIC_KEY};
+use crate::model::{Nets, Snapshot};
+use crate::status::unix_now;
+use crate::PublicKey;
+
+/// Namespace Events about (cluster-scoped) Nodes go to, as kubelet does.
+const EVENT_NAMESPACE: &str = "default";
+/// The API server ends each watch after this long and the watcher starts
+/// a new one; together with `READ_TIMEOUT` this bounds how long a silently
+/// dead connection (a half-open TCP stream) can hide changes.
+const WATCH_TIMEOUT_SECS: u32 = 60;
+const READ_TIMEOUT: Duration = Duration::from_secs(90);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest and longest wait between attempts to annotate the own Node.
+const PUBLISH_RETRY_MIN: Duration = Duration::from_secs(1);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long the store may lag behind a successful patch of the own Node.
+const PATCH_SETTLE: Duration = Duration::from_secs(5);
+
+/// What the router tells the Kubernetes source.
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// This router's Node (`NODE_NAME` from the downward API).
+    pub node_name: String,
+    pub listen_port: u16,
+    /// Published endpoint; default: the Node's InternalIP and `listen_port`.
+    pub endpoint: Option<SocketAddr>,
+    pub cluster_cidrs: Vec<IpNetwork>,
+    pub persistent_keepalive: Option<u16>,
+    /// Rebuild from the store this often even without a change.
+    pub resync: Duration,
+}
+
+/// One problem as status.json shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProblemStatus {
+    pub node: String,
+    pub field: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The Kubernetes source's state, for status.json: is the API reachable,
+/// when was the mesh last rebuilt, what is wrong and what is waiting.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct KubeStatus {
+    pub node_name: String,
+    pub connected: bool,
+    /// The last error talking to the API server (cleared on success).
+    pub last_error: Option<String>,
+    /// Unix time of the last rebuild from a complete listing.
+    pub last_sync_unix: Option<u64>,
+    pub nodes: usize,
+    pub problems: Vec<ProblemStatus>,
+    /// Nodes that are not peers yet, with why (joining).
+    pub pending: Vec<String>,
+    /// The endpoint this router last published on its Node.
+    pub published_endpoint: Option<String>,
+}
+
+/// A client from `kubeconfig`, else from `$KUBECONFIG`/`~/.kube/config`,
+/// else the in-cluster ServiceAccount.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| format!("reading kubeconfig {}: {e}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => Config::infer()
+            .await
+            .map_err(|e| format!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?,
+    };
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    config.read_timeout = Some(READ_TIMEOUT);
+    Client::try_from(config).map_err(|e| format!("building the Kubernetes client: {e}"))
+}
+
+/// An API error with what an operator needs to act on it: a missing verb
+/// names the ClusterRole the router must be bound to.
+pub fn explain(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => format!(
+            "forbidden: {} (the router's ServiceAccount must be bound to the ClusterRole in \
+             deploy/rbac.yaml: nodes get, list, watch, patch; events create)",
+            s.message
+        ),
+        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        other => chain(other),
+    }
+}
+
+/// An error and its causes, `a: b: c` ("client error (Connect): tcp
+/// connect error: Connection refused"), so the root cause is in the log.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+fn explain_watch(e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(k) => format!("listing Nodes: {}", explain(k)),
+        watcher::Error::WatchStartFailed(k) => format!("watching Nodes: {}", explain(k)),
+        watcher::Error::WatchFailed(k) => format!("watch of Nodes failed: {}", explain(k)),
+        other => chain(other),
+    }
+}
+
+/// Runs the source until the channel's receiver is gone. Never returns an
+/// error: every failure is logged, shown in `status`, and retried.
+pub async fn run(
+    client: Client,
+    settings: KubeSettings,
+    key: PublicKey,
+    tx: watch::Sender<Option<Snapshot>>,
+    status: Arc<Mutex<KubeStatus>>,
+) {
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let events_api: Api<Event> = Api::namespaced(client, EVENT_NAMESPACE);
+    let (store, writer) = reflector::store::<Node>();
+    let stream = watcher(
+        nodes_api.clone(),
+        watcher::Config::default().timeout(WATCH_TIMEOUT_SECS),
+    )
+    .default_backoff()
+    .reflect(writer);
+    let mut stream = std::pin::pin!(stream);
+    let mut resync = tokio::time::interval(settings.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let mut st = SourceState {
+        settings,
+        key,
+        nodes_api,
+        events_api,
+        reported: BTreeSet::new(),
+        publish_at: None,
+        publish_backoff: PUBLISH_RETRY_MIN,
+        last_patch: None,
+        said_missing: false,
+        said_no_cidr: false,
+        status,
+    };
+    if let Ok(mut s) = st.status.lock() {
+        s.node_name = st.settings.node_name.clone();
+    }
+    let mut ready = false;
+    let mut failing = false;
+    loop {
+        let retry = st.publish_at;
+        let rebuild = tokio::select! {
+            ev = stream.next() => match ev {
+                None => {
+                    error!("the Node watch ended; no further mesh updates");
+                    return;
+                }
+                Some(Err(e)) => {
+                    let msg = explain_watch(&e);
+                    if !failing {
+                        warn!(error = %msg, "Kubernetes API unreachable or refusing; keeping the last mesh, retrying with backoff");
+                    }
+                    failing = true;
+                    st.set_status(|s| {
+                        s.connected = false;
+                        s.last_error = Some(msg);
+                    });
+                    false
+                }
+                Some(Ok(ev)) => {
+                    if failing {
+                        info!("Kubernetes API reachable again; relisting Nodes");
+                        failing = false;
+                    }
+                    st.set_status(|s| {
+                        s.connected = true;
+                        s.last_error = None;
+                    });
+                    match ev {
+                        watcher::Event::InitDone => {
+                            ready = true;
+                            true
+                        }
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => ready,
+                        watcher::Event::Init | watcher::Event::InitApply(_) => false,
+                    }
+                }
+            },
+            _ = resync.tick() => ready,
+            _ = sleep_until(retry) => ready,
+        };
+        if rebuild {
+            st.rebuild(&store, &tx).await;
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct SourceState {
+    settings: KubeSettings,
+    key: PublicKey,
+    nodes_api: Api<Node>,
+    events_api: Api<Event>,
+    /// Problems already logged and recorded as Events.
+    reported: BTreeSet<Problem>,
+    /// When to try annotating the own Node again after a failure.
+    publish_at: Option<Instant>,
+    publish_backoff: Duration,
+    /// The annotations last patched successfully, and when: the store may
+    /// not show them yet on the next rebuild, so the same patch is not
+    /// repeated until the store had time to catch up.
+    last_patch: Option<(BTreeMap<&'static str, String>, Instant)>,
+    said_missing: bool,
+    said_no_cidr: bool,
+    status: Arc<Mutex<KubeStatus>>,
+}
+
+impl SourceState {
+    fn set_status(&self, f: impl FnOnce(&mut KubeStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    async fn rebuild(&mut self, store: &Store<Node>, tx: &watch::Sender<Option<Snapshot>>) {
+        let all = store.state();
+        let t = nodes::translate(
+            all.iter().map(|n| n.as_ref()),
+            &TranslateSettings {
+                own_name: &self.settings.node_name,
+                own_key: &self.key,
+                cluster_cidrs: &self.settings.cluster_cidrs,
+                persistent_keepalive: self.settings.persistent_keepalive,
+            },
+        );
+
+        let now: BTreeSet<Problem> = t.problems.iter().cloned().collect();
+        for p in now.difference(&self.reported) {
+            warn!(node = %p.node, field = %p.field, reason = p.reason, "{}; skipped, the rest of the mesh is unaffected", p.message);
+            self.record_event(p, &all);
+        }
+        for p in self.reported.difference(&now) {
+            info!(node = %p.node, field = %p.field, reason = p.reason, "problem resolved");
+        }
+        self.reported = now;
+
+        let pod_cidrs = match &t.own {
+            None => {
+                if !self.said_missing {
+                    warn!(node = %self.settings.node_name, "this router's Node does not exist (yet); serving the other Nodes and waiting for it");
+                    self.said_missing = true;
+                }
+                Vec::new()
+            }
+            Some(own) => {
+                self.said_missing = false;
+                if own.pod_cidrs.is_empty() && !self.said_no_cidr {
+                    warn!(node = %self.settings.node_name, "this Node has no podCIDR yet; pods cannot be attached until it is allocated (kube-controller-manager --allocate-node-cidrs)");
+                    self.said_no_cidr = true;
+                } else if !own.pod_cidrs.is_empty() && self.said_no_cidr {
+                    info!(node = %self.settings.node_name, pod_cidrs = %Nets(&own.pod_cidrs), "podCIDR assigned");
+                    self.said_no_cidr = false;
+                }
+                own.pod_cidrs.clone()
+            }
+        };
+
+        self.set_status(|s| {
+            s.last_sync_unix = Some(unix_now());
+            s.nodes = all.len();
+            s.problems = t
+                .problems
+                .iter()
+                .map(|p| ProblemStatus {
+                    node: p.node.clone(),
+                    field: p.field.clone(),
+                    reason: p.reason.to_string(),
+                    message: p.message.clone(),
+                })
+                .collect();
+            s.pending = t
+                .pending
+                .iter()
+                .map(|(n, why)| format!("{n}: {why}"))
+                .collect();
+        });
+        let snap = Snapshot {
+            mesh: t.mesh.clone(),
+            pod_cidrs,
+        };
+        tx.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&snap) {
+                false
+            } else {
+                *cur = Some(snap);
+                true
+            }
+        });
+        // After the mesh is handed over: a slow or failing API call here
+        // never delays it.
+        if let Some(own) = &t.own {
+            self.publish(own).await;
+        }
+    }
+
+    /// Keeps the own Node's `tunmesh.io/public-key` and `tunmesh.io/endpoint`
+    /// what this router wants. Patches only when they differ, so a resync
+    /// costs nothing; on failure retries with backoff.
+    async fn publish(&mut self, own: &nodes::OwnNode) {
+        if self.publish_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let key = self.key.to_base64();
+        let endpoint = nodes::own_endpoint(self.settings.endpoint, own, self.settings.listen_port);
+        let mut want = BTreeMap::new();
+        if own.public_key.as_deref() != Some(key.as_str()) {
+            want.insert(ANN_PUBLIC_KEY, key);
+        }
+        match endpoint {
+            Some(e) if own.endpoint.as_deref() != Some(e.to_string().as_str()) => {
+                want.insert(ANN_ENDPOINT, e.to_string());
+            }
+            Some(_) => {}
+            None if own.force_endpoint.is_none() => {
+                warn!(node = %self.settings.node_name, "no endpoint to publish: the Node has no InternalIP in status.addresses; set --endpoint or the tunmesh.io/force-endpoint annotation");
+            }
+            None => {}
+        }
+        self.set_status(|s| s.published_endpoint = endpoint.map(|e| e.to_string()));
+        if want.is_empty() {
+            self.publish_at = None;
+            self.publish_backoff = PUBLISH_RETRY_MIN;
+            self.last_patch = None;
+            return;
+        }
+        if let Some((done, at)) = &self.last_patch {
+            if *done == want && at.elapsed() < PATCH_SETTLE {
+                return;
+            }
+        }
+        let patch = serde_json::json!({ "metadata": { "annotations": want } });
+        match self
+            .nodes_api
+            .patch(
+                &self.settings.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                info!(node = %self.settings.node_name, annotations = ?want, "published on own Node");
+                self.publish_at = None;
+                self.publish_backoff = PUBLISH_RETRY_MIN;
+                self.last_patch = Some((want, Instant::now()));
+            }
+            Err(e) => {
+                error!(node = %self.settings.node_name, error = %explain(&e), retry_in = ?self.publish_backoff,
+                       "annotating own Node failed; peers cannot reach this node until it succeeds");
+                self.set_status(|s| s.last_error = Some(format!("patching Node: {}", explain(&e))));
+                self.publish_at = Some(Instant::now() + self.publish_backoff);
+                self.publish_backoff = (self.publish_backoff * 2).min(PUBLISH_RETRY_MAX);
+            }
+        }
+    }
+
+    /// Records a Warning Event on the Node at fault, in the background so an
+    /// unreachable API server never holds up the mesh.
+    fn record_event(&self, p: &Problem, all: &[Arc<Node>]) {
+        let uid = all
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(p.node.as_str()))
+            .and_then(|n| n.metadata.uid.clone());
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let ev = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.tunmesh.", p.node)),
+                namespace: Some(EVENT_NAMESPACE.into()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(p.node.clone()),
+                uid,
+                field_path: Some(p.field.clone()),
+                ..Default::default()
+            },
+            reason: Some(p.reason.into()),
+            message: Some(format!("{}: {}", p.field, p.message)),
+            type_: Some("Warning".into()),
+            source: Some(EventSource {
+                component: Some("tunmesh-router".into()),
+                host: Some(self.settings.node_name.clone()),
+            }),
+            reporting_component: Some("tunmesh.io/router".into()),
+            reporting_instance: Some(self.settings.node_name.clone()),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            ..Default::default()
+        };
+        let api = self.events_api.clone();
+        let node = p.node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                warn!(%node, error = %explain(&e), "recording an Event failed");
+            }
+        });
+    }
+}
