@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine, as root: installs what the tests
-# need, checks formatting and lints, builds everything once in release mode
-# and runs every test (unit, in-memory, namespace end-to-end, interop).
+# need (Debian packages, the Kubernetes control plane built from Go modules),
+# checks formatting and lints, builds everything once in release mode and
+# runs every test (unit, in-memory, namespace end-to-end, Kubernetes, interop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -9,6 +10,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 scripts/install-deps.sh
+# etcd, kube-apiserver, kube-controller-manager and kubectl from the pinned
+# Go modules: built once (several minutes), then taken from the cache.
+TUNMESH_CONTROL_PLANE_BIN=$(scripts/control-plane.sh)
+export TUNMESH_CONTROL_PLANE_BIN
 cargo fmt --all -- --check
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
 cargo build --release --locked --workspace

@@ -1,12 +1,19 @@
 //! The cluster in namespaces.
 //!
 //! ```text
-//!  tm<id>-ul:  br0 ── n1 ── n2 ── n3            underlay bridge, 172.28.0.0/24
-//!               │      │     │
-//!  tm<id>-node-1: eth0 172.28.0.11, tunmesh0 (10.244.1.1/32, fd00:10:244:1::1/128), router
-//!     vpod1 ── tm<id>-node-1-pod-1: eth0 10.244.1.11/32, fd00:10:244:1::11/128
-//!     vpod2 ── tm<id>-node-1-pod-2: eth0 10.244.1.12/32, ...
+//!  tm<id>-ul:  br0 ── cp ── n1 ── n2 ── n3       underlay bridge, 172.28.0.0/24
+//!                     │     │     │
+//!  tm<id>-cp:     eth0 172.28.0.2: etcd, kube-apiserver :6443, kube-controller-manager
+//!  tm<id>-node-1: eth0 172.28.0.11, tunmesh0 (10.244.0.1/32, fd00:10:244::1/128), router
+//!     vpod1 ── tm<id>-node-1-pod-1: eth0 10.244.0.11/32, fd00:10:244::11/128
+//!     vpod2 ── tm<id>-node-1-pod-2: eth0 10.244.0.12/32, ...
 //! ```
+//!
+//! By default the routers take their peers from Node objects: the lab runs
+//! a real control plane (`controlplane`), registers one Node per node
+//! namespace as kubelet would, and the node IPAM controller hands out the
+//! podCIDRs. With `LabOptions::mesh_file` the routers read static mesh files
+//! instead, and node N gets 10.244.N.0/24.
 //!
 //! Users type short names (`node-1`, `node-1-pod-2`); the namespaces carry
 //! a per-run id. The lab's record (`lab.json`) and its files live in
@@ -21,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tunmesh_keygen::PrivateKey;
 
+use crate::controlplane::{self, ControlPlane};
 use crate::netns::{self, add_netns, exec, ip, veth};
 
 /// Where labs keep their records and files.
@@ -42,6 +50,8 @@ pub struct LabOptions {
     pub router_bin: Option<PathBuf>,
     /// Extra arguments for every router (e.g. `--offload=false`).
     pub router_args: Vec<String>,
+    /// Static mesh files instead of the Kubernetes control plane.
+    pub mesh_file: bool,
 }
 
 impl Default for LabOptions {
@@ -52,6 +62,7 @@ impl Default for LabOptions {
             root: PathBuf::from(DEFAULT_ROOT),
             router_bin: None,
             router_args: Vec::new(),
+            mesh_file: false,
         }
     }
 }
@@ -66,7 +77,9 @@ pub struct NodeInfo {
     pub gateway_v4: Ipv4Addr,
     pub gateway_v6: Ipv6Addr,
     pub public_key: String,
+    /// The router's mesh file (mesh-file labs) or kubeconfig (Kubernetes labs).
     pub mesh_file: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub log: PathBuf,
     pub router_pid: Option<u32>,
@@ -89,6 +102,14 @@ pub struct LabState {
     pub underlay_ns: String,
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
+    /// The Kubernetes control plane (absent in mesh-file labs).
+    #[serde(default)]
+    pub control_plane: Option<ControlPlane>,
+    /// Router binary and extra arguments, for nodes added later.
+    #[serde(default)]
+    pub router_bin: PathBuf,
+    #[serde(default)]
+    pub router_args: Vec<String>,
 }
 
 /// A running lab. Dropping it tears it down unless `keep` was called.
@@ -142,72 +163,201 @@ impl Lab {
                 underlay_ns: format!("{prefix}-ul"),
                 nodes: Vec::new(),
                 pods: Vec::new(),
+                control_plane: None,
+                router_bin,
+                router_args: opts.router_args.clone(),
             },
             keep: false,
         };
         lab.save()?;
         crate::lab::set_current(Some(dir.clone()));
-        lab.build(opts, &router_bin, &prefix)?;
+        // The control plane's binaries first: a first build takes minutes,
+        // and nothing should be half up meanwhile.
+        let cp_bin = if opts.mesh_file {
+            None
+        } else {
+            Some(controlplane::binaries()?)
+        };
+        lab.build(opts, cp_bin.as_deref(), &prefix)?;
         Ok(lab)
     }
 
-    fn build(&mut self, opts: &LabOptions, router_bin: &Path, prefix: &str) -> Result<()> {
+    fn prefix(&self) -> String {
+        format!("tm{}", self.state.id)
+    }
+
+    fn build(&mut self, opts: &LabOptions, cp_bin: Option<&Path>, prefix: &str) -> Result<()> {
         let ul = self.state.underlay_ns.clone();
         add_netns(&ul)?;
         ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &ul, "link", "set", "br0", "up"])?;
 
-        let keys: Vec<PrivateKey> = (0..opts.nodes).map(|_| PrivateKey::generate()).collect();
-        for i in 1..=opts.nodes {
-            let ns = format!("{prefix}-node-{i}");
-            let ndir = self.state.dir.join(format!("node-{i}"));
-            std::fs::create_dir_all(&ndir)?;
-            let node = NodeInfo {
-                name: format!("node-{i}"),
-                ns: ns.clone(),
-                underlay_ip: node_underlay_ip(i),
-                pod_cidr_v4: format!("10.244.{i}.0/24"),
-                pod_cidr_v6: format!("fd00:10:244:{i:x}::/64"),
-                gateway_v4: Ipv4Addr::new(10, 244, i as u8, 1),
-                gateway_v6: format!("fd00:10:244:{i:x}::1").parse()?,
-                public_key: keys[i - 1].public_key().to_base64(),
-                mesh_file: ndir.join("mesh.toml"),
-                state_dir: ndir.join("state"),
-                log: ndir.join("router.log"),
-                router_pid: None,
-            };
-            self.state.nodes.push(node);
-            self.save()?;
+        if let Some(bin) = cp_bin {
+            let ns = format!("{prefix}-cp");
             add_netns(&ns)?;
-            let port = format!("n{i}");
-            veth(&ns, "eth0", &ul, &port)?;
-            ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
+            self.plug_underlay(&ns, "cp", controlplane::API_IP)?;
+            // Record the namespace before anything runs in it.
+            self.state.control_plane = Some(ControlPlane {
+                ns: ns.clone(),
+                dir: self.state.dir.join("control-plane"),
+                bin: bin.to_path_buf(),
+                cluster_cidrs: Vec::new(),
+                etcd_pid: None,
+                apiserver_pid: None,
+                controller_manager_pid: None,
+            });
+            self.save()?;
+            let cp = ControlPlane::start(
                 &ns,
-                "addr",
-                "add",
-                &format!("{}/24", node_underlay_ip(i)),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            keys[i - 1].write_file(&ndir.join("private.key"))?;
+                &self.state.dir.join("control-plane"),
+                bin,
+                &[CLUSTER_V4, CLUSTER_V6],
+            );
+            // Keep whatever PIDs it got even on failure, for teardown.
+            self.state.control_plane = Some(cp?);
+            self.save()?;
+            for _ in 0..opts.nodes {
+                self.add_node_namespace()?;
+            }
+            for i in 0..opts.nodes {
+                self.start_router(i)?;
+            }
+            for i in 0..opts.nodes {
+                self.wait_router(i)?;
+                self.wait_node_ready(i)?;
+            }
+        } else {
+            let keys: Vec<PrivateKey> = (0..opts.nodes).map(|_| PrivateKey::generate()).collect();
+            for key in &keys {
+                let i = self.add_node_namespace()?;
+                let n = &mut self.state.nodes[i];
+                n.public_key = key.public_key().to_base64();
+                key.write_file(&n.mesh_file.with_file_name("private.key"))?;
+            }
+            for i in 0..opts.nodes {
+                let text = self.mesh_file_text(i, None);
+                std::fs::write(&self.state.nodes[i].mesh_file, text)?;
+                self.start_router(i)?;
+            }
+            for i in 0..opts.nodes {
+                self.wait_router(i)?;
+            }
         }
-        for i in 0..opts.nodes {
-            let text = self.mesh_file_text(i, None);
-            std::fs::write(&self.state.nodes[i].mesh_file, text)?;
-            self.start_router(i, router_bin, &opts.router_args)?;
-        }
-        for i in 0..opts.nodes {
-            self.wait_router(i)?;
-        }
+        self.save()?;
         for i in 1..=opts.nodes {
             for j in 1..=opts.pods_per_node {
-                self.add_pod(i, j, prefix)?;
+                self.add_pod(i, j)?;
             }
         }
         Ok(())
+    }
+
+    /// Connects namespace `ns` to the underlay bridge as `eth0` with `addr`.
+    fn plug_underlay(&self, ns: &str, port: &str, addr: &str) -> Result<()> {
+        let ul = &self.state.underlay_ns;
+        veth(ns, "eth0", ul, port)?;
+        ip(&["-n", ul, "link", "set", port, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])
+    }
+
+    /// Adds the next node: its namespace on the underlay, and in a
+    /// Kubernetes lab its Node object (kubelet's part) with the podCIDRs
+    /// the controller gives it. Returns its 0-based index. The router is
+    /// not started.
+    pub fn add_node_namespace(&mut self) -> Result<usize> {
+        let i = self.state.nodes.len() + 1;
+        let ns = format!("{}-node-{i}", self.prefix());
+        let ndir = self.state.dir.join(format!("node-{i}"));
+        std::fs::create_dir_all(&ndir)?;
+        let mut node = NodeInfo {
+            name: format!("node-{i}"),
+            ns: ns.clone(),
+            underlay_ip: node_underlay_ip(i),
+            pod_cidr_v4: format!("10.244.{i}.0/24"),
+            pod_cidr_v6: format!("fd00:10:244:{i:x}::/64"),
+            gateway_v4: Ipv4Addr::new(10, 244, i as u8, 1),
+            gateway_v6: format!("fd00:10:244:{i:x}::1").parse()?,
+            public_key: String::new(),
+            mesh_file: ndir.join("mesh.toml"),
+            kubeconfig: None,
+            state_dir: ndir.join("state"),
+            log: ndir.join("router.log"),
+            router_pid: None,
+        };
+        self.state.nodes.push(node.clone());
+        self.save()?;
+        add_netns(&ns)?;
+        self.plug_underlay(&ns, &format!("n{i}"), &node.underlay_ip.to_string())?;
+        if let Some(cp) = &self.state.control_plane {
+            cp.register_node(&node.name, &node.underlay_ip.to_string())?;
+            let cidrs = cp.wait_pod_cidrs(&node.name, Duration::from_secs(30))?;
+            for c in cidrs {
+                let net: ipnetwork::IpNetwork =
+                    c.parse().with_context(|| format!("podCIDR {c}"))?;
+                match net {
+                    ipnetwork::IpNetwork::V4(n) => {
+                        node.pod_cidr_v4 = c.clone();
+                        node.gateway_v4 = Ipv4Addr::from(u32::from(n.network()) + 1);
+                    }
+                    ipnetwork::IpNetwork::V6(n) => {
+                        node.pod_cidr_v6 = c.clone();
+                        node.gateway_v6 = Ipv6Addr::from(u128::from(n.network()) + 1);
+                    }
+                }
+            }
+            let kubeconfig = ndir.join("kubeconfig");
+            cp.router_kubeconfig(controlplane::SA_NAME, &kubeconfig)?;
+            node.kubeconfig = Some(kubeconfig);
+            self.state.nodes[i - 1] = node;
+            self.save()?;
+        }
+        Ok(i - 1)
+    }
+
+    /// Adds a node to a running lab (a join): namespace, Node, router, and
+    /// `pods` pods once the router is up.
+    pub fn add_node(&mut self, pods: usize) -> Result<usize> {
+        let i = self.add_node_namespace()?;
+        self.start_router(i)?;
+        self.wait_router(i)?;
+        self.wait_node_ready(i)?;
+        for j in 1..=pods {
+            self.add_pod(i + 1, j)?;
+        }
+        Ok(i)
+    }
+
+    /// Waits until node `i`'s router has its pod CIDRs and published its
+    /// key; records the key.
+    pub fn wait_node_ready(&mut self, i: usize) -> Result<()> {
+        let n = self.state.nodes[i].clone();
+        let key = netns::wait_for(Duration::from_secs(60), || {
+            let st = tunmesh_router::nodestate::NodeState::read(&n.state_dir).ok()?;
+            if !st.pod_cidrs.iter().any(|c| c.to_string() == n.pod_cidr_v4) {
+                return None;
+            }
+            let status = tunmesh_router::status::Status::read(&n.state_dir).ok()?;
+            Some(status.public_key)
+        })
+        .with_context(|| {
+            format!(
+                "{}'s router did not take its podCIDR {} within 60 s; its log: {}",
+                n.name,
+                n.pod_cidr_v4,
+                n.log.display()
+            )
+        })?;
+        self.state.nodes[i].public_key = key;
+        self.save()
     }
 
     /// The mesh file of node `i` (0-based): every other node is a peer,
@@ -235,17 +385,68 @@ impl Lab {
         s
     }
 
-    /// Starts node `i`'s router (0-based) and records its PID.
-    pub fn start_router(&mut self, i: usize, router_bin: &Path, extra: &[String]) -> Result<()> {
+    /// Starts node `i`'s router (0-based) with the lab's router binary and
+    /// arguments, and records its PID.
+    pub fn start_router(&mut self, i: usize) -> Result<()> {
+        let extra = self.state.router_args.clone();
+        self.start_router_with(i, &extra)
+    }
+
+    /// Starts node `i`'s router with `extra` arguments instead of the lab's.
+    pub fn start_router_with(&mut self, i: usize, extra: &[String]) -> Result<()> {
         let n = self.state.nodes[i].clone();
-        let mesh = n.mesh_file.display().to_string();
+        // A previous run's status would look like this one's.
+        let _ = std::fs::remove_file(n.state_dir.join(tunmesh_router::status::STATUS_FILE));
         let state = n.state_dir.display().to_string();
         let mtu = MTU.to_string();
-        let mut args = vec!["--mesh-file", &mesh, "--state-dir", &state, "--mtu", &mtu];
-        args.extend(extra.iter().map(String::as_str));
-        let child = netns::spawn(&n.ns, router_bin, &args, &[("RUST_LOG", "info")], &n.log)?;
+        let mut args: Vec<String> = vec!["--state-dir".into(), state, "--mtu".into(), mtu];
+        match &n.kubeconfig {
+            Some(kc) => args.extend([
+                "--node-name".into(),
+                n.name.clone(),
+                "--kubeconfig".into(),
+                kc.display().to_string(),
+                "--cluster-cidrs".into(),
+                format!("{CLUSTER_V4},{CLUSTER_V6}"),
+            ]),
+            None => args.extend(["--mesh-file".into(), n.mesh_file.display().to_string()]),
+        }
+        args.extend(extra.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = netns::spawn(&n.ns, &self.state.router_bin, &args, &[], &n.log)?;
         self.state.nodes[i].router_pid = Some(child.id());
         self.save()
+    }
+
+    /// Stops node `i`'s router (SIGTERM) and waits for it to exit.
+    pub fn stop_router(&mut self, i: usize) -> Result<()> {
+        if let Some(pid) = self.state.nodes[i].router_pid.take() {
+            netns::stop_pid(pid, Duration::from_secs(5));
+        }
+        self.save()
+    }
+
+    /// The control plane, or an error naming the mesh-file lab.
+    pub fn control_plane(&self) -> Result<&ControlPlane> {
+        self.state.control_plane.as_ref().with_context(|| {
+            format!(
+                "lab {} runs on mesh files, without Kubernetes",
+                self.state.id
+            )
+        })
+    }
+
+    pub fn control_plane_mut(&mut self) -> Result<&mut ControlPlane> {
+        let id = self.state.id.clone();
+        self.state
+            .control_plane
+            .as_mut()
+            .with_context(|| format!("lab {id} runs on mesh files, without Kubernetes"))
+    }
+
+    /// kubectl against the lab's cluster, as its admin.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.control_plane()?.kubectl(args)
     }
 
     /// Waits until node `i`'s router has written its first status.
@@ -254,13 +455,14 @@ impl Lab {
         crate::peers::wait_router(&n.name, n.router_pid.unwrap_or(0), &n.state_dir, &n.log)
     }
 
-    /// Attaches pod `j` to node `i` (both 1-based) with a veth and routes.
+    /// Attaches pod `j` to node `i` (both 1-based) with a veth and routes,
+    /// at address 10+j of the node's pod CIDRs.
     /// (The CNI plugin takes this over in a later issue.)
-    fn add_pod(&mut self, i: usize, j: usize, prefix: &str) -> Result<()> {
+    pub fn add_pod(&mut self, i: usize, j: usize) -> Result<()> {
         let node = self.state.nodes[i - 1].clone();
-        let ns = format!("{prefix}-node-{i}-pod-{j}");
-        let v4 = Ipv4Addr::new(10, 244, i as u8, 10 + j as u8);
-        let v6: Ipv6Addr = format!("fd00:10:244:{i:x}::{:x}", 0x10 + j).parse()?;
+        let ns = format!("{}-node-{i}-pod-{j}", self.prefix());
+        let v4 = Ipv4Addr::from(u32::from(node.gateway_v4) - 1 + 10 + j as u32);
+        let v6 = Ipv6Addr::from(u128::from(node.gateway_v6) - 1 + 0x10 + j as u128);
         self.state.pods.push(PodInfo {
             name: format!("node-{i}-pod-{j}"),
             node: i - 1,
@@ -371,8 +573,14 @@ impl Lab {
         if let Some(p) = self.state.pods.iter().find(|p| p.name == name) {
             return Ok(p.ns.clone());
         }
+        if let (Some(cp), "control-plane") = (&self.state.control_plane, name) {
+            return Ok(cp.ns.clone());
+        }
         let mut names: Vec<&str> = self.state.nodes.iter().map(|n| n.name.as_str()).collect();
         names.extend(self.state.pods.iter().map(|p| p.name.as_str()));
+        if self.state.control_plane.is_some() {
+            names.push("control-plane");
+        }
         bail!(
             "no node or pod named {name:?} in lab {} (have: underlay, {})",
             self.state.id,

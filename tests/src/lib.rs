@@ -5,6 +5,7 @@
 //! - `netns`: namespaces, veths, commands and sockets inside a namespace;
 //! - `lab`: the cluster (underlay bridge, node namespaces running routers,
 //!   pod namespaces), recorded on disk so `exec` and `down` find it later;
+//! - `controlplane`: etcd, kube-apiserver and kube-controller-manager for the lab;
 //! - `checks`: ping, byte-exact TCP transfers, iperf3, the connectivity matrix;
 //! - `pcap`: just enough of the pcap format to inspect underlay captures;
 //! - `peers`: a one-peer tunmesh router or a `wg`-configured WireGuard
@@ -13,6 +14,7 @@
 
 pub mod bench;
 pub mod checks;
+pub mod controlplane;
 pub mod lab;
 pub mod netns;
 pub mod pcap;

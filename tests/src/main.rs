@@ -30,6 +30,16 @@ enum Cmd {
         nodes: usize,
         #[arg(long, default_value_t = 2)]
         pods_per_node: usize,
+        /// Static mesh files instead of a Kubernetes control plane.
+        #[arg(long)]
+        peers_file: bool,
+    },
+    /// kubectl against the lab's cluster, as its admin: kubectl -- ARGS...
+    Kubectl {
+        #[arg(long, env = "TUNMESH_LAB")]
+        lab: Option<String>,
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Remove a lab (the newest, or --lab ID, or --all).
     Down {
@@ -79,6 +89,9 @@ enum Cmd {
         /// iperf3 duration in seconds.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
+        /// Static mesh files instead of a Kubernetes control plane.
+        #[arg(long)]
+        peers_file: bool,
     },
 }
 
@@ -117,18 +130,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Up {
             nodes,
             pods_per_node,
+            peers_file,
         } => {
             need_root()?;
             let mut lab = Lab::up(&LabOptions {
                 nodes,
                 pods_per_node,
                 root: cli.root,
+                mesh_file: peers_file,
                 ..Default::default()
             })?;
             lab.keep();
             lab::set_current(None);
             print_lab(&lab);
-            println!("\nlab {} is up; `tunmesh-lab exec NAME -- CMD` to use it, `tunmesh-lab down` to remove it", lab.state.id);
+            println!("\nlab {} is up; `tunmesh-lab exec NAME -- CMD` to use it, `tunmesh-lab kubectl -- ARGS` for its cluster, `tunmesh-lab down` to remove it", lab.state.id);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Down { lab, all } => {
@@ -153,6 +168,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .args(&cmd)
                 .status()
                 .with_context(|| format!("running {} in {name}", cmd.join(" ")))?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ))
+        }
+        Cmd::Kubectl { lab, args } => {
+            need_root()?;
+            let lab = Lab::load(&cli.root, lab.as_deref())?;
+            let cp = lab.control_plane()?;
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &cp.ns])
+                .arg(cp.bin.join("kubectl"))
+                .arg(format!("--kubeconfig={}", cp.admin_kubeconfig().display()))
+                .args(&args)
+                .status()
+                .context("running kubectl")?;
             Ok(ExitCode::from(
                 status.code().unwrap_or(1).clamp(0, 255) as u8
             ))
@@ -205,9 +235,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             nodes,
             pods_per_node,
             seconds,
+            peers_file,
         } => {
             need_root()?;
-            demo(&cli.root, nodes, pods_per_node, seconds)
+            demo(&cli.root, nodes, pods_per_node, seconds, peers_file)
         }
     }
 }
@@ -242,18 +273,30 @@ fn demo(
     nodes: usize,
     pods_per_node: usize,
     seconds: u32,
+    peers_file: bool,
 ) -> Result<ExitCode> {
     if nodes < 2 || pods_per_node < 1 {
         bail!("the demo needs at least 2 nodes with 1 pod each");
     }
-    println!("building a {nodes}-node lab with {pods_per_node} pods per node...");
+    println!(
+        "building a {nodes}-node lab with {pods_per_node} pods per node, peers from {}...",
+        if peers_file {
+            "static mesh files"
+        } else {
+            "Node objects (etcd, kube-apiserver, kube-controller-manager)"
+        }
+    );
     let lab = Lab::up(&LabOptions {
         nodes,
         pods_per_node,
         root: root.to_path_buf(),
+        mesh_file: peers_file,
         ..Default::default()
     })?;
     print_lab(&lab);
+    if let Ok(out) = lab.kubectl(&["get", "nodes", "-o", "custom-columns=NODE:.metadata.name,INTERNAL-IP:.status.addresses[0].address,POD-CIDRS:.spec.podCIDRs,ENDPOINT:.metadata.annotations.tunmesh\\.io/endpoint"]) {
+        println!("\nkubectl get nodes:\n{}", out.trim_end());
+    }
     println!("\nchecking every pod-to-pod and node-to-pod pair (ping and a {} KiB TCP transfer, IPv4 and IPv6)...", checks::TCP_CHECK_BYTES / 1024);
     let results = checks::matrix(&lab);
     print!("{}", checks::matrix_table(&results));

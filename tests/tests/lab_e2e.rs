@@ -1,5 +1,6 @@
-//! End-to-end tests on a 3-node lab with real TUN devices in namespaces.
-//! They need root; CI runs them as root.
+//! End-to-end tests on a 3-node lab with real TUN devices in namespaces,
+//! on static mesh files (the Kubernetes source has its own tests in
+//! kube_mesh.rs). They need root; CI runs them as root.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,6 +14,7 @@ fn lab(nodes: usize, pods: usize) -> Lab {
     Lab::up(&LabOptions {
         nodes,
         pods_per_node: pods,
+        mesh_file: true,
         ..Default::default()
     })
     .expect("lab up")

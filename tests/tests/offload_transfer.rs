@@ -14,6 +14,7 @@ fn transfer(offload: bool) {
         nodes: 2,
         pods_per_node: 1,
         router_args: vec![format!("--offload={offload}")],
+        mesh_file: true,
         ..Default::default()
     })
     .expect("lab up");

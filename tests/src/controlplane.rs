@@ -1,0 +1,524 @@
+//! A real Kubernetes control plane for the lab, in its own namespace on the
+//! underlay: etcd, kube-apiserver (TLS from a per-lab CA, RBAC,
+//! ServiceAccount tokens) and kube-controller-manager running only the node
+//! IPAM controller, so podCIDRs reach Nodes the way they do in a cluster.
+//! The binaries are built from pinned Go modules by
+//! `scripts/control-plane.sh` and cached.
+//!
+//! ```text
+//!  tm<id>-cp: eth0 172.28.0.2 ── underlay bridge
+//!    etcd                    127.0.0.1:2379 (only inside this namespace)
+//!    kube-apiserver          https://172.28.0.2:6443
+//!    kube-controller-manager --controllers=node-ipam-controller
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::netns::{self, exec_output};
+
+/// The API server's address on the underlay.
+pub const API_IP: &str = "172.28.0.2";
+pub const API_PORT: u16 = 6443;
+/// Service network (nothing uses it yet; the API server requires one).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// Namespace and name of the routers' ServiceAccount (deploy/rbac.yaml).
+pub const SA_NAMESPACE: &str = "kube-system";
+pub const SA_NAME: &str = "tunmesh";
+/// The RBAC objects the routers run with: exactly what deploy/ ships.
+pub const RBAC_YAML: &str = include_str!("../../deploy/rbac.yaml");
+
+/// The directory with kube-apiserver, kube-controller-manager, kubectl and
+/// etcd: `$TUNMESH_CONTROL_PLANE_BIN`, else what `scripts/control-plane.sh`
+/// builds (once; later calls find it cached). Its progress goes to stderr.
+pub fn binaries() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TUNMESH_CONTROL_PLANE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/control-plane.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed (see its messages above); the lab needs the control plane it builds",
+            script.display()
+        );
+    }
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    for b in [
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kubectl",
+        "etcd",
+    ] {
+        if !dir.join(b).is_file() {
+            bail!(
+                "{} did not produce {b} in {}",
+                script.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// The control plane's record, kept in the lab's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlPlane {
+    pub ns: String,
+    /// Certificates, kubeconfigs, etcd data and logs.
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub cluster_cidrs: Vec<String>,
+    pub etcd_pid: Option<u32>,
+    pub apiserver_pid: Option<u32>,
+    pub controller_manager_pid: Option<u32>,
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running openssl (apt-get install openssl)")?;
+    if !out.status.success() {
+        bail!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Issues `name.crt`/`name.key` signed by the lab CA.
+fn issue(dir: &Path, name: &str, subject: &str, ext: &str) -> Result<()> {
+    let extfile = format!("{name}.ext");
+    std::fs::write(dir.join(&extfile), ext)?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            subject,
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "7",
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &extfile,
+        ],
+    )
+}
+
+/// A kubeconfig for the lab's API server with either a client certificate
+/// (`name.crt`/`name.key`) or a bearer token.
+pub fn kubeconfig(ca: &Path, user: KubeUser<'_>) -> String {
+    let creds = match user {
+        KubeUser::Cert { crt, key } => format!(
+            "    client-certificate: {}\n    client-key: {}\n",
+            crt.display(),
+            key.display()
+        ),
+        KubeUser::Token(t) => format!("    token: {t}\n"),
+    };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{API_IP}:{API_PORT}\n\
+         \x20   certificate-authority: {ca}\nusers:\n- name: user\n  user:\n{creds}contexts:\n- name: lab\n  context:\n\
+         \x20   cluster: lab\n    user: user\ncurrent-context: lab\n",
+        ca = ca.display()
+    )
+}
+
+pub enum KubeUser<'a> {
+    Cert { crt: &'a Path, key: &'a Path },
+    Token(&'a str),
+}
+
+impl ControlPlane {
+    /// Creates the PKI and starts etcd, the API server and the controller
+    /// manager in namespace `ns` (which must exist, on the underlay at
+    /// `API_IP`); applies the routers' RBAC. `cluster_cidrs` (one per
+    /// family) are split into /24 and /64 node podCIDRs.
+    pub fn start(ns: &str, dir: &Path, bin: &Path, cluster_cidrs: &[&str]) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut cp = ControlPlane {
+            ns: ns.to_string(),
+            dir: dir.to_path_buf(),
+            bin: bin.to_path_buf(),
+            cluster_cidrs: cluster_cidrs.iter().map(|s| s.to_string()).collect(),
+            etcd_pid: None,
+            apiserver_pid: None,
+            controller_manager_pid: None,
+        };
+        cp.pki()?;
+        cp.start_etcd()?;
+        cp.start_apiserver()?;
+        cp.start_controller_manager()?;
+        cp.kubectl_stdin(&["apply", "-f", "-"], RBAC_YAML)
+            .context("applying deploy/rbac.yaml")?;
+        Ok(cp)
+    }
+
+    fn pki(&self) -> Result<()> {
+        let d = &self.dir;
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "7",
+                "-subj",
+                "/CN=tunmesh-lab-ca",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        )?;
+        issue(
+            d,
+            "apiserver",
+            "/CN=kube-apiserver",
+            &format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage=serverAuth\nsubjectAltName=IP:{API_IP},IP:127.0.0.1,IP:10.96.0.1,\
+                 DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:localhost\n"
+            ),
+        )?;
+        let client_ext = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
+        issue(
+            d,
+            "admin",
+            "/O=system:masters/CN=tunmesh-lab-admin",
+            client_ext,
+        )?;
+        issue(
+            d,
+            "controller-manager",
+            "/CN=system:kube-controller-manager",
+            client_ext,
+        )?;
+        // ServiceAccount token signing key.
+        openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "sa.key",
+            ],
+        )?;
+        openssl(d, &["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+        let ca = d.join("ca.crt");
+        for user in ["admin", "controller-manager"] {
+            let text = kubeconfig(
+                &ca,
+                KubeUser::Cert {
+                    crt: &d.join(format!("{user}.crt")),
+                    key: &d.join(format!("{user}.key")),
+                },
+            );
+            std::fs::write(d.join(format!("{user}.kubeconfig")), text)?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, name: &str, args: &[String]) -> Result<u32> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = netns::spawn(
+            &self.ns,
+            &self.bin.join(name),
+            &args,
+            &[],
+            &self.dir.join(format!("{name}.log")),
+        )?;
+        Ok(child.id())
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    pub fn start_etcd(&mut self) -> Result<()> {
+        let data = self.dir.join("etcd-data");
+        let pid = self.spawn(
+            "etcd",
+            &[
+                "--name=lab".into(),
+                format!("--data-dir={}", data.display()),
+                "--listen-client-urls=http://127.0.0.1:2379".into(),
+                "--advertise-client-urls=http://127.0.0.1:2379".into(),
+                "--listen-peer-urls=http://127.0.0.1:2380".into(),
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
+                "--initial-cluster=lab=http://127.0.0.1:2380".into(),
+                // A throwaway store on tmpfs: durability buys nothing here.
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+        self.etcd_pid = Some(pid);
+        let up = netns::wait_for(Duration::from_secs(30), || {
+            if !netns::is_running(pid) {
+                return Some(false);
+            }
+            let out =
+                exec_output(&self.ns, "bash", &["-c", "exec 3<>/dev/tcp/127.0.0.1/2379"]).ok()?;
+            out.status.success().then_some(true)
+        });
+        if up != Some(true) {
+            bail!(
+                "etcd did not start; its log ends:\n{}",
+                self.log_tail("etcd")
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts the API server and waits until /readyz answers ok.
+    pub fn start_apiserver(&mut self) -> Result<()> {
+        let d = self.dir.display();
+        let pid = self.spawn(
+            "kube-apiserver",
+            &[
+                "--etcd-servers=http://127.0.0.1:2379".into(),
+                format!("--advertise-address={API_IP}"),
+                "--bind-address=0.0.0.0".into(),
+                format!("--secure-port={API_PORT}"),
+                format!("--tls-cert-file={d}/apiserver.crt"),
+                format!("--tls-private-key-file={d}/apiserver.key"),
+                format!("--client-ca-file={d}/ca.crt"),
+                format!("--cert-dir={d}/apiserver-certs"),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={d}/sa.pub"),
+                format!("--service-account-signing-key-file={d}/sa.key"),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                "--authorization-mode=RBAC".into(),
+                "--profiling=false".into(),
+                "--enable-priority-and-fairness=false".into(),
+            ],
+        )?;
+        self.apiserver_pid = Some(pid);
+        let ready = netns::wait_for(Duration::from_secs(120), || {
+            if !netns::is_running(pid) {
+                return Some(false);
+            }
+            let out = self.kubectl_output(&["get", "--raw", "/readyz"]).ok()?;
+            (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok")
+                .then_some(true)
+        });
+        if ready != Some(true) {
+            bail!(
+                "kube-apiserver did not become ready; its log ends:\n{}",
+                self.log_tail("kube-apiserver")
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the API server (an outage); `start_apiserver` brings it back
+    /// with the same state, which lives in etcd.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(pid) = self.apiserver_pid.take() {
+            netns::stop_pid(pid, Duration::from_secs(5));
+        }
+    }
+
+    pub fn start_controller_manager(&mut self) -> Result<()> {
+        let d = self.dir.display();
+        let mut args = vec![
+            format!("--kubeconfig={d}/controller-manager.kubeconfig"),
+            "--controllers=node-ipam-controller".into(),
+            "--allocate-node-cidrs=true".into(),
+            format!("--cluster-cidr={}", self.cluster_cidrs.join(",")),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--leader-elect=false".into(),
+            "--secure-port=0".into(),
+            // Each controller acts as its own ServiceAccount with its
+            // bootstrap ClusterRole, as kubeadm clusters run it.
+            "--use-service-account-credentials=true".into(),
+        ];
+        for c in &self.cluster_cidrs {
+            if c.contains(':') {
+                args.push("--node-cidr-mask-size-ipv6=64".into());
+            } else {
+                args.push("--node-cidr-mask-size-ipv4=24".into());
+            }
+        }
+        let pid = self.spawn("kube-controller-manager", &args)?;
+        self.controller_manager_pid = Some(pid);
+        // It has no health endpoint here (--secure-port=0): check it stays up.
+        std::thread::sleep(Duration::from_millis(500));
+        if !netns::is_running(pid) {
+            bail!(
+                "kube-controller-manager exited; its log ends:\n{}",
+                self.log_tail("kube-controller-manager")
+            );
+        }
+        Ok(())
+    }
+
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    fn kubectl_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns])
+            .arg(self.bin.join("kubectl"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.admin_kubeconfig().display()
+            ))
+            .args(args);
+        c
+    }
+
+    /// kubectl as the lab's admin, any exit status.
+    pub fn kubectl_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.kubectl_command(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running kubectl")
+    }
+
+    /// kubectl as the lab's admin, failing with its stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl_output(args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// kubectl with `input` on stdin.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = self
+            .kubectl_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A kubeconfig for a router: a token of ServiceAccount `sa` (in
+    /// kube-system), written to `path`.
+    pub fn router_kubeconfig(&self, sa: &str, path: &Path) -> Result<()> {
+        let token = self.kubectl(&["create", "token", sa, "-n", SA_NAMESPACE, "--duration=48h"])?;
+        std::fs::write(
+            path,
+            kubeconfig(&self.dir.join("ca.crt"), KubeUser::Token(token.trim())),
+        )
+        .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Registers a Node the way kubelet does: the object, then its
+    /// InternalIP and hostname in `status.addresses`.
+    pub fn register_node(&self, name: &str, internal_ip: &str) -> Result<()> {
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name } },
+        });
+        self.kubectl_stdin(&["create", "-f", "-"], &node.to_string())?;
+        let status = serde_json::json!({ "status": { "addresses": [
+            { "type": "InternalIP", "address": internal_ip },
+            { "type": "Hostname", "address": name },
+        ]}});
+        self.kubectl(&[
+            "patch",
+            "node",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// Waits until the node IPAM controller has given `name` a podCIDR per
+    /// cluster CIDR; returns them.
+    pub fn wait_pod_cidrs(&self, name: &str, timeout: Duration) -> Result<Vec<String>> {
+        let want = self.cluster_cidrs.len();
+        netns::wait_for(timeout, || {
+            let out = self
+                .kubectl(&["get", "node", name, "-o", "jsonpath={.spec.podCIDRs}"])
+                .ok()?;
+            let v: Vec<String> = serde_json::from_str(out.trim()).ok()?;
+            (v.len() == want).then_some(v)
+        })
+        .with_context(|| {
+            format!(
+                "Node {name} got no podCIDR in {timeout:?}; kube-controller-manager's log ends:\n{}",
+                self.log_tail("kube-controller-manager")
+            )
+        })
+    }
+}
