@@ -13,7 +13,8 @@
 //! and whatever changed meanwhile is picked up by the rebuild that follows.
 //!
 //! Verbs used, and nothing more (deploy/rbac.yaml): nodes get, list, watch,
-//! patch; events create. Events are created once per distinct problem (no
+//! patch; events create. An Event is created once per distinct problem, by
+//! the router on the Node at fault and by one cluster-wide reporter (no
 //! patching of event series, which would need another verb).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -291,10 +292,25 @@ impl SourceState {
             },
         );
 
+        // Every router logs every problem; Events come from the router on
+        // the Node at fault and from one reporter for the whole cluster
+        // (the first name among the healthy Nodes), so a bad Node gets at
+        // most two Events, not one per node in the cluster.
+        let own = self.settings.node_name.as_str();
+        let reporter = t
+            .mesh
+            .peers
+            .iter()
+            .map(|p| p.name.as_str())
+            .chain(std::iter::once(own))
+            .min()
+            .unwrap_or(own);
         let now: BTreeSet<Problem> = t.problems.iter().cloned().collect();
         for p in now.difference(&self.reported) {
             warn!(node = %p.node, field = %p.field, reason = p.reason, "{}; skipped, the rest of the mesh is unaffected", p.message);
-            self.record_event(p, &all);
+            if p.node == own || reporter == own {
+                self.record_event(p, &all);
+            }
         }
         for p in self.reported.difference(&now) {
             info!(node = %p.node, field = %p.field, reason = p.reason, "problem resolved");
