@@ -4,13 +4,13 @@
 //!
 //! Layout (see DESIGN.md): `model` (plain domain types), `source` (where the
 //! desired mesh comes from), `dataplane` (the packet path), `hostnet`
-//! (addresses, routes, sysctls), `status` (what the router reports),
-//! `nodestate` (what the CNI plugin reads).
+//! (addresses, routes, sysctls), `status` (what the router reports).
+//! What the CNI plugin reads (node.json, the conflist) is defined in the
+//! `tunmesh-cni` crate, which the router shares.
 
 pub mod dataplane;
 pub mod hostnet;
 pub mod model;
-pub mod nodestate;
 pub mod source;
 pub mod status;
 

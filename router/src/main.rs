@@ -24,7 +24,7 @@ use tunmesh_router::dataplane::udp::UdpSocket;
 use tunmesh_router::dataplane::Dataplane;
 use tunmesh_router::hostnet::{self, HostNet};
 use tunmesh_router::model::{Nets, Snapshot};
-use tunmesh_router::nodestate::NodeState;
+use tunmesh_cni::{NodeState, PluginSettings};
 use tunmesh_router::source::file::{self, first_host, NodeSettings};
 use tunmesh_router::source::kube::{self as kube_source, KubeSettings, KubeStatus};
 use tunmesh_router::status::{self, ReloadStatus, Status};
@@ -37,6 +37,8 @@ const DEFAULT_INTERFACE: &str = "tunmesh0";
 const DEFAULT_MTU: u16 = 1420;
 /// Where the router keeps its key, status and the CNI plugin's node state.
 const DEFAULT_STATE_DIR: &str = "/var/lib/tunmesh";
+/// Where container runtimes look for CNI configuration.
+const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 /// WireGuard's usual port.
 const DEFAULT_PORT: u16 = 51820;
 /// How often the status snapshot is rewritten.
@@ -103,6 +105,14 @@ struct Args {
     /// Directory for the router's state: key, status.json, node.json.
     #[arg(long, env = "TUNMESH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// Where to write the CNI network configuration list (10-tunmesh.conflist)
+    /// once the node has a pod CIDR; empty: do not write one.
+    #[arg(long, env = "TUNMESH_CNI_CONF_DIR", default_value = DEFAULT_CNI_CONF_DIR)]
+    cni_conf_dir: PathBuf,
+    /// Where the CNI plugin keeps its address allocations (default:
+    /// <state-dir>/cni); must survive reboots.
+    #[arg(long, env = "TUNMESH_CNI_DATA_DIR")]
+    cni_data_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -222,12 +232,40 @@ impl Node {
                 gateways: gateways.clone(),
                 cluster_cidrs: self.cluster_cidrs.clone(),
             }
-            .write(&self.args.state_dir)?;
-            info!(pod_cidrs = %Nets(cidrs), "pod CIDRs in place (gateways on the TUN device); node.json written");
+            .write(&self.args.state_dir)
+            .with_context(|| format!("writing node.json in {}", self.args.state_dir.display()))?;
+            let conflist = if self.args.cni_conf_dir.as_os_str().is_empty() {
+                None
+            } else {
+                let settings = PluginSettings {
+                    router_state_dir: absolute(&self.args.state_dir),
+                    data_dir: absolute(
+                        &self
+                            .args
+                            .cni_data_dir
+                            .clone()
+                            .unwrap_or_else(|| self.args.state_dir.join("cni")),
+                    ),
+                    log_file: None,
+                };
+                Some(
+                    tunmesh_cni::nodestate::write_conflist(&self.args.cni_conf_dir, &settings)
+                        .with_context(|| {
+                            format!("writing the CNI conflist in {}", self.args.cni_conf_dir.display())
+                        })?,
+                )
+            };
+            info!(pod_cidrs = %Nets(cidrs), conflist = ?conflist, "pod CIDRs in place (gateways on the TUN device); node.json and the CNI conflist written");
         }
         self.pod_cidrs = Some(cidrs.to_vec());
         Ok(())
     }
+}
+
+/// `p` made absolute against the working directory (the CNI plugin runs
+/// elsewhere).
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Applies a snapshot from the Kubernetes source; on failure says so and

@@ -98,12 +98,8 @@ pub fn peers(dp: &Dataplane) -> Vec<PeerStatus> {
 /// Writes `contents` to `path` through a temporary file and a rename, so a
 /// reader never sees a half-written file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, contents)
-        .map_err(|e| Error::io(format!("writing {}", Path::new(&tmp).display()), e))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| Error::io(format!("renaming into {}", path.display()), e))
+    tunmesh_cni::nodestate::write_atomic(path, contents)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 impl Status {

@@ -5,8 +5,8 @@
 //!                     │     │     │
 //!  tm<id>-cp:     eth0 172.28.0.2: etcd, kube-apiserver :6443, kube-controller-manager
 //!  tm<id>-node-1: eth0 172.28.0.11, tunmesh0 (10.244.0.1/32, fd00:10:244::1/128), router
-//!     vpod1 ── tm<id>-node-1-pod-1: eth0 10.244.0.11/32, fd00:10:244::11/128
-//!     vpod2 ── tm<id>-node-1-pod-2: eth0 10.244.0.12/32, ...
+//!     tm<hash> ── tm<id>-node-1-pod-1: eth0 10.244.0.2/32, fd00:10:244::2/128
+//!     tm<hash> ── tm<id>-node-1-pod-2: eth0 10.244.0.3/32, ...   (by tunmesh-cni)
 //! ```
 //!
 //! By default the routers take their peers from Node objects: the lab runs
@@ -88,6 +88,9 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PodInfo {
     pub name: String,
+    /// The container ID the CNI plugin knows this pod by.
+    #[serde(default)]
+    pub container_id: String,
     pub node: usize,
     pub ns: String,
     pub ipv4: Ipv4Addr,
@@ -105,9 +108,12 @@ pub struct LabState {
     /// The Kubernetes control plane (absent in mesh-file labs).
     #[serde(default)]
     pub control_plane: Option<ControlPlane>,
-    /// Router binary and extra arguments, for nodes added later.
+    /// Router and CNI plugin binaries and the routers' extra arguments,
+    /// for nodes added later.
     #[serde(default)]
     pub router_bin: PathBuf,
+    #[serde(default)]
+    pub cni_bin: PathBuf,
     #[serde(default)]
     pub router_args: Vec<String>,
 }
@@ -152,6 +158,7 @@ impl Lab {
             Some(p) => p.clone(),
             None => find_binary("tunmesh-router", "TUNMESH_ROUTER_BIN")?,
         };
+        let cni_bin = find_binary("tunmesh-cni", "TUNMESH_CNI_BIN")?;
         let id = netns::run_id();
         let dir = opts.root.join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -165,6 +172,7 @@ impl Lab {
                 pods: Vec::new(),
                 control_plane: None,
                 router_bin,
+                cni_bin,
                 router_args: opts.router_args.clone(),
             },
             keep: false,
@@ -341,7 +349,7 @@ impl Lab {
     pub fn wait_node_ready(&mut self, i: usize) -> Result<()> {
         let n = self.state.nodes[i].clone();
         let key = netns::wait_for(Duration::from_secs(60), || {
-            let st = tunmesh_router::nodestate::NodeState::read(&n.state_dir).ok()?;
+            let st = tunmesh_cni::NodeState::read(&n.state_dir).ok()?;
             if !st.pod_cidrs.iter().any(|c| c.to_string() == n.pod_cidr_v4) {
                 return None;
             }
@@ -399,7 +407,15 @@ impl Lab {
         let _ = std::fs::remove_file(n.state_dir.join(tunmesh_router::status::STATUS_FILE));
         let state = n.state_dir.display().to_string();
         let mtu = MTU.to_string();
-        let mut args: Vec<String> = vec!["--state-dir".into(), state, "--mtu".into(), mtu];
+        let cni_conf = n.state_dir.with_file_name("cni-conf").display().to_string();
+        let mut args: Vec<String> = vec![
+            "--state-dir".into(),
+            state,
+            "--mtu".into(),
+            mtu,
+            "--cni-conf-dir".into(),
+            cni_conf,
+        ];
         match &n.kubeconfig {
             Some(kc) => args.extend([
                 "--node-name".into(),
@@ -455,56 +471,115 @@ impl Lab {
         crate::peers::wait_router(&n.name, n.router_pid.unwrap_or(0), &n.state_dir, &n.log)
     }
 
-    /// Attaches pod `j` to node `i` (both 1-based) with a veth and routes,
-    /// at address 10+j of the node's pod CIDRs.
-    /// (The CNI plugin takes this over in a later issue.)
+    /// Attaches pod `j` to node `i` (both 1-based): a namespace, then the
+    /// `tunmesh-cni` binary run exactly as a container runtime runs it (the
+    /// CNI environment, the node's conflist entry on stdin, inside the
+    /// node's namespace); the pod's addresses are what it answers.
     pub fn add_pod(&mut self, i: usize, j: usize) -> Result<()> {
         let node = self.state.nodes[i - 1].clone();
-        let ns = format!("{}-node-{i}-pod-{j}", self.prefix());
-        let v4 = Ipv4Addr::from(u32::from(node.gateway_v4) - 1 + 10 + j as u32);
-        let v6 = Ipv6Addr::from(u128::from(node.gateway_v6) - 1 + 0x10 + j as u128);
+        let name = format!("node-{i}-pod-{j}");
+        let ns = format!("{}-{name}", self.prefix());
+        let container_id = format!("{}-{name}", self.state.id);
         self.state.pods.push(PodInfo {
-            name: format!("node-{i}-pod-{j}"),
+            name: name.clone(),
+            container_id: container_id.clone(),
             node: i - 1,
             ns: ns.clone(),
-            ipv4: v4,
-            ipv6: v6,
+            ipv4: Ipv4Addr::UNSPECIFIED,
+            ipv6: Ipv6Addr::UNSPECIFIED,
         });
         self.save()?;
         add_netns(&ns)?;
-        let host_if = format!("vpod{j}");
-        let mtu = MTU.to_string();
-        veth(&ns, "eth0", &node.ns, &host_if)?;
-        let gw4 = node.gateway_v4.to_string();
-        for args in [
-            vec!["addr", "add", &format!("{v4}/32"), "dev", "eth0"],
-            vec![
-                "-6",
-                "addr",
-                "add",
-                &format!("{v6}/128"),
-                "dev",
-                "eth0",
-                "nodad",
+        let result = self
+            .cni(&node, "ADD", &container_id, &format!("/var/run/netns/{ns}"), &name)
+            .with_context(|| format!("attaching {name} with tunmesh-cni"))?;
+        let mut ipv4 = None;
+        let mut ipv6 = None;
+        for ip in result["ips"].as_array().into_iter().flatten() {
+            let addr: ipnetwork::IpNetwork = ip["address"]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .with_context(|| format!("tunmesh-cni result for {name}: bad ips entry {ip}"))?;
+            match addr {
+                ipnetwork::IpNetwork::V4(a) => ipv4 = Some(a.ip()),
+                ipnetwork::IpNetwork::V6(a) => ipv6 = Some(a.ip()),
+            }
+        }
+        let pod = self
+            .state
+            .pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .context("pod record vanished")?;
+        pod.ipv4 = ipv4.with_context(|| format!("tunmesh-cni gave {name} no IPv4 address: {result}"))?;
+        pod.ipv6 = ipv6.with_context(|| format!("tunmesh-cni gave {name} no IPv6 address: {result}"))?;
+        self.save()
+    }
+
+    /// The network configuration a runtime would pass to the plugin: the
+    /// node's conflist (written by its router) with the list's name and
+    /// version put into the plugin's entry.
+    pub fn cni_config(&self, node: &NodeInfo) -> Result<serde_json::Value> {
+        let path = node
+            .state_dir
+            .with_file_name("cni-conf")
+            .join(tunmesh_cni::nodestate::CONFLIST_FILE);
+        let text = std::fs::read(&path).with_context(|| {
+            format!("reading {} (the router writes it once it has a pod CIDR)", path.display())
+        })?;
+        let list: serde_json::Value =
+            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut conf = list["plugins"][0].clone();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        Ok(conf)
+    }
+
+    /// Runs `tunmesh-cni` for `command` in `node`'s namespace as a runtime
+    /// does; returns its stdout as JSON (`null` when it printed nothing).
+    pub fn cni(
+        &self,
+        node: &NodeInfo,
+        command: &str,
+        container_id: &str,
+        netns: &str,
+        pod_name: &str,
+    ) -> Result<serde_json::Value> {
+        let conf = self.cni_config(node)?;
+        let cni_path = self
+            .state
+            .cni_bin
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let out = crate::netns::run_cni(
+            &node.ns,
+            &self.state.cni_bin,
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", container_id),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", &cni_path),
+                (
+                    "CNI_ARGS",
+                    &format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod_name};K8S_POD_INFRA_CONTAINER_ID={container_id}"),
+                ),
             ],
-            vec!["link", "set", "eth0", "mtu", &mtu, "up"],
-            vec!["route", "add", &gw4, "dev", "eth0", "scope", "link"],
-            vec!["route", "add", "default", "via", &gw4, "dev", "eth0"],
-        ] {
-            ip(&[&["-n", ns.as_str()][..], &args[..]].concat())?;
+            &conf.to_string(),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "tunmesh-cni {command} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        for args in [
-            vec!["link", "set", host_if.as_str(), "mtu", &mtu, "up"],
-            vec!["-6", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"],
-            vec!["route", "add", &format!("{v4}/32"), "dev", &host_if],
-            vec!["-6", "route", "add", &format!("{v6}/128"), "dev", &host_if],
-        ] {
-            ip(&[&["-n", node.ns.as_str()][..], &args[..]].concat())?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
         }
-        ip(&[
-            "-n", &ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-        ])?;
-        Ok(())
+        serde_json::from_str(&text).with_context(|| format!("tunmesh-cni {command} printed {text:?}"))
     }
 
     fn save(&self) -> Result<()> {

@@ -43,6 +43,27 @@ pub fn exec_output(ns: &str, cmd: &str, args: &[&str]) -> Result<Output> {
         .with_context(|| format!("running {cmd} in {ns}"))
 }
 
+/// Runs a CNI plugin inside `ns` with exactly the environment `env` (as a
+/// runtime does: nothing inherited) and `stdin` as its network configuration.
+pub fn run_cni(ns: &str, plugin: &Path, env: &[(&str, &str)], stdin: &str) -> Result<Output> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(plugin)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {} in {ns}", plugin.display()))?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes())?;
+    }
+    Ok(child.wait_with_output()?)
+}
+
 /// Runs `CMD ARGS` inside `ns`, failing on a non-zero exit.
 pub fn exec(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
     let out = exec_output(ns, cmd, args)?;
