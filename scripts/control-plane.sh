@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds the lab's Kubernetes control plane once and reuses it:
-# kube-apiserver, kube-controller-manager and kubectl from the Kubernetes
-# release pinned in tests/controlplane/kubernetes/go.mod, etcd from the release
-# pinned in tests/controlplane/etcd/go.mod. Binaries go to a cache directory
-# keyed by both modules and the Go version, so a changed pin builds afresh and
-# an unchanged one costs nothing.
+# Builds the Go programs the lab and the tests run, once, and reuses them:
+#   tests/controlplane/kubernetes  kube-apiserver, kube-controller-manager, kubectl
+#                                  (the Kubernetes release pinned in its go.mod)
+#   tests/controlplane/etcd        etcd (the release pinned in its go.mod)
+#   tests/controlplane/cnitool     cnitool, upstream's CNI client
+# Each module is cached on its own, keyed by its go.mod, go.sum and the Go
+# version, so changing one pin rebuilds only that module. The directory
+# printed on stdout holds links to all of them.
 #
-#   scripts/control-plane.sh          build if needed, print the bin directory
+#   scripts/control-plane.sh          build what is missing, print the bin directory
 #   TUNMESH_CACHE=/some/dir ...       cache root (default /var/cache/tunmesh)
 #
 # Progress goes to stderr; stdout is only the bin directory, so callers can
@@ -18,22 +20,57 @@ mods="$here/tests/controlplane"
 cache_root=${TUNMESH_CACHE:-/var/cache/tunmesh}
 
 command -v go >/dev/null || { echo "control-plane: Go is not installed" >&2; exit 1; }
+gover=$(go version)
 
-key=$( (cat "$mods/kubernetes/go.mod" "$mods/kubernetes/go.sum" \
-           "$mods/etcd/go.mod" "$mods/etcd/go.sum"; go version) | sha256sum | cut -c1-16)
-bin="$cache_root/control-plane/$key/bin"
-tools=(kube-apiserver kube-controller-manager kubectl etcd)
-
-have_all() {
-    local t
-    for t in "${tools[@]}"; do [[ -x "$bin/$t" ]] || return 1; done
+module_key() { # module-dir
+    (cat "$mods/$1/go.mod" "$mods/$1/go.sum"; echo "$gover") | sha256sum | cut -c1-16
 }
 
-if have_all; then
-    echo "control-plane: cached in $bin" >&2
-    echo "$bin"
-    exit 0
-fi
+# go build -v names each package as it compiles it: turn that into a count
+# every 100 packages, so a first build (minutes on two cores) shows progress.
+progress() {
+    awk -v what="$1" '
+        { n++ }
+        n % 100 == 0 { printf "control-plane:   %s: %d packages compiled\n", what, n > "/dev/stderr"; fflush("/dev/stderr") }
+        END { printf "control-plane:   %s: %d packages compiled\n", what, n > "/dev/stderr" }'
+}
+
+start=$SECONDS
+built=0
+
+build_module() { # module-dir ldflags (package output-name)...
+    local dir=$1 flags=$2; shift 2
+    local out="$cache_root/go/$dir-$(module_key "$dir")"
+    local missing=() pkg name
+    while [[ $# -gt 0 ]]; do
+        pkg=$1 name=$2; shift 2
+        [[ -x "$out/$name" ]] || missing+=("$pkg" "$name")
+    done
+    MODULE_DIR=$out
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    if [[ $built -eq 0 ]]; then
+        echo "control-plane: building into $cache_root/go; a first build takes several minutes on two cores, later runs reuse it" >&2
+    fi
+    built=1
+    local work="$out.tmp"
+    rm -rf "$work"
+    mkdir -p "$work" "$out"
+    set -- "${missing[@]}"
+    while [[ $# -gt 0 ]]; do
+        pkg=$1 name=$2; shift 2
+        echo "control-plane: building $name ($pkg) ..." >&2
+        if ! ( cd "$mods/$dir" && CGO_ENABLED=0 go build -v -trimpath -ldflags "$flags" -o "$work/$name" "$pkg" 2>&1 ) \
+                | tee "$work/$name.log" | grep --line-buffered -v '^go: downloading' | progress "$name"; then
+            echo "control-plane: building $name failed; the end of its log:" >&2
+            tail -n 40 "$work/$name.log" >&2
+            rm -rf "$work"
+            exit 1
+        fi
+        mv "$work/$name" "$out/$name"
+        echo "control-plane: $name done after $((SECONDS - start)) s" >&2
+    done
+    rm -rf "$work"
+}
 
 kube_version=$(cd "$mods/kubernetes" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
 [[ -n "$kube_version" ]] || { echo "control-plane: no k8s.io/kubernetes pin in go.mod" >&2; exit 1; }
@@ -42,45 +79,34 @@ minor=${kube_version#v*.}; minor=${minor%%.*}
 # What `kubectl version` and the API server's /version report; a build from
 # the module zip has no git metadata, so stamp it the way Kubernetes' own
 # build does.
-ldflags="-s -w"
+kube_ldflags="-s -w"
 for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $pkg.gitVersion=$kube_version -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
-    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    kube_ldflags+=" -X $pkg.gitVersion=$kube_version -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    kube_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
-work="$cache_root/control-plane/$key/tmp"
-rm -rf "$work"
-mkdir -p "$work" "$bin"
-trap 'rm -rf "$work"' EXIT
+build_module kubernetes "$kube_ldflags" \
+    k8s.io/kubernetes/cmd/kube-apiserver kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager kube-controller-manager \
+    k8s.io/kubernetes/cmd/kubectl kubectl
+kube_dir=$MODULE_DIR
+build_module etcd "-s -w" go.etcd.io/etcd/server/v3 etcd
+etcd_dir=$MODULE_DIR
+build_module cnitool "-s -w" github.com/containernetworking/cni/cnitool cnitool
+cnitool_dir=$MODULE_DIR
 
-start=$SECONDS
-# go build -v names each package as it compiles it: turn that into a count
-# every 100 packages, so a first build (minutes on two cores) shows progress.
-progress() {
-    awk -v what="$1" -v t0="$start" '
-        { n++ }
-        n % 100 == 0 { printf "control-plane:   %s: %d packages compiled\n", what, n > "/dev/stderr"; fflush("/dev/stderr") }
-        END { printf "control-plane:   %s: %d packages compiled\n", what, n > "/dev/stderr" }'
-}
-
-build() { # module-dir output-name package ldflags
-    local dir=$1 out=$2 pkg=$3 flags=$4
-    echo "control-plane: building $out ($pkg) ..." >&2
-    if ! ( cd "$mods/$dir" && CGO_ENABLED=0 go build -v -trimpath -ldflags "$flags" -o "$work/$out" "$pkg" 2>&1 ) \
-            | tee "$work/$out.log" | grep --line-buffered -v '^go: downloading' | progress "$out"; then
-        echo "control-plane: building $out failed; the end of its log:" >&2
-        tail -n 40 "$work/$out.log" >&2
-        exit 1
-    fi
-    mv "$work/$out" "$bin/$out"
-    echo "control-plane: $out done after $((SECONDS - start)) s" >&2
-}
-
-echo "control-plane: building Kubernetes $kube_version and etcd into $bin" >&2
-echo "control-plane: a first build takes several minutes on two cores; later runs reuse it" >&2
-build kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$ldflags"
-build kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$ldflags"
-build kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$ldflags"
-build etcd etcd go.etcd.io/etcd/server/v3 "-s -w"
-echo "control-plane: all built in $((SECONDS - start)) s" >&2
+# One directory with all of them, named after what it links to.
+key=$(echo "$kube_dir $etcd_dir $cnitool_dir" | sha256sum | cut -c1-16)
+bin="$cache_root/control-plane/$key/bin"
+if [[ ! -e "$bin/cnitool" ]]; then
+    mkdir -p "$bin"
+    for t in kube-apiserver kube-controller-manager kubectl; do ln -sfn "$kube_dir/$t" "$bin/$t"; done
+    ln -sfn "$etcd_dir/etcd" "$bin/etcd"
+    ln -sfn "$cnitool_dir/cnitool" "$bin/cnitool"
+fi
+if [[ $built -eq 1 ]]; then
+    echo "control-plane: all built in $((SECONDS - start)) s" >&2
+else
+    echo "control-plane: cached in $bin" >&2
+fi
 echo "$bin"

@@ -15,7 +15,11 @@ fn main() -> ExitCode {
     };
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
-        let e = CniError::with(code::IO_FAILURE, "reading the network configuration from stdin", e.to_string());
+        let e = CniError::with(
+            code::IO_FAILURE,
+            "reading the network configuration from stdin",
+            e.to_string(),
+        );
         return fail(&e, spec::LATEST, None);
     }
     if env.command == Command::Version && stdin.iter().all(u8::is_ascii_whitespace) {
@@ -34,7 +38,10 @@ fn main() -> ExitCode {
         }
     };
     let log = conf.settings.log_file.clone();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             let e = CniError::with(code::IO_FAILURE, "starting the runtime", e.to_string());

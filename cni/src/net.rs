@@ -51,7 +51,8 @@ pub fn handle_in(ns: &File) -> Result<Handle, CniError> {
         let what = what.to_string();
         move |e: std::io::Error| CniError::with(code::IO_FAILURE, what, e.to_string())
     };
-    let home = File::open("/proc/thread-self/ns/net").map_err(io("opening this thread's network namespace"))?;
+    let home = File::open("/proc/thread-self/ns/net")
+        .map_err(io("opening this thread's network namespace"))?;
     setns(ns.as_raw_fd()).map_err(io("entering the container's network namespace"))?;
     let made = rtnetlink::new_connection();
     if let Err(e) = setns(home.as_raw_fd()) {
@@ -59,7 +60,8 @@ pub fn handle_in(ns: &File) -> Result<Handle, CniError> {
         eprintln!("tunmesh-cni: cannot return to the node's network namespace: {e}");
         std::process::exit(1);
     }
-    let (conn, handle, _) = made.map_err(io("opening a netlink socket in the container's namespace"))?;
+    let (conn, handle, _) =
+        made.map_err(io("opening a netlink socket in the container's namespace"))?;
     tokio::spawn(conn);
     Ok(handle)
 }
@@ -123,15 +125,24 @@ async fn add_address(h: &Handle, index: u32, net: IpNetwork, ifname: &str) -> Re
         .map_err(setup_err(format!("adding {net} to {ifname}")))
 }
 
-fn route(dst: IpNetwork, gw: Option<IpAddr>, index: u32, scope_link: bool) -> Result<RouteMessage, CniError> {
+fn route(
+    dst: IpNetwork,
+    gw: Option<IpAddr>,
+    index: u32,
+    scope_link: bool,
+) -> Result<RouteMessage, CniError> {
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(dst.network(), dst.prefix())
         .map_err(|e| CniError::with(code::NETWORK_SETUP, format!("route {dst}"), e.to_string()))?
         .output_interface(index);
     if let Some(gw) = gw {
-        b = b
-            .gateway(gw)
-            .map_err(|e| CniError::with(code::NETWORK_SETUP, format!("route {dst} via {gw}"), e.to_string()))?;
+        b = b.gateway(gw).map_err(|e| {
+            CniError::with(
+                code::NETWORK_SETUP,
+                format!("route {dst} via {gw}"),
+                e.to_string(),
+            )
+        })?;
     }
     if scope_link {
         b = b.scope(RouteScope::Link);
@@ -140,7 +151,12 @@ fn route(dst: IpNetwork, gw: Option<IpAddr>, index: u32, scope_link: bool) -> Re
 }
 
 async fn add_route(h: &Handle, msg: RouteMessage, what: String) -> Result<(), CniError> {
-    h.route().add(msg).replace().execute().await.map_err(setup_err(what))
+    h.route()
+        .add(msg)
+        .replace()
+        .execute()
+        .await
+        .map_err(setup_err(what))
 }
 
 /// What ADD creates.
@@ -180,46 +196,93 @@ pub async fn setup(host: &Handle, cont: &Handle, s: &Setup<'_>) -> Result<Made, 
         .add(LinkVeth::new(s.host_if, s.temp_if).mtu(s.mtu).build())
         .execute()
         .await
-        .map_err(setup_err(format!("creating veth pair {} / {}", s.host_if, s.temp_if)))?;
+        .map_err(setup_err(format!(
+            "creating veth pair {} / {}",
+            s.host_if, s.temp_if
+        )))?;
     host.link()
-        .set(LinkUnspec::new_with_name(s.temp_if).setns_by_fd(s.netns.as_raw_fd()).build())
+        .set(
+            LinkUnspec::new_with_name(s.temp_if)
+                .setns_by_fd(s.netns.as_raw_fd())
+                .build(),
+        )
         .execute()
         .await
-        .map_err(setup_err(format!("moving {} into the container's namespace", s.temp_if)))?;
+        .map_err(setup_err(format!(
+            "moving {} into the container's namespace",
+            s.temp_if
+        )))?;
 
     // Container side.
     let inside = link(cont, s.temp_if).await?.ok_or_else(|| {
-        CniError::new(code::NETWORK_SETUP, format!("{} did not arrive in the container's namespace", s.temp_if))
+        CniError::new(
+            code::NETWORK_SETUP,
+            format!("{} did not arrive in the container's namespace", s.temp_if),
+        )
     })?;
     let ci = inside.header.index;
     cont.link()
-        .set(LinkUnspec::new_with_index(ci).name(s.ifname.to_string()).mtu(s.mtu).up().build())
+        .set(
+            LinkUnspec::new_with_index(ci)
+                .name(s.ifname.to_string())
+                .mtu(s.mtu)
+                .up()
+                .build(),
+        )
         .execute()
         .await
-        .map_err(setup_err(format!("renaming {} to {} and bringing it up", s.temp_if, s.ifname)))?;
+        .map_err(setup_err(format!(
+            "renaming {} to {} and bringing it up",
+            s.temp_if, s.ifname
+        )))?;
     for ip in s.addrs {
-        let net = IpNetwork::new(*ip, if ip.is_ipv4() { 32 } else { 128 })
-            .map_err(|e| CniError::with(code::NETWORK_SETUP, format!("address {ip}"), e.to_string()))?;
+        let net = IpNetwork::new(*ip, if ip.is_ipv4() { 32 } else { 128 }).map_err(|e| {
+            CniError::with(code::NETWORK_SETUP, format!("address {ip}"), e.to_string())
+        })?;
         add_address(cont, ci, net, s.ifname).await?;
     }
     if s.addrs.iter().any(|a| a.is_ipv4()) {
-        let gw = s.gateway_v4.ok_or_else(|| CniError::new(code::NETWORK_SETUP, "an IPv4 address but no IPv4 gateway"))?;
-        let gw_net = IpNetwork::new(IpAddr::V4(gw), 32).map_err(|e| CniError::with(code::NETWORK_SETUP, "gateway", e.to_string()))?;
-        add_route(cont, route(gw_net, None, ci, true)?, format!("route to gateway {gw} in the container")).await?;
+        let gw = s.gateway_v4.ok_or_else(|| {
+            CniError::new(code::NETWORK_SETUP, "an IPv4 address but no IPv4 gateway")
+        })?;
+        let gw_net = IpNetwork::new(IpAddr::V4(gw), 32)
+            .map_err(|e| CniError::with(code::NETWORK_SETUP, "gateway", e.to_string()))?;
+        add_route(
+            cont,
+            route(gw_net, None, ci, true)?,
+            format!("route to gateway {gw} in the container"),
+        )
+        .await?;
         let default: IpNetwork = IpNetwork::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
             .map_err(|e| CniError::with(code::NETWORK_SETUP, "default route", e.to_string()))?;
-        add_route(cont, route(default, Some(IpAddr::V4(gw)), ci, false)?, format!("default route via {gw} in the container")).await?;
+        add_route(
+            cont,
+            route(default, Some(IpAddr::V4(gw)), ci, false)?,
+            format!("default route via {gw} in the container"),
+        )
+        .await?;
     }
     if s.addrs.iter().any(|a| a.is_ipv6()) {
         let default: IpNetwork = IpNetwork::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
             .map_err(|e| CniError::with(code::NETWORK_SETUP, "default route", e.to_string()))?;
-        add_route(cont, route(default, Some(IpAddr::V6(V6_GATEWAY)), ci, false)?, format!("IPv6 default route via {V6_GATEWAY} in the container")).await?;
+        add_route(
+            cont,
+            route(default, Some(IpAddr::V6(V6_GATEWAY)), ci, false)?,
+            format!("IPv6 default route via {V6_GATEWAY} in the container"),
+        )
+        .await?;
     }
-    let container_mac = link(cont, s.ifname).await?.map(|l| mac_of(&l)).unwrap_or_default();
+    let container_mac = link(cont, s.ifname)
+        .await?
+        .map(|l| mac_of(&l))
+        .unwrap_or_default();
 
     // Node side.
     let hl = link(host, s.host_if).await?.ok_or_else(|| {
-        CniError::new(code::NETWORK_SETUP, format!("{} vanished while being set up", s.host_if))
+        CniError::new(
+            code::NETWORK_SETUP,
+            format!("{} vanished while being set up", s.host_if),
+        )
     })?;
     let hi = hl.header.index;
     host.link()
@@ -233,9 +296,15 @@ pub async fn setup(host: &Handle, cont: &Handle, s: &Setup<'_>) -> Result<Made, 
         add_address(host, hi, gw, s.host_if).await?;
     }
     for ip in s.addrs {
-        let net = IpNetwork::new(*ip, if ip.is_ipv4() { 32 } else { 128 })
-            .map_err(|e| CniError::with(code::NETWORK_SETUP, format!("address {ip}"), e.to_string()))?;
-        add_route(host, route(net, None, hi, true)?, format!("route to the pod {net} via {}", s.host_if)).await?;
+        let net = IpNetwork::new(*ip, if ip.is_ipv4() { 32 } else { 128 }).map_err(|e| {
+            CniError::with(code::NETWORK_SETUP, format!("address {ip}"), e.to_string())
+        })?;
+        add_route(
+            host,
+            route(net, None, hi, true)?,
+            format!("route to the pod {net} via {}", s.host_if),
+        )
+        .await?;
     }
     Ok(Made {
         host_mac: mac_of(&hl),
@@ -247,7 +316,11 @@ pub async fn setup(host: &Handle, cont: &Handle, s: &Setup<'_>) -> Result<Made, 
 pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<IpNetwork>, CniError> {
     let mut out = Vec::new();
     let mut addrs = h.address().get().set_link_index_filter(index).execute();
-    while let Some(msg) = addrs.try_next().await.map_err(setup_err("listing addresses"))? {
+    while let Some(msg) = addrs
+        .try_next()
+        .await
+        .map_err(setup_err("listing addresses"))?
+    {
         let len = msg.header.prefix_len;
         for a in &msg.attributes {
             if let AddressAttribute::Address(ip) = a {
@@ -269,7 +342,11 @@ pub async fn routes(h: &Handle, index: u32) -> Result<Vec<(IpNetwork, Option<IpA
     ] {
         let mut rs = h.route().get(family).execute();
         while let Some(r) = rs.try_next().await.map_err(setup_err("listing routes"))? {
-            if !r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index)) {
+            if !r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+            {
                 continue;
             }
             let ip = |a: &RouteAddress| match a {
@@ -281,11 +358,13 @@ pub async fn routes(h: &Handle, index: u32) -> Result<Vec<(IpNetwork, Option<IpA
                 RouteAttribute::Destination(d) => ip(d),
                 _ => None,
             });
-            let dst = dst.unwrap_or(if r.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6 {
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-            } else {
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-            });
+            let dst = dst.unwrap_or(
+                if r.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6 {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                },
+            );
             let gw = r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Gateway(g) => ip(g),
                 _ => None,

@@ -59,8 +59,7 @@ impl NodeState {
     /// Reads and checks the file: pod CIDRs and gateways must pair up.
     pub fn read(dir: &Path) -> Result<NodeState, String> {
         let path = dir.join(NODE_STATE_FILE);
-        let text =
-            std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let text = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         let st: NodeState = serde_json::from_slice(&text)
             .map_err(|e| format!("parsing {}: {e}", path.display()))?;
         if st.pod_cidrs.is_empty() {
@@ -135,7 +134,10 @@ mod tests {
             node_name: "n1".into(),
             interface: "tunmesh0".into(),
             mtu: 1420,
-            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()],
+            pod_cidrs: vec![
+                "10.244.1.0/24".parse().unwrap(),
+                "fd00::/64".parse().unwrap(),
+            ],
             gateways: vec!["10.244.1.1".parse().unwrap(), "fd00::1".parse().unwrap()],
             cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
         };

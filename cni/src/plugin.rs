@@ -51,14 +51,26 @@ fn open_netns(path: &str) -> Result<File, CniError> {
 pub async fn run(env: &Env, conf: &NetConf) -> Result<Option<Value>, CniError> {
     match env.command {
         Command::Version => Ok(Some(spec::version_result(
-            if spec::is_supported(&conf.cni_version) { &conf.cni_version } else { spec::LATEST },
+            if spec::is_supported(&conf.cni_version) {
+                &conf.cni_version
+            } else {
+                spec::LATEST
+            },
         ))),
-        Command::Add => add(env, conf).await.map(|r| Some(r.to_json(&conf.cni_version))),
+        Command::Add => add(env, conf)
+            .await
+            .map(|r| Some(r.to_json(&conf.cni_version))),
         Command::Del => del(env, conf).await.map(|_| None),
         Command::Check => check(env, conf).await.map(|_| None),
         Command::Status => NodeState::read(&conf.settings.router_state_dir)
             .map(|_| None)
-            .map_err(|e| CniError::with(code::NOT_AVAILABLE, "tunmesh is not ready on this node: the router has not written its node state", e)),
+            .map_err(|e| {
+                CniError::with(
+                    code::NOT_AVAILABLE,
+                    "tunmesh is not ready on this node: the router has not written its node state",
+                    e,
+                )
+            }),
         Command::Gc => gc(conf).await.map(|_| None),
     }
 }
@@ -113,7 +125,12 @@ async fn add(env: &Env, conf: &NetConf) -> Result<AddResult, CniError> {
     let mtu = Some(u32::from(node.mtu));
     let mut out = AddResult {
         interfaces: vec![
-            Interface { name: host_if, mac: made.host_mac, sandbox: None, mtu },
+            Interface {
+                name: host_if,
+                mac: made.host_mac,
+                sandbox: None,
+                mtu,
+            },
             Interface {
                 name: env.ifname.clone(),
                 mac: made.container_mac,
@@ -129,9 +146,14 @@ async fn add(env: &Env, conf: &NetConf) -> Result<AddResult, CniError> {
             IpAddr::V4(_) => (32, gateway_v4.map(IpAddr::V4).unwrap_or(*ip), "0.0.0.0/0"),
             IpAddr::V6(_) => (128, IpAddr::V6(V6_GATEWAY), "::/0"),
         };
-        let address = IpNetwork::new(*ip, len)
-            .map_err(|e| CniError::with(code::NETWORK_SETUP, format!("address {ip}"), e.to_string()))?;
-        out.ips.push(IpConfig { address, gateway: Some(gw), interface: 1 });
+        let address = IpNetwork::new(*ip, len).map_err(|e| {
+            CniError::with(code::NETWORK_SETUP, format!("address {ip}"), e.to_string())
+        })?;
+        out.ips.push(IpConfig {
+            address,
+            gateway: Some(gw),
+            interface: 1,
+        });
         let dst = default
             .parse()
             .map_err(|_| CniError::new(code::NETWORK_SETUP, "default route"))?;
@@ -157,18 +179,28 @@ fn mismatch(what: String) -> CniError {
 }
 
 async fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
-    let prev = conf
-        .prev_result
-        .as_ref()
-        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult (the result of the ADD)"))?;
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "CHECK needs prevResult (the result of the ADD)",
+        )
+    })?;
     let prev = AddResult::from_json(prev).map_err(|e| CniError::new(code::INVALID_CONFIG, e))?;
     let store = Store::open(&conf.settings.data_dir, &conf.name)?;
     let key = store::key(&env.container_id, &env.ifname);
-    let allocated = store.read()?.allocations.get(&key).cloned().unwrap_or_default();
+    let allocated = store
+        .read()?
+        .allocations
+        .get(&key)
+        .cloned()
+        .unwrap_or_default();
     let netns = open_netns(&env.netns)?;
     let cont = net::handle_in(&netns)?;
     let Some(cl) = net::link(&cont, &env.ifname).await? else {
-        return Err(mismatch(format!("interface {} is missing from {}", env.ifname, env.netns)));
+        return Err(mismatch(format!(
+            "interface {} is missing from {}",
+            env.ifname, env.netns
+        )));
     };
     let have = net::addresses(&cont, cl.header.index).await?;
     let routes = net::routes(&cont, cl.header.index).await?;
@@ -182,11 +214,18 @@ async fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
             )));
         }
         if !allocated.contains(&ip.address.ip()) {
-            return Err(mismatch(format!("{} is not allocated to {key} in {}", ip.address.ip(), store.path().display())));
+            return Err(mismatch(format!(
+                "{} is not allocated to {key} in {}",
+                ip.address.ip(),
+                store.path().display()
+            )));
         }
     }
     for r in &prev.routes {
-        if !routes.iter().any(|(dst, gw)| *dst == r.dst && (r.gw.is_none() || *gw == r.gw)) {
+        if !routes
+            .iter()
+            .any(|(dst, gw)| *dst == r.dst && (r.gw.is_none() || *gw == r.gw))
+        {
             return Err(mismatch(format!(
                 "{} has no route {}{}",
                 env.ifname,
@@ -195,9 +234,18 @@ async fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
             )));
         }
     }
-    if let Some(mtu) = prev.interfaces.iter().find(|i| i.name == env.ifname).and_then(|i| i.mtu) {
+    if let Some(mtu) = prev
+        .interfaces
+        .iter()
+        .find(|i| i.name == env.ifname)
+        .and_then(|i| i.mtu)
+    {
         if net::mtu_of(&cl) != Some(mtu) {
-            return Err(mismatch(format!("{} has MTU {:?}, the ADD set {mtu}", env.ifname, net::mtu_of(&cl))));
+            return Err(mismatch(format!(
+                "{} has MTU {:?}, the ADD set {mtu}",
+                env.ifname,
+                net::mtu_of(&cl)
+            )));
         }
     }
     let host = net::host_handle()?;
@@ -208,7 +256,10 @@ async fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     let host_routes = net::routes(&host, hl.header.index).await?;
     for ip in &prev.ips {
         if !host_routes.iter().any(|(dst, _)| *dst == ip.address) {
-            return Err(mismatch(format!("the node has no route to {} via {host_if}", ip.address)));
+            return Err(mismatch(format!(
+                "the node has no route to {} via {host_if}",
+                ip.address
+            )));
         }
     }
     Ok(())
@@ -242,7 +293,11 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(CniError::with(code::NETWORK_SETUP, "GC could not remove some links", failed.join("; ")))
+        Err(CniError::with(
+            code::NETWORK_SETUP,
+            "GC could not remove some links",
+            failed.join("; "),
+        ))
     }
 }
 

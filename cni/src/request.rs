@@ -89,7 +89,12 @@ pub fn parse_env(get: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> 
                 format!("CNI_CONTAINERID {container_id:?} has characters other than letters, digits, '-', '_' and '.'"),
             ));
         }
-        if ifname.len() > 15 || ifname.contains('/') || ifname.contains(char::is_whitespace) || ifname == "." || ifname == ".." {
+        if ifname.len() > 15
+            || ifname.contains('/')
+            || ifname.contains(char::is_whitespace)
+            || ifname == "."
+            || ifname == ".."
+        {
             return Err(CniError::new(
                 code::INVALID_ENV,
                 format!("CNI_IFNAME {ifname:?} is not a valid interface name (at most 15 characters, no '/' or spaces)"),
@@ -180,13 +185,17 @@ pub fn parse_conf(stdin: &[u8], command: Command) -> Result<NetConf, CniError> {
         if command == Command::Check && cni_version.starts_with("0.3") {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
-                format!("CHECK needs CNI version 0.4.0 or later, the configuration says {cni_version}"),
+                format!(
+                    "CHECK needs CNI version 0.4.0 or later, the configuration says {cni_version}"
+                ),
             ));
         }
         if matches!(command, Command::Status | Command::Gc) && cni_version != "1.1.0" {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
-                format!("{command:?} needs CNI version 1.1.0, the configuration says {cni_version}"),
+                format!(
+                    "{command:?} needs CNI version 1.1.0, the configuration says {cni_version}"
+                ),
             ));
         }
     }
@@ -222,7 +231,9 @@ pub fn parse_conf(stdin: &[u8], command: Command) -> Result<NetConf, CniError> {
         log_file: match obj.get("logFile") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.starts_with('/') => Some(PathBuf::from(s)),
-            Some(other) => return Err(invalid(format!("logFile {other} must be an absolute path"))),
+            Some(other) => {
+                return Err(invalid(format!("logFile {other} must be an absolute path")))
+            }
         },
     };
     let valid_attachments = match obj
@@ -278,9 +289,18 @@ mod tests {
         let e = env(&ADD).unwrap();
         assert_eq!(e.command, Command::Add);
         let mut with_args = ADD.to_vec();
-        with_args.push(("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;SOMETHING=else"));
+        with_args.push((
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;SOMETHING=else",
+        ));
         assert_eq!(env(&with_args).unwrap().args["K8S_POD_NAME"], "web-0");
-        for missing in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"] {
+        for missing in [
+            "CNI_COMMAND",
+            "CNI_CONTAINERID",
+            "CNI_NETNS",
+            "CNI_IFNAME",
+            "CNI_PATH",
+        ] {
             let pairs: Vec<_> = ADD.iter().copied().filter(|(k, _)| *k != missing).collect();
             let err = env(&pairs).unwrap_err();
             assert_eq!(err.code, code::INVALID_ENV, "{missing}");
@@ -300,10 +320,19 @@ mod tests {
             .iter()
             .copied()
             .filter(|(k, _)| *k != "CNI_NETNS")
-            .map(|(k, v)| if k == "CNI_COMMAND" { (k, "DEL") } else { (k, v) })
+            .map(|(k, v)| {
+                if k == "CNI_COMMAND" {
+                    (k, "DEL")
+                } else {
+                    (k, v)
+                }
+            })
             .collect();
         assert_eq!(env(&del).unwrap().netns, "");
-        assert_eq!(env(&[("CNI_COMMAND", "VERSION")]).unwrap().command, Command::Version);
+        assert_eq!(
+            env(&[("CNI_COMMAND", "VERSION")]).unwrap().command,
+            Command::Version
+        );
     }
 
     #[test]
@@ -311,20 +340,51 @@ mod tests {
         let ok = br#"{"cniVersion":"1.0.0","name":"tunmesh","type":"tunmesh-cni","routerStateDir":"/r","dataDir":"/d","runtimeConfig":{"x":1},"args":{"a":"b"}}"#;
         let c = parse_conf(ok, Command::Add).unwrap();
         assert_eq!(c.settings.router_state_dir, PathBuf::from("/r"));
-        assert_eq!(parse_conf(b"{not json", Command::Add).unwrap_err().code, code::DECODING_FAILURE);
-        assert_eq!(parse_conf(b"[]", Command::Add).unwrap_err().code, code::DECODING_FAILURE);
+        assert_eq!(
+            parse_conf(b"{not json", Command::Add).unwrap_err().code,
+            code::DECODING_FAILURE
+        );
+        assert_eq!(
+            parse_conf(b"[]", Command::Add).unwrap_err().code,
+            code::DECODING_FAILURE
+        );
         let bad_version = br#"{"cniVersion":"9.9.9","name":"n","type":"t"}"#;
-        assert_eq!(parse_conf(bad_version, Command::Add).unwrap_err().code, code::INCOMPATIBLE_VERSION);
+        assert_eq!(
+            parse_conf(bad_version, Command::Add).unwrap_err().code,
+            code::INCOMPATIBLE_VERSION
+        );
         let old_check = br#"{"cniVersion":"0.3.1","name":"n","type":"t"}"#;
-        assert_eq!(parse_conf(old_check, Command::Check).unwrap_err().code, code::INCOMPATIBLE_VERSION);
+        assert_eq!(
+            parse_conf(old_check, Command::Check).unwrap_err().code,
+            code::INCOMPATIBLE_VERSION
+        );
         let old_gc = br#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#;
-        assert_eq!(parse_conf(old_gc, Command::Gc).unwrap_err().code, code::INCOMPATIBLE_VERSION);
+        assert_eq!(
+            parse_conf(old_gc, Command::Gc).unwrap_err().code,
+            code::INCOMPATIBLE_VERSION
+        );
         let rel = br#"{"cniVersion":"1.0.0","name":"n","type":"t","dataDir":"relative"}"#;
-        assert_eq!(parse_conf(rel, Command::Add).unwrap_err().code, code::INVALID_CONFIG);
+        assert_eq!(
+            parse_conf(rel, Command::Add).unwrap_err().code,
+            code::INVALID_CONFIG
+        );
         let badname = br#"{"cniVersion":"1.0.0","name":"-x","type":"t"}"#;
-        assert_eq!(parse_conf(badname, Command::Add).unwrap_err().code, code::INVALID_CONFIG);
+        assert_eq!(
+            parse_conf(badname, Command::Add).unwrap_err().code,
+            code::INVALID_CONFIG
+        );
         let gc = br#"{"cniVersion":"1.1.0","name":"n","type":"t","cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}]}"#;
-        assert_eq!(parse_conf(gc, Command::Gc).unwrap().valid_attachments.unwrap().len(), 1);
-        assert_eq!(parse_conf(b"{}", Command::Version).unwrap().cni_version, "0.1.0");
+        assert_eq!(
+            parse_conf(gc, Command::Gc)
+                .unwrap()
+                .valid_attachments
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            parse_conf(b"{}", Command::Version).unwrap().cni_version,
+            "0.1.0"
+        );
     }
 }

@@ -239,7 +239,12 @@ mod tests {
     fn sample() -> AddResult {
         AddResult {
             interfaces: vec![
-                Interface { name: "tm0123".into(), mac: "aa:bb:cc:dd:ee:01".into(), sandbox: None, mtu: Some(1420) },
+                Interface {
+                    name: "tm0123".into(),
+                    mac: "aa:bb:cc:dd:ee:01".into(),
+                    sandbox: None,
+                    mtu: Some(1420),
+                },
                 Interface {
                     name: "eth0".into(),
                     mac: "aa:bb:cc:dd:ee:02".into(),
@@ -248,10 +253,21 @@ mod tests {
                 },
             ],
             ips: vec![
-                IpConfig { address: "10.244.1.5/32".parse().unwrap(), gateway: Some("10.244.1.1".parse().unwrap()), interface: 1 },
-                IpConfig { address: "fd00::5/128".parse().unwrap(), gateway: Some("fe80::1".parse().unwrap()), interface: 1 },
+                IpConfig {
+                    address: "10.244.1.5/32".parse().unwrap(),
+                    gateway: Some("10.244.1.1".parse().unwrap()),
+                    interface: 1,
+                },
+                IpConfig {
+                    address: "fd00::5/128".parse().unwrap(),
+                    gateway: Some("fe80::1".parse().unwrap()),
+                    interface: 1,
+                },
             ],
-            routes: vec![Route { dst: "0.0.0.0/0".parse().unwrap(), gw: Some("10.244.1.1".parse().unwrap()) }],
+            routes: vec![Route {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gw: Some("10.244.1.1".parse().unwrap()),
+            }],
         }
     }
 

@@ -171,7 +171,10 @@ impl Store {
     }
 
     /// Frees every attachment not in `valid` (GC); returns the freed keys.
-    pub fn retain(&self, valid: &std::collections::BTreeSet<String>) -> Result<Vec<String>, CniError> {
+    pub fn retain(
+        &self,
+        valid: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<String>, CniError> {
         let _lock = self.lock()?;
         let mut a = self.read()?;
         let stale: Vec<String> = a
@@ -202,7 +205,11 @@ fn next_free(
         IpNetwork::V4(n) => (u32::from(n.network()) as u128, 1u128 << (32 - n.prefix())),
         IpNetwork::V6(n) => (
             u128::from(n.network()),
-            if n.prefix() == 0 { u128::MAX } else { 1u128 << (128 - n.prefix()).min(127) },
+            if n.prefix() == 0 {
+                u128::MAX
+            } else {
+                1u128 << (128 - n.prefix()).min(127)
+            },
         ),
     };
     let to_ip = |off: u128| -> IpAddr {
@@ -221,7 +228,11 @@ fn next_free(
         }
         _ => 0,
     };
-    let limit = if cidr.is_ipv4() { size } else { size.min(V6_SCAN_LIMIT) };
+    let limit = if cidr.is_ipv4() {
+        size
+    } else {
+        size.min(V6_SCAN_LIMIT)
+    };
     (0..limit)
         .map(|i| (start + i) % size)
         .filter(|&off| off != 0 && !(cidr.is_ipv4() && off == size - 1 && size > 2))
@@ -247,11 +258,16 @@ mod tests {
         let gw: IpAddr = "10.0.0.1".parse().unwrap();
         let mut got = Vec::new();
         for i in 0..5 {
-            let (ips, new) = s.allocate(&key(&format!("c{i}"), "eth0"), &[cidr], &[gw]).unwrap();
+            let (ips, new) = s
+                .allocate(&key(&format!("c{i}"), "eth0"), &[cidr], &[gw])
+                .unwrap();
             assert!(new);
             got.push(ips[0].to_string());
         }
-        assert_eq!(got, ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]);
+        assert_eq!(
+            got,
+            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+        );
         let e = s.allocate("c9/eth0", &[cidr], &[gw]).unwrap_err();
         assert_eq!(e.code, code::RANGE_EXHAUSTED);
         assert!(e.msg.contains("10.0.0.0/29"), "{e}");
@@ -270,10 +286,19 @@ mod tests {
     fn dual_stack_gc_and_damaged_file() {
         let d = tmp("dual");
         let s = Store::open(&d, "net").unwrap();
-        let cidrs: Vec<IpNetwork> = vec!["10.1.0.0/24".parse().unwrap(), "fd00:1::/64".parse().unwrap()];
+        let cidrs: Vec<IpNetwork> = vec![
+            "10.1.0.0/24".parse().unwrap(),
+            "fd00:1::/64".parse().unwrap(),
+        ];
         let gws: Vec<IpAddr> = vec!["10.1.0.1".parse().unwrap(), "fd00:1::1".parse().unwrap()];
         let (a, _) = s.allocate("a/eth0", &cidrs, &gws).unwrap();
-        assert_eq!(a, vec!["10.1.0.2".parse::<IpAddr>().unwrap(), "fd00:1::2".parse().unwrap()]);
+        assert_eq!(
+            a,
+            vec![
+                "10.1.0.2".parse::<IpAddr>().unwrap(),
+                "fd00:1::2".parse().unwrap()
+            ]
+        );
         s.allocate("b/eth0", &cidrs, &gws).unwrap();
         let valid = ["b/eth0".to_string()].into_iter().collect();
         assert_eq!(s.retain(&valid).unwrap(), vec!["a/eth0".to_string()]);

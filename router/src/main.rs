@@ -19,12 +19,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
+use tunmesh_cni::{NodeState, PluginSettings};
 use tunmesh_router::dataplane::tun::TunDevice;
 use tunmesh_router::dataplane::udp::UdpSocket;
 use tunmesh_router::dataplane::Dataplane;
 use tunmesh_router::hostnet::{self, HostNet};
 use tunmesh_router::model::{Nets, Snapshot};
-use tunmesh_cni::{NodeState, PluginSettings};
 use tunmesh_router::source::file::{self, first_host, NodeSettings};
 use tunmesh_router::source::kube::{self as kube_source, KubeSettings, KubeStatus};
 use tunmesh_router::status::{self, ReloadStatus, Status};
@@ -251,7 +251,10 @@ impl Node {
                 Some(
                     tunmesh_cni::nodestate::write_conflist(&self.args.cni_conf_dir, &settings)
                         .with_context(|| {
-                            format!("writing the CNI conflist in {}", self.args.cni_conf_dir.display())
+                            format!(
+                                "writing the CNI conflist in {}",
+                                self.args.cni_conf_dir.display()
+                            )
                         })?,
                 )
             };

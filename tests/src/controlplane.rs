@@ -58,6 +58,7 @@ pub fn binaries() -> Result<PathBuf> {
         "kube-controller-manager",
         "kubectl",
         "etcd",
+        "cnitool",
     ] {
         if !dir.join(b).is_file() {
             bail!(

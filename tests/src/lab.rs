@@ -491,7 +491,13 @@ impl Lab {
         self.save()?;
         add_netns(&ns)?;
         let result = self
-            .cni(&node, "ADD", &container_id, &format!("/var/run/netns/{ns}"), &name)
+            .cni(
+                &node,
+                "ADD",
+                &container_id,
+                &format!("/var/run/netns/{ns}"),
+                &name,
+            )
             .with_context(|| format!("attaching {name} with tunmesh-cni"))?;
         let mut ipv4 = None;
         let mut ipv6 = None;
@@ -511,8 +517,10 @@ impl Lab {
             .iter_mut()
             .find(|p| p.name == name)
             .context("pod record vanished")?;
-        pod.ipv4 = ipv4.with_context(|| format!("tunmesh-cni gave {name} no IPv4 address: {result}"))?;
-        pod.ipv6 = ipv6.with_context(|| format!("tunmesh-cni gave {name} no IPv6 address: {result}"))?;
+        pod.ipv4 =
+            ipv4.with_context(|| format!("tunmesh-cni gave {name} no IPv4 address: {result}"))?;
+        pod.ipv6 =
+            ipv6.with_context(|| format!("tunmesh-cni gave {name} no IPv6 address: {result}"))?;
         self.save()
     }
 
@@ -525,7 +533,10 @@ impl Lab {
             .with_file_name("cni-conf")
             .join(tunmesh_cni::nodestate::CONFLIST_FILE);
         let text = std::fs::read(&path).with_context(|| {
-            format!("reading {} (the router writes it once it has a pod CIDR)", path.display())
+            format!(
+                "reading {} (the router writes it once it has a pod CIDR)",
+                path.display()
+            )
         })?;
         let list: serde_json::Value =
             serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
@@ -579,7 +590,8 @@ impl Lab {
         if text.trim().is_empty() {
             return Ok(serde_json::Value::Null);
         }
-        serde_json::from_str(&text).with_context(|| format!("tunmesh-cni {command} printed {text:?}"))
+        serde_json::from_str(&text)
+            .with_context(|| format!("tunmesh-cni {command} printed {text:?}"))
     }
 
     fn save(&self) -> Result<()> {
