@@ -11,6 +11,7 @@ command -v sysctl >/dev/null || need+=(procps)
 command -v wg >/dev/null || need+=(wireguard-tools)
 [ -x /usr/bin/wireguard-go ] || need+=(wireguard-go)
 command -v openssl >/dev/null || need+=(openssl)   # the lab's per-run CA and certificates
+command -v iptables >/dev/null || need+=(iptables) # NodePort-style DNAT in the CNI tests
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -1,7 +1,7 @@
 //! Plain domain types shared by every peer source and the data plane. Nothing
 //! here knows about files, Kubernetes or sockets.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 
@@ -18,6 +18,12 @@ pub struct PeerSpec {
     pub endpoint: Option<SocketAddr>,
     /// Inner source addresses accepted from this peer and destinations routed to it.
     pub allowed_ips: Vec<IpNetwork>,
+    /// The peer node's own addresses (its InternalIPs), accepted as inner
+    /// sources but never routed into the tunnel. A pod's request to that
+    /// node's address leaves over the underlay, and the node answers from
+    /// that address through the mesh (its route to the pod is the tunnel);
+    /// without this the answer would be dropped as a spoofed source.
+    pub node_addresses: Vec<IpAddr>,
     /// Seconds between keepalives, `None` for off.
     pub persistent_keepalive: Option<u16>,
 }

@@ -22,6 +22,9 @@ pub struct PeerStatus {
     pub public_key: String,
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<String>,
+    /// The peer node's own addresses, accepted as sources, never routed.
+    #[serde(default)]
+    pub node_addresses: Vec<String>,
     pub persistent_keepalive: Option<u16>,
     /// Unix time of the last completed handshake, if any.
     pub latest_handshake_unix: Option<u64>,
@@ -84,6 +87,7 @@ pub fn peers(dp: &Dataplane) -> Vec<PeerStatus> {
                 public_key: p.public_key.to_base64(),
                 endpoint: endpoint.map(|e| e.to_string()),
                 allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                node_addresses: p.node_addresses.iter().map(|n| n.to_string()).collect(),
                 persistent_keepalive: p.persistent_keepalive,
                 latest_handshake_unix: at.map(|d| d.as_secs()),
                 tx_packets: p.counters.tx_packets.load(Relaxed),

@@ -34,6 +34,7 @@ fn spec(name: &str, key: &PrivateKey, i: u8, cidrs: &[&str]) -> PeerSpec {
         public_key: key.public_key(),
         endpoint: Some(ep(i)),
         allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+        node_addresses: vec![],
         persistent_keepalive: None,
     }
 }

@@ -102,6 +102,43 @@ fn tcp_send(
         .map_err(|_| anyhow::anyhow!("receiver panicked"))?
 }
 
+/// Listens on `listen_port` (0: any) in namespace `to`, connects from
+/// namespace `from` to `connect` (its port replaced by the listener's when
+/// `listen_port` is 0), and returns the source address the listener saw:
+/// proof that no NAT happened, or that one did.
+pub fn tcp_seen_source(
+    from: &str,
+    to: &str,
+    listen_port: u16,
+    connect: SocketAddr,
+) -> Result<IpAddr> {
+    let unspecified = if connect.is_ipv4() {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    };
+    let bind = SocketAddr::new(unspecified, listen_port);
+    let listener = in_netns(to, move || TcpListener::bind(bind))?
+        .with_context(|| format!("listening on {bind} in {to}"))?;
+    let port = listener.local_addr()?.port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(listener.accept().map(|(_, peer)| peer.ip()));
+    });
+    let addr = if listen_port == 0 {
+        SocketAddr::new(connect.ip(), port)
+    } else {
+        connect
+    };
+    in_netns(from, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    })?
+    .with_context(|| format!("connecting to {addr} from {from}"))?;
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("the listener saw no connection")?
+        .context("accepting")
+}
+
 /// Sends `data` over TCP from namespace `from` to `dst` in namespace `to`
 /// and returns the SHA-256 of what arrived (compare with `sha256(data)`).
 pub fn tcp_transfer(

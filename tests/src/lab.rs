@@ -386,8 +386,8 @@ impl Lab {
                 continue;
             }
             s += &format!(
-                "\n[[peer]]\nname = \"{}\"\npublic_key = \"{}\"\nendpoint = \"{}:{WG_PORT}\"\nallowed_ips = [\"{}\", \"{}\"]\n",
-                p.name, p.public_key, p.underlay_ip, p.pod_cidr_v4, p.pod_cidr_v6
+                "\n[[peer]]\nname = \"{}\"\npublic_key = \"{}\"\nendpoint = \"{}:{WG_PORT}\"\nallowed_ips = [\"{}\", \"{}\"]\nnode_addresses = [\"{}\"]\n",
+                p.name, p.public_key, p.underlay_ip, p.pod_cidr_v4, p.pod_cidr_v6, p.underlay_ip
             );
         }
         s

@@ -448,15 +448,12 @@ impl Dataplane {
         len: usize,
         src: std::net::IpAddr,
     ) {
-        match table.route(src) {
-            Some(owner) if Arc::ptr_eq(owner, peer) => {
-                tun_out.commit(len, UNSPECIFIED);
-                peer.counters.rx(len);
-            }
-            _ => {
-                debug!(peer = %peer.name, %src, "inner source not in the peer's allowed IPs");
-                self.counters.drop(Drop::SourceNotAllowed);
-            }
+        if table.source_allowed(peer, src) {
+            tun_out.commit(len, UNSPECIFIED);
+            peer.counters.rx(len);
+        } else {
+            debug!(peer = %peer.name, %src, "inner source not in the peer's allowed IPs");
+            self.counters.drop(Drop::SourceNotAllowed);
         }
     }
 

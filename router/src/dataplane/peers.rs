@@ -38,6 +38,8 @@ pub struct Peer {
     /// Our local session index prefix (24 bits) for this peer's `Tunn`.
     pub index: u32,
     pub allowed_ips: Vec<IpNetwork>,
+    /// Accepted as inner sources only (see `PeerSpec::node_addresses`).
+    pub node_addresses: Vec<IpAddr>,
     pub persistent_keepalive: Option<u16>,
     /// The endpoint the source asked for (not the roamed one).
     pub configured_endpoint: Option<SocketAddr>,
@@ -52,6 +54,7 @@ impl Peer {
             public_key: spec.public_key,
             index,
             allowed_ips: spec.allowed_ips.clone(),
+            node_addresses: spec.node_addresses.clone(),
             persistent_keepalive: spec.persistent_keepalive,
             configured_endpoint: spec.endpoint,
             state: Arc::new(Mutex::new(PeerState {
@@ -76,6 +79,7 @@ impl Peer {
             public_key: self.public_key,
             index: self.index,
             allowed_ips: spec.allowed_ips.clone(),
+            node_addresses: spec.node_addresses.clone(),
             persistent_keepalive: self.persistent_keepalive,
             configured_endpoint: spec.endpoint,
             state: Arc::clone(&self.state),
@@ -98,6 +102,7 @@ impl Peer {
     pub fn same_spec(&self, spec: &PeerSpec) -> bool {
         self.same_session(spec)
             && self.allowed_ips == spec.allowed_ips
+            && self.node_addresses == spec.node_addresses
             && self.configured_endpoint == spec.endpoint
     }
 }
@@ -110,6 +115,8 @@ pub struct PeerTable {
     by_index: HashMap<u32, Arc<Peer>>,
     by_key: HashMap<PublicKey, Arc<Peer>>,
     routes: Lpm<Arc<Peer>>,
+    /// Peer node addresses: inbound source check only, never routes.
+    node_addresses: HashMap<IpAddr, Arc<Peer>>,
 }
 
 impl PeerTable {
@@ -122,6 +129,9 @@ impl PeerTable {
             for net in &p.allowed_ips {
                 t.routes.insert(*net, Arc::clone(p));
             }
+            for ip in &p.node_addresses {
+                t.node_addresses.insert(*ip, Arc::clone(p));
+            }
         }
         t.peers = peers;
         t
@@ -132,6 +142,19 @@ impl PeerTable {
     #[inline]
     pub fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
         self.routes.lookup(dst)
+    }
+
+    /// Inbound cryptokey routing: whether `peer` may send packets from
+    /// `src` (its allowed IPs, by longest prefix, or its node addresses).
+    #[inline]
+    pub fn source_allowed(&self, peer: &Arc<Peer>, src: IpAddr) -> bool {
+        match self.routes.lookup(src) {
+            Some(owner) => Arc::ptr_eq(owner, peer),
+            None => self
+                .node_addresses
+                .get(&src)
+                .is_some_and(|owner| Arc::ptr_eq(owner, peer)),
+        }
     }
 
     /// The peer a session index (receiver index >> 8) belongs to.

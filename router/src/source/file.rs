@@ -13,6 +13,8 @@
 //! public_key = "base64, as `wg pubkey` prints it"
 //! endpoint = "172.30.0.12:51820"       # optional; IPv6 as "[fd00::2]:51820"
 //! allowed_ips = ["10.244.2.0/24", "fd00:10:244:2::/64"]
+//! node_addresses = ["172.30.0.12"]     # optional: the peer node's own addresses,
+//!                                      # accepted as sources, never routed
 //! persistent_keepalive = 25            # optional, seconds, 0 = off
 //! ```
 //!
@@ -97,6 +99,8 @@ struct RawPeer {
     endpoint: Option<String>,
     #[serde(default)]
     allowed_ips: Vec<String>,
+    #[serde(default)]
+    node_addresses: Vec<String>,
     persistent_keepalive: Option<i64>,
 }
 
@@ -223,6 +227,15 @@ pub fn parse(text: &str, path: &Path) -> Result<MeshFile, MeshFileError> {
             &format!("{label}.allowed_ips"),
             &mut problems,
         );
+        let mut node_addresses = Vec::new();
+        for (a, text) in p.node_addresses.iter().enumerate() {
+            match text.trim().parse::<IpAddr>() {
+                Ok(ip) => node_addresses.push(ip),
+                Err(_) => problems.push(format!(
+                    "{label}.node_addresses[{a}]: {text:?} is not an IP address"
+                )),
+            }
+        }
         let persistent_keepalive = match p.persistent_keepalive {
             None | Some(0) => None,
             Some(s) => match u16::try_from(s) {
@@ -273,6 +286,7 @@ pub fn parse(text: &str, path: &Path) -> Result<MeshFile, MeshFileError> {
                 public_key,
                 endpoint,
                 allowed_ips,
+                node_addresses,
                 persistent_keepalive,
             });
         }

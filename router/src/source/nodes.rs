@@ -155,14 +155,20 @@ fn declared_cidrs(node: &Node) -> Vec<(String, String)> {
     }
 }
 
-fn internal_ip(node: &Node) -> Option<IpAddr> {
+/// Every InternalIP in `status.addresses` (dual-stack Nodes have two).
+fn internal_ips(node: &Node) -> Vec<IpAddr> {
     node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
         .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| a.address.parse().ok())
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+fn internal_ip(node: &Node) -> Option<IpAddr> {
+    internal_ips(node).into_iter().next()
 }
 
 /// Translates the Nodes into the desired mesh. Deterministic: the same
@@ -311,6 +317,7 @@ pub fn translate<'n>(
             public_key: key,
             endpoint: Some(endpoint),
             allowed_ips: cidrs,
+            node_addresses: internal_ips(node),
             persistent_keepalive: s.persistent_keepalive,
         });
     }
@@ -699,6 +706,33 @@ mod tests {
         assert_eq!(own_endpoint(flag, &me, 51820), flag);
         assert!(t.mesh.peers.is_empty());
         assert!(run(&[]).own.is_none());
+    }
+
+    #[test]
+    fn node_addresses_are_the_internal_ips() {
+        let k2 = key(2).to_base64();
+        let mut n = node(&N {
+            name: "b",
+            age: 1,
+            cidrs: &["10.244.2.0/24"],
+            ann: &[(ANN_PUBLIC_KEY, &k2), (ANN_ENDPOINT, "172.28.0.12:51820")],
+            ip: Some("172.28.0.12"),
+        });
+        if let Some(a) = n.status.as_mut().and_then(|s| s.addresses.as_mut()) {
+            a.push(NodeAddress {
+                type_: "InternalIP".into(),
+                address: "fd00::12".into(),
+            });
+            a.push(NodeAddress {
+                type_: "Hostname".into(),
+                address: "b".into(),
+            });
+        }
+        let t = run(&[n]);
+        let want: Vec<IpAddr> = vec!["172.28.0.12".parse().unwrap(), "fd00::12".parse().unwrap()];
+        assert_eq!(t.mesh.peers[0].node_addresses, want);
+        // Never routed: only the pod CIDRs and the cluster CIDR are routes.
+        assert!(t.mesh.routes().iter().all(|r| !r.contains(want[0])));
     }
 
     #[test]
