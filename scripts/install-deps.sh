@@ -12,6 +12,12 @@ command -v wg >/dev/null || need+=(wireguard-tools)
 [ -x /usr/bin/wireguard-go ] || need+=(wireguard-go)
 command -v openssl >/dev/null || need+=(openssl)   # the lab's per-run CA and certificates
 command -v iptables >/dev/null || need+=(iptables) # NodePort-style DNAT in the CNI tests
+# A real container runtime for the CNI tests: podman with its CNI backend,
+# runc (crun refuses this machine's hybrid cgroups), static busybox for the
+# containers' root file system.
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+[ -x /bin/busybox ] || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -1,0 +1,213 @@
+//! A real container runtime: Debian's podman (CNI network backend, runc)
+//! starts containers on two lab nodes, calling `tunmesh-cni` through libcni
+//! with the conflist the node's router wrote. The containers' root file
+//! system is a directory tree built here around Debian's static busybox (no
+//! registry is reachable). A container on node-1 fetches a page over HTTP
+//! from a container on node-2 and pings it, through the mesh. Root only;
+//! CI runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use tunmesh_lab::lab::{find_binary, Lab, NodeInfo};
+use tunmesh_lab::netns;
+use tunmesh_lab::{require_root, LabOptions};
+
+/// A podman with its own storage, configuration and state, run in a node's
+/// network namespace (with `nsenter --net`, so it keeps the host's /sys and
+/// cgroups, which `ip netns exec` would hide).
+struct Podman {
+    ns: String,
+    dir: PathBuf,
+}
+
+impl Podman {
+    fn new(lab: &Lab, node: &NodeInfo) -> Podman {
+        let dir = lab.state.dir.join(format!("podman-{}", node.name));
+        for d in ["root", "run", "tmp"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let plugin_dir = find_binary("tunmesh-cni", "TUNMESH_CNI_BIN")
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let conf = format!(
+            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\"]\nnetwork_config_dir = \"{}\"\n\
+             [containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\
+             [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\n",
+            plugin_dir.display(),
+            node.state_dir.with_file_name("cni-conf").display(),
+            dir.join("events.log").display(),
+        );
+        std::fs::write(dir.join("containers.conf"), conf).unwrap();
+        Podman {
+            ns: node.ns.clone(),
+            dir,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.ns))
+            .arg("podman")
+            .arg(format!("--root={}", self.dir.join("root").display()))
+            .arg(format!("--runroot={}", self.dir.join("run").display()))
+            .arg(format!("--tmpdir={}", self.dir.join("tmp").display()))
+            .arg("--storage-driver=vfs")
+            .args(args)
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .output()
+            .expect("running podman")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "podman {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        // Containers live in namespaces of their own that the lab's
+        // teardown does not know; remove them here whatever happened.
+        let _ = self.run(&["rm", "--all", "--force", "--time", "0"]);
+    }
+}
+
+/// A root file system: static busybox, its applets, and a web page.
+fn rootfs(dir: &Path, page: &str) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "proc", "sys", "dev", "etc", "tmp", "www"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    for applet in [
+        "sh", "ip", "ping", "sleep", "wget", "httpd", "cat", "timeout",
+    ] {
+        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+    }
+    std::fs::write(root.join("www/index.html"), page).unwrap();
+    root
+}
+
+#[test]
+fn podman_containers_on_two_nodes_reach_each_other() {
+    if !require_root("podman_containers_on_two_nodes_reach_each_other") {
+        return;
+    }
+    let lab = Lab::up(&LabOptions {
+        nodes: 2,
+        pods_per_node: 0,
+        ..Default::default()
+    })
+    .expect("lab up");
+    let page = format!("served by tunmesh lab {}", lab.state.id);
+    let root = rootfs(&lab.state.dir, &page);
+    let root = root.display().to_string();
+    let (n1, n2) = (lab.state.nodes[0].clone(), lab.state.nodes[1].clone());
+    let (p1, p2) = (Podman::new(&lab, &n1), Podman::new(&lab, &n2));
+
+    // A web server on node-2.
+    p2.ok(&[
+        "run",
+        "--detach",
+        "--name",
+        "web",
+        "--network",
+        "tunmesh",
+        "--rootfs",
+        &root,
+        "/bin/httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
+    ]);
+    let ip = p2.ok(&[
+        "inspect",
+        "--format",
+        "{{.NetworkSettings.Networks.tunmesh.IPAddress}}",
+        "web",
+    ]);
+    let ip: std::net::Ipv4Addr = ip
+        .parse()
+        .unwrap_or_else(|_| panic!("web's address: {ip:?}"));
+    let cidr: ipnetwork::IpNetwork = n2.pod_cidr_v4.parse().unwrap();
+    assert!(
+        cidr.contains(ip.into()),
+        "{ip} is not in node-2's podCIDR {cidr}"
+    );
+    let allocs =
+        std::fs::read_to_string(n2.state_dir.join("cni/tunmesh/allocations.json")).unwrap();
+    assert!(allocs.contains(&ip.to_string()), "{allocs}");
+
+    // A client on node-1: the page comes back whole, and pings answer.
+    let url = format!("http://{ip}:8080/index.html");
+    let got = netns::wait_for(Duration::from_secs(20), || {
+        // (busybox 1.35's `wget -T` crashes; `timeout` bounds it instead.)
+        let out = p1.run(&[
+            "run",
+            "--rm",
+            "--network",
+            "tunmesh",
+            "--rootfs",
+            &root,
+            "/bin/timeout",
+            "5",
+            "/bin/wget",
+            "-q",
+            "-O",
+            "-",
+            &url,
+        ]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    });
+    assert_eq!(
+        got.as_deref().map(str::trim),
+        Some(page.as_str()),
+        "wget {url} from node-1"
+    );
+    p1.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "tunmesh",
+        "--rootfs",
+        &root,
+        "/bin/ping",
+        "-c",
+        "3",
+        "-W",
+        "2",
+        &ip.to_string(),
+    ]);
+
+    // Removing the containers runs DEL: node-1's store is empty again (its
+    // containers ran with --rm), node-2's after the server goes.
+    p2.ok(&["rm", "--force", "--time", "0", "web"]);
+    for n in [&n1, &n2] {
+        let text =
+            std::fs::read_to_string(n.state_dir.join("cni/tunmesh/allocations.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["allocations"],
+            serde_json::json!({}),
+            "{}: {text}",
+            n.name
+        );
+    }
+    drop((p1, p2));
+    lab.down().unwrap();
+}
