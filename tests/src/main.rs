@@ -293,6 +293,7 @@ fn demo(
         mesh_file: peers_file,
         ..Default::default()
     })?;
+    println!("pods attached by tunmesh-cni (CNI ADD, run as a container runtime runs it):");
     print_lab(&lab);
     if let Ok(out) = lab.kubectl(&["get", "nodes", "-o", "custom-columns=NODE:.metadata.name,INTERNAL-IP:.status.addresses[0].address,POD-CIDRS:.spec.podCIDRs,ENDPOINT:.metadata.annotations.tunmesh\\.io/endpoint"]) {
         println!("\nkubectl get nodes:\n{}", out.trim_end());
