@@ -10,9 +10,11 @@
 
 pub mod dataplane;
 pub mod hostnet;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod status;
+pub mod uapi;
 
 pub use tunmesh_keygen::{PrivateKey, PublicKey};
 

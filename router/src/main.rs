@@ -24,10 +24,12 @@ use tunmesh_router::dataplane::tun::TunDevice;
 use tunmesh_router::dataplane::udp::UdpSocket;
 use tunmesh_router::dataplane::Dataplane;
 use tunmesh_router::hostnet::{self, HostNet};
+use tunmesh_router::metrics::{self, Health};
 use tunmesh_router::model::{Nets, Snapshot};
 use tunmesh_router::source::file::{self, first_host, NodeSettings};
 use tunmesh_router::source::kube::{self as kube_source, KubeSettings, KubeStatus};
 use tunmesh_router::status::{self, ReloadStatus, Status};
+use tunmesh_router::uapi;
 use tunmesh_router::PrivateKey;
 
 /// Name of the TUN device.
@@ -39,6 +41,9 @@ const DEFAULT_MTU: u16 = 1420;
 const DEFAULT_STATE_DIR: &str = "/var/lib/tunmesh";
 /// Where container runtimes look for CNI configuration.
 const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+/// Metrics and health endpoints (all interfaces: the DaemonSet's probes
+/// and Prometheus reach the node's address).
+const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:9475";
 /// WireGuard's usual port.
 const DEFAULT_PORT: u16 = 51820;
 /// How often the status snapshot is rewritten.
@@ -109,6 +114,13 @@ struct Args {
     /// once the node has a pod CIDR; empty: do not write one.
     #[arg(long, env = "TUNMESH_CNI_CONF_DIR", default_value = DEFAULT_CNI_CONF_DIR)]
     cni_conf_dir: PathBuf,
+    /// Address for Prometheus metrics, /healthz and /readyz; empty: none.
+    #[arg(long, env = "TUNMESH_METRICS_ADDRESS", default_value = DEFAULT_METRICS_ADDRESS)]
+    metrics_address: String,
+    /// Directory of the WireGuard userspace API socket (`wg show` looks in
+    /// /var/run/wireguard); empty: no socket.
+    #[arg(long, env = "TUNMESH_UAPI_DIR", default_value = tunmesh_router::uapi::SOCKET_DIR)]
+    uapi_dir: PathBuf,
     /// Where the CNI plugin keeps its address allocations (default:
     /// <state-dir>/cni); must survive reboots.
     #[arg(long, env = "TUNMESH_CNI_DATA_DIR")]
@@ -178,12 +190,28 @@ struct Node {
     index: u32,
     /// Pod CIDRs currently on the TUN (as gateways) and in node.json.
     pod_cidrs: Option<Vec<IpNetwork>>,
+    /// The last snapshot applied (re-applied after a `wg set`).
+    last: Option<Snapshot>,
+    health: Arc<Health>,
 }
 
 impl Node {
     /// Applies one snapshot: peers as a minimal diff, routes, and (when
     /// they changed) the gateway addresses and the CNI plugin's node state.
     async fn apply(&mut self, snap: &Snapshot) -> Result<String, String> {
+        let r = self.apply_inner(snap).await;
+        let counter = if r.is_ok() {
+            self.health.ready.store(true, Ordering::Relaxed);
+            &self.health.reconciles
+        } else {
+            &self.health.reconcile_errors
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.last = Some(snap.clone());
+        r
+    }
+
+    async fn apply_inner(&mut self, snap: &Snapshot) -> Result<String, String> {
         let diff = self.dp.apply(&snap.mesh);
         let routes = self
             .host
@@ -381,6 +409,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rcvbuf, sndbuf, tun_offload, udp_gso, udp_gro, "router up"
     );
     let port = udp.port();
+    let health = Health::new(
+        Arc::clone(&dp),
+        match &source {
+            Source::Kube { status, .. } => Some(Arc::clone(status)),
+            Source::File { .. } => None,
+        },
+    );
+    if !args.metrics_address.is_empty() {
+        let addr: SocketAddr = args.metrics_address.parse().with_context(|| {
+            format!(
+                "--metrics-address {:?} is not IP:port",
+                args.metrics_address
+            )
+        })?;
+        let bound = metrics::serve(addr, Arc::clone(&health))
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        info!(address = %bound, "metrics on /metrics, health on /healthz and /readyz");
+    }
+    let (uapi_tx, mut uapi_rx) = tokio::sync::mpsc::unbounded_channel();
+    if !args.uapi_dir.as_os_str().is_empty() {
+        let listener = uapi::bind(&args.uapi_dir, &args.interface).with_context(|| {
+            format!(
+                "WireGuard API socket {}",
+                uapi::socket_path(&args.uapi_dir, &args.interface).display()
+            )
+        })?;
+        tokio::spawn(uapi::serve(listener, Arc::clone(&dp), port, uapi_tx));
+        info!(socket = %uapi::socket_path(&args.uapi_dir, &args.interface).display(), "WireGuard API for `wg show`");
+    }
+    let resync = Duration::from_secs(args.resync_seconds.max(1));
     let mut node = Node {
         args,
         node_name,
@@ -389,6 +448,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         host,
         index,
         pod_cidrs: None,
+        last: None,
+        health: Arc::clone(&health),
     };
     match &first {
         Some(snap) => node.apply(snap).await.map_err(anyhow::Error::msg)?,
@@ -417,6 +478,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // After a failed apply (netlink refused a route, say), the latest
     // snapshot is applied again at this time.
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // After a `wg set`, the source's mesh is applied again at this time.
+    let mut reapply_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -483,7 +546,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+            Some(()) = uapi_rx.recv() => {
+                reapply_at.get_or_insert_with(|| tokio::time::Instant::now() + resync);
+            }
+            _ = async {
+                match reapply_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                reapply_at = None;
+                if let Some(snap) = node.last.clone() {
+                    info!("re-applying the source's mesh over `wg set` changes");
+                    retry_at = apply_or_retry(&mut node, &snap).await;
+                }
+            }
             _ = tick.tick() => {
+                health.last_tick.store(status::unix_now(), Ordering::Relaxed);
                 let s = Status {
                     interface: node.args.interface.clone(),
                     public_key: node.dp.public_key().to_base64(),
@@ -511,6 +590,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     info!("stopping");
+    if !node.args.uapi_dir.as_os_str().is_empty() {
+        let _ = std::fs::remove_file(uapi::socket_path(&node.args.uapi_dir, &node.args.interface));
+    }
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         let _ = h.join();

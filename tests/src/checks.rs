@@ -455,3 +455,27 @@ pub fn matrix_table(results: &[PairResult]) -> String {
     }
     s
 }
+
+/// A plain HTTP/1.1 GET from inside namespace `ns`; returns the status
+/// code and the body (the router's metrics and health endpoints).
+pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let raw = in_netns(ns, move || -> std::io::Result<Vec<u8>> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(request.as_bytes())?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        Ok(out)
+    })?
+    .with_context(|| format!("GET http://{addr}{path} in {ns}"))?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line in {head:?}"))?;
+    // The router answers with a length; a chunked body is not expected.
+    Ok((code, body.to_string()))
+}

@@ -4,7 +4,7 @@
 //!  tm<id>-ul:  br0 ── cp ── n1 ── n2 ── n3       underlay bridge, 172.28.0.0/24
 //!                     │     │     │
 //!  tm<id>-cp:     eth0 172.28.0.2: etcd, kube-apiserver :6443, kube-controller-manager
-//!  tm<id>-node-1: eth0 172.28.0.11, tunmesh0 (10.244.0.1/32, fd00:10:244::1/128), router
+//!  tm<id>-node-1: eth0 172.28.0.11, tm<id>n1 (10.244.0.1/32, fd00:10:244::1/128), router
 //!     tm<hash> ── tm<id>-node-1-pod-1: eth0 10.244.0.2/32, fd00:10:244::2/128
 //!     tm<hash> ── tm<id>-node-1-pod-2: eth0 10.244.0.3/32, ...   (by tunmesh-cni)
 //! ```
@@ -71,6 +71,11 @@ impl Default for LabOptions {
 pub struct NodeInfo {
     pub name: String,
     pub ns: String,
+    /// The router's TUN device; unique across labs, because the WireGuard
+    /// API socket `/var/run/wireguard/<interface>.sock` is shared by all
+    /// namespaces (`wg show` finds every lab node's router there).
+    #[serde(default = "default_interface")]
+    pub interface: String,
     pub underlay_ip: Ipv4Addr,
     pub pod_cidr_v4: String,
     pub pod_cidr_v6: String,
@@ -141,6 +146,10 @@ pub fn find_binary(name: &str, env: &str) -> Result<PathBuf> {
         "{name} not found next to {} (run `cargo build --release --workspace`, or set {env})",
         exe.display()
     )
+}
+
+fn default_interface() -> String {
+    "tunmesh0".into()
 }
 
 fn node_underlay_ip(i: usize) -> Ipv4Addr {
@@ -289,6 +298,7 @@ impl Lab {
         let mut node = NodeInfo {
             name: format!("node-{i}"),
             ns: ns.clone(),
+            interface: format!("tm{}n{i}", self.state.id),
             underlay_ip: node_underlay_ip(i),
             pod_cidr_v4: format!("10.244.{i}.0/24"),
             pod_cidr_v6: format!("fd00:10:244:{i:x}::/64"),
@@ -409,6 +419,8 @@ impl Lab {
         let mtu = MTU.to_string();
         let cni_conf = n.state_dir.with_file_name("cni-conf").display().to_string();
         let mut args: Vec<String> = vec![
+            "--interface".into(),
+            n.interface.clone(),
             "--state-dir".into(),
             state,
             "--mtu".into(),
@@ -729,6 +741,17 @@ pub fn teardown(dir: &Path) -> Result<()> {
     // Anything else still running inside the lab's namespaces (iperf3,
     // tcpdump...), then the namespaces themselves.
     netns::purge_prefix(&format!("tm{id}-"));
+    // API sockets of routers that could not remove their own.
+    if let Ok(d) = std::fs::read_dir(tunmesh_router::uapi::SOCKET_DIR) {
+        for e in d.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("tm{id}n"))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(dir);
     if current() == Some(dir.to_path_buf()) {
         set_current(None);

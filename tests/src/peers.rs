@@ -86,6 +86,10 @@ pub fn start_router(
         mesh.display().to_string(),
         "--state-dir".into(),
         state.display().to_string(),
+        // Its own API socket directory: /var/run/wireguard is shared by all
+        // namespaces, and both ends call their device tunmesh0.
+        "--uapi-dir".into(),
+        dir.join(format!("{tag}-uapi")).display().to_string(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

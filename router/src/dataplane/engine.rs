@@ -118,6 +118,12 @@ impl Dataplane {
         PublicKey::from_bytes(*self.public.as_bytes())
     }
 
+    /// The private key, for the WireGuard UAPI's `get` (served on a
+    /// root-only socket, as wireguard-go does).
+    pub fn private_key_bytes(&self) -> [u8; 32] {
+        self.secret.to_bytes()
+    }
+
     /// The current peer table.
     pub fn table(&self) -> Arc<PeerTable> {
         self.table.load_full()

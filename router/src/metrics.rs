@@ -1,0 +1,287 @@
+//! Prometheus metrics and health endpoints over HTTP:
+//! - `/metrics`: per-peer traffic and handshake age, drops by reason, peers,
+//!   reconciles and their errors, the Kubernetes connection, build info
+//!   (OpenMetrics text, built fresh from the live counters on each scrape);
+//! - `/healthz`: the main loop is turning (it ticks every second);
+//! - `/readyz`: the TUN device, routes and the first mesh are in place.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tracing::{debug, warn};
+
+use crate::dataplane::Dataplane;
+use crate::source::kube::KubeStatus;
+
+/// What the endpoints report, shared with the router's main loop.
+pub struct Health {
+    pub dp: Arc<Dataplane>,
+    /// Set once the TUN device, routes and the first mesh are in place.
+    pub ready: AtomicBool,
+    /// Unix seconds of the main loop's last tick.
+    pub last_tick: AtomicU64,
+    /// Meshes applied, and applies that failed.
+    pub reconciles: AtomicU64,
+    pub reconcile_errors: AtomicU64,
+    pub kube: Option<Arc<Mutex<KubeStatus>>>,
+}
+
+/// The main loop is considered stuck after this long without a tick.
+const STALL: u64 = 10;
+
+type Labels = Vec<(String, String)>;
+
+fn label(k: &str, v: &str) -> Labels {
+    vec![(k.to_string(), v.to_string())]
+}
+
+impl Health {
+    pub fn new(dp: Arc<Dataplane>, kube: Option<Arc<Mutex<KubeStatus>>>) -> Arc<Health> {
+        Arc::new(Health {
+            dp,
+            ready: AtomicBool::new(false),
+            last_tick: AtomicU64::new(crate::status::unix_now()),
+            reconciles: AtomicU64::new(0),
+            reconcile_errors: AtomicU64::new(0),
+            kube,
+        })
+    }
+
+    pub fn alive(&self) -> bool {
+        crate::status::unix_now().saturating_sub(self.last_tick.load(Ordering::Relaxed)) <= STALL
+    }
+
+    /// The metrics in OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut reg = Registry::with_prefix("tunmesh");
+        let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+            let c: Counter = Counter::default();
+            c.inc_by(v);
+            reg.register(name, help, c);
+        };
+        let gauge = |reg: &mut Registry, name: &str, help: &str, v: i64| {
+            let g: Gauge = Gauge::default();
+            g.set(v);
+            reg.register(name, help, g);
+        };
+        let info: Family<Labels, Gauge> = Family::default();
+        info.get_or_create(&label("version", env!("CARGO_PKG_VERSION")))
+            .set(1);
+        reg.register("build_info", "The router's version", info);
+
+        let table = self.dp.table();
+        gauge(
+            &mut reg,
+            "peers",
+            "Peers in the mesh",
+            table.peers.len() as i64,
+        );
+        let tx_b: Family<Labels, Counter> = Family::default();
+        let rx_b: Family<Labels, Counter> = Family::default();
+        let tx_p: Family<Labels, Counter> = Family::default();
+        let rx_p: Family<Labels, Counter> = Family::default();
+        let hs: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
+        for p in &table.peers {
+            let l = label("peer", &p.name);
+            tx_b.get_or_create(&l)
+                .inc_by(p.counters.tx_bytes.load(Ordering::Relaxed));
+            rx_b.get_or_create(&l)
+                .inc_by(p.counters.rx_bytes.load(Ordering::Relaxed));
+            tx_p.get_or_create(&l)
+                .inc_by(p.counters.tx_packets.load(Ordering::Relaxed));
+            rx_p.get_or_create(&l)
+                .inc_by(p.counters.rx_packets.load(Ordering::Relaxed));
+            let since: Option<Duration> = p.lock().tunn.time_since_last_handshake();
+            // -1: no handshake yet (a gauge cannot be absent per peer and
+            // still say so).
+            hs.get_or_create(&l)
+                .set(since.map(|d| d.as_secs_f64()).unwrap_or(-1.0));
+        }
+        reg.register(
+            "peer_tx_bytes",
+            "Bytes sent to the peer through the tunnel (inner packets)",
+            tx_b,
+        );
+        reg.register(
+            "peer_rx_bytes",
+            "Bytes received from the peer and delivered (inner packets)",
+            rx_b,
+        );
+        reg.register("peer_tx_packets", "Packets sent to the peer", tx_p);
+        reg.register(
+            "peer_rx_packets",
+            "Packets received from the peer and delivered",
+            rx_p,
+        );
+        reg.register(
+            "peer_last_handshake_seconds",
+            "Seconds since the last completed handshake with the peer (-1: none yet)",
+            hs,
+        );
+
+        let snap = self.dp.counters.snapshot();
+        let drops: Family<Labels, Counter> = Family::default();
+        for (reason, n) in &snap.drops {
+            drops.get_or_create(&label("reason", reason)).inc_by(*n);
+        }
+        reg.register("drops", "Packets dropped, by reason", drops);
+        counter(
+            &mut reg,
+            "tun_rx_packets",
+            "Packets read from the TUN device",
+            snap.tun_rx_packets,
+        );
+        counter(
+            &mut reg,
+            "tun_tx_packets",
+            "Packets written to the TUN device",
+            snap.tun_tx_packets,
+        );
+        counter(
+            &mut reg,
+            "udp_rx_datagrams",
+            "WireGuard datagrams received",
+            snap.udp_rx_datagrams,
+        );
+        counter(
+            &mut reg,
+            "udp_tx_datagrams",
+            "WireGuard datagrams sent",
+            snap.udp_tx_datagrams,
+        );
+        counter(
+            &mut reg,
+            "reconciles",
+            "Meshes applied from the peer source",
+            self.reconciles.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut reg,
+            "reconcile_errors",
+            "Meshes the router failed to apply (routes, addresses)",
+            self.reconcile_errors.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut reg,
+            "ready",
+            "1 once the TUN device, routes and first mesh are in place",
+            i64::from(self.ready.load(Ordering::Relaxed)),
+        );
+        if let Some(k) = self
+            .kube
+            .as_ref()
+            .and_then(|k| k.lock().ok().map(|s| s.clone()))
+        {
+            gauge(
+                &mut reg,
+                "kubernetes_connected",
+                "1 while the Node watch is up",
+                i64::from(k.connected),
+            );
+            gauge(
+                &mut reg,
+                "kubernetes_problems",
+                "Malformed or conflicting Node fields skipped",
+                k.problems.len() as i64,
+            );
+            gauge(
+                &mut reg,
+                "kubernetes_pending_nodes",
+                "Nodes not peers yet (no key, endpoint or podCIDR)",
+                k.pending.len() as i64,
+            );
+        }
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &reg) {
+            warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn route(
+    req: Request<Incoming>,
+    h: Arc<Health>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let ok = |good: bool, what: &str| {
+        if good {
+            respond(StatusCode::OK, "text/plain", "ok\n".into())
+        } else {
+            respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{what}\n"),
+            )
+        }
+    };
+    Ok(match req.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            h.render(),
+        ),
+        "/healthz" => ok(h.alive(), "the router's main loop has not ticked for 10 s"),
+        "/readyz" => ok(
+            h.ready.load(Ordering::Relaxed) && h.alive(),
+            "not ready: the TUN device, routes or the first mesh are not in place yet",
+        ),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
+    })
+}
+
+/// Binds `addr` now (so a taken port fails the start), then serves in the
+/// background.
+pub async fn serve(addr: SocketAddr, h: Arc<Health>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "metrics listener");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let h = Arc::clone(&h);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| route(req, Arc::clone(&h)));
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    debug!(error = %e, "metrics connection");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}

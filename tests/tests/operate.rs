@@ -1,0 +1,165 @@
+//! Seeing the mesh with the tools operators know: `wg show` / `wg showconf`
+//! / `wg set` from wireguard-tools against the router's WireGuard API
+//! socket, and a Prometheus scrape of /metrics plus the health endpoints.
+//! Root only; CI runs them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tunmesh_lab::checks::{self, http_get};
+use tunmesh_lab::lab::Lab;
+use tunmesh_lab::netns::{exec, exec_output, wait_for};
+use tunmesh_lab::{require_root, LabOptions};
+
+fn wg(lab: &Lab, node: &str, args: &[&str]) -> String {
+    let n = lab.node(node).unwrap();
+    let mut all = vec![args[0], n.interface.as_str()];
+    all.extend(&args[1..]);
+    exec(&n.ns, "wg", &all).unwrap()
+}
+
+#[test]
+fn wg_show_and_metrics_show_the_live_mesh() {
+    if !require_root("wg_show_and_metrics_show_the_live_mesh") {
+        return;
+    }
+    let lab = Lab::up(&LabOptions {
+        nodes: 3,
+        pods_per_node: 1,
+        // So that the `wg set` override is undone within the test.
+        router_args: vec!["--resync-seconds=3".into()],
+        ..Default::default()
+    })
+    .expect("lab up");
+    let (a, b) = (
+        lab.pod("node-1-pod-1").unwrap().clone(),
+        lab.pod("node-2-pod-1").unwrap().clone(),
+    );
+    assert!(checks::tcp_ok(&a.ns, &b.ns, b.ipv4.into(), 100_000));
+    let status = lab.router_status("node-1").unwrap();
+    let n2_key = lab.node("node-2").unwrap().public_key.clone();
+
+    // `wg show dump`: our key and port, every peer with endpoint, allowed
+    // IPs, a real handshake time and the transfer.
+    let now = tunmesh_router::status::unix_now();
+    let dump = wg(&lab, "node-1", &["show", "dump"]);
+    let mut lines = dump.lines();
+    let iface: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    assert_eq!(iface[1], status.public_key, "{dump}");
+    assert_eq!(iface[2], "51820");
+    let peers: BTreeMap<String, Vec<String>> = lines
+        .map(|l| {
+            let f: Vec<String> = l.split('\t').map(str::to_string).collect();
+            (f[0].clone(), f)
+        })
+        .collect();
+    assert_eq!(peers.len(), 2, "{dump}");
+    let p2 = &peers[&n2_key];
+    assert_eq!(
+        p2[2],
+        format!("{}:51820", lab.node("node-2").unwrap().underlay_ip)
+    );
+    assert!(
+        p2[3].contains(&lab.node("node-2").unwrap().pod_cidr_v4),
+        "{dump}"
+    );
+    let hs: u64 = p2[4].parse().unwrap();
+    assert!(
+        hs > 1_600_000_000 && hs <= now + 1,
+        "latest handshake {hs} is not a recent Unix time"
+    );
+    let (rx, tx): (u64, u64) = (p2[5].parse().unwrap(), p2[6].parse().unwrap());
+    assert!(rx > 0 && tx > 100_000, "transfer rx={rx} tx={tx}");
+    let conf = wg(&lab, "node-1", &["showconf"]);
+    assert!(
+        conf.contains("PrivateKey = ")
+            && conf.contains("ListenPort = 51820")
+            && conf.contains(&n2_key),
+        "{conf}"
+    );
+
+    // `wg set`: a peer is added at once; the router's source puts its own
+    // mesh back at the next resync. The key and port cannot be changed.
+    let extra = tunmesh_keygen::PrivateKey::generate()
+        .public_key()
+        .to_base64();
+    wg(
+        &lab,
+        "node-1",
+        &[
+            "set",
+            "peer",
+            &extra,
+            "allowed-ips",
+            "10.250.0.0/24",
+            "endpoint",
+            "172.28.0.99:51820",
+        ],
+    );
+    assert!(wg(&lab, "node-1", &["show", "peers"]).contains(&extra));
+    let gone = wait_for(Duration::from_secs(20), || {
+        (!wg(&lab, "node-1", &["show", "peers"]).contains(&extra)).then_some(())
+    });
+    assert!(gone.is_some(), "the wg set peer was never reconciled away");
+    let n1 = lab.node("node-1").unwrap();
+    let out = exec_output(&n1.ns, "wg", &["set", &n1.interface, "listen-port", "1234"]).unwrap();
+    assert!(
+        !out.status.success(),
+        "changing the listen port must be refused"
+    );
+    assert_eq!(wg(&lab, "node-1", &["show", "listen-port"]).trim(), "51820");
+
+    // The scrape: parse the text format.
+    let addr: SocketAddr = "127.0.0.1:9475".parse().unwrap();
+    let (code, body) = http_get(&n1.ns, addr, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let mut samples: BTreeMap<String, f64> = BTreeMap::new();
+    for l in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = l
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line {l:?}"));
+        samples.insert(
+            name.to_string(),
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {l:?}")),
+        );
+    }
+    assert!(
+        body.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    assert_eq!(samples["tunmesh_peers"], 2.0);
+    assert!(
+        samples[r#"tunmesh_peer_tx_bytes_total{peer="node-2"}"#] > 100_000.0,
+        "{body}"
+    );
+    assert!(samples[r#"tunmesh_peer_rx_packets_total{peer="node-2"}"#] > 0.0);
+    let age = samples[r#"tunmesh_peer_last_handshake_seconds{peer="node-2"}"#];
+    assert!((0.0..180.0).contains(&age), "handshake age {age}");
+    for reason in [
+        "no_peer",
+        "source_not_allowed",
+        "decrypt_failed",
+        "queue_full",
+        "malformed",
+    ] {
+        assert!(
+            samples.contains_key(&format!("tunmesh_drops_total{{reason=\"{reason}\"}}")),
+            "{reason} missing"
+        );
+    }
+    assert!(samples["tunmesh_reconciles_total"] >= 1.0);
+    assert_eq!(samples["tunmesh_reconcile_errors_total"], 0.0);
+    assert_eq!(samples["tunmesh_kubernetes_connected"], 1.0);
+    assert_eq!(samples["tunmesh_ready"], 1.0);
+    assert!(samples.keys().any(|k| k.starts_with("tunmesh_build_info{")));
+    assert_eq!(http_get(&n1.ns, addr, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(&n1.ns, addr, "/readyz").unwrap().0, 200);
+    assert_eq!(http_get(&n1.ns, addr, "/nope").unwrap().0, 404);
+    lab.down().unwrap();
+}
