@@ -27,10 +27,19 @@ pub const API_PORT: u16 = 6443;
 /// Service network (nothing uses it yet; the API server requires one).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// Namespace and name of the routers' ServiceAccount (deploy/rbac.yaml).
-pub const SA_NAMESPACE: &str = "kube-system";
+pub const SA_NAMESPACE: &str = "tunmesh";
 pub const SA_NAME: &str = "tunmesh";
 /// The RBAC objects the routers run with: exactly what deploy/ ships.
 pub const RBAC_YAML: &str = include_str!("../../deploy/rbac.yaml");
+/// The namespace and the router settings from deploy/, applied as they are.
+pub const NAMESPACE_YAML: &str = include_str!("../../deploy/namespace.yaml");
+pub const CONFIG_YAML: &str = include_str!("../../deploy/configmap.yaml");
+/// The ConfigMap holding the routers' settings.
+pub const CONFIG_NAME: &str = "tunmesh-config";
+/// The manifests directory (for `kubectl apply -k`).
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
 
 /// The directory with kube-apiserver, kube-controller-manager, kubectl and
 /// etcd: `$TUNMESH_CONTROL_PLANE_BIN`, else what `scripts/control-plane.sh`
@@ -189,8 +198,14 @@ impl ControlPlane {
         cp.start_etcd()?;
         cp.start_apiserver()?;
         cp.start_controller_manager()?;
-        cp.kubectl_stdin(&["apply", "-f", "-"], RBAC_YAML)
-            .context("applying deploy/rbac.yaml")?;
+        for (file, yaml) in [
+            ("namespace.yaml", NAMESPACE_YAML),
+            ("rbac.yaml", RBAC_YAML),
+            ("configmap.yaml", CONFIG_YAML),
+        ] {
+            cp.kubectl_stdin(&["apply", "-f", "-"], yaml)
+                .with_context(|| format!("applying deploy/{file}"))?;
+        }
         Ok(cp)
     }
 
@@ -344,6 +359,9 @@ impl ControlPlane {
                 format!("--service-account-signing-key-file={d}/sa.key"),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--authorization-mode=RBAC".into(),
+                // As kubeadm and most distributions run it: network plugins'
+                // DaemonSets need a privileged init step.
+                "--allow-privileged=true".into(),
                 "--profiling=false".into(),
                 "--enable-priority-and-fairness=false".into(),
             ],
@@ -470,7 +488,7 @@ impl ControlPlane {
     }
 
     /// A kubeconfig for a router: a token of ServiceAccount `sa` (in
-    /// kube-system), written to `path`.
+    /// the tunmesh namespace), written to `path`.
     pub fn router_kubeconfig(&self, sa: &str, path: &Path) -> Result<()> {
         let token = self.kubectl(&["create", "token", sa, "-n", SA_NAMESPACE, "--duration=48h"])?;
         std::fs::write(
@@ -478,6 +496,20 @@ impl ControlPlane {
             kubeconfig(&self.dir.join("ca.crt"), KubeUser::Token(token.trim())),
         )
         .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The routers' settings: the ConfigMap from deploy/configmap.yaml as
+    /// the API server holds it, as environment variables (what the
+    /// DaemonSet's `envFrom` gives the router).
+    pub fn router_env(&self) -> Result<Vec<(String, String)>> {
+        let out = self.kubectl(&["get", "configmap", CONFIG_NAME, "-n", SA_NAMESPACE, "-o", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("parsing the ConfigMap")?;
+        Ok(v["data"]
+            .as_object()
+            .context("the ConfigMap has no data")?
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect())
     }
 
     /// Registers a Node the way kubelet does: the object, then its

@@ -416,32 +416,37 @@ impl Lab {
         // A previous run's status would look like this one's.
         let _ = std::fs::remove_file(n.state_dir.join(tunmesh_router::status::STATUS_FILE));
         let state = n.state_dir.display().to_string();
-        let mtu = MTU.to_string();
         let cni_conf = n.state_dir.with_file_name("cni-conf").display().to_string();
+        // Per-node paths and names (many nodes share this machine); the
+        // interface overrides the ConfigMap's, which every node would share.
         let mut args: Vec<String> = vec![
             "--interface".into(),
             n.interface.clone(),
             "--state-dir".into(),
             state,
-            "--mtu".into(),
-            mtu,
             "--cni-conf-dir".into(),
             cni_conf,
         ];
-        match &n.kubeconfig {
-            Some(kc) => args.extend([
-                "--node-name".into(),
-                n.name.clone(),
-                "--kubeconfig".into(),
-                kc.display().to_string(),
-                "--cluster-cidrs".into(),
-                format!("{CLUSTER_V4},{CLUSTER_V6}"),
+        // In a Kubernetes lab, the rest comes as the DaemonSet gives it:
+        // NODE_NAME and the ConfigMap from deploy/ as environment.
+        let mut env: Vec<(String, String)> = Vec::new();
+        match (&n.kubeconfig, &self.state.control_plane) {
+            (Some(kc), Some(cp)) => {
+                env = cp.router_env()?;
+                env.push(("NODE_NAME".into(), n.name.clone()));
+                args.extend(["--kubeconfig".into(), kc.display().to_string()]);
+            }
+            _ => args.extend([
+                "--mtu".into(),
+                MTU.to_string(),
+                "--mesh-file".into(),
+                n.mesh_file.display().to_string(),
             ]),
-            None => args.extend(["--mesh-file".into(), n.mesh_file.display().to_string()]),
         }
         args.extend(extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let child = netns::spawn(&n.ns, &self.state.router_bin, &args, &[], &n.log)?;
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let child = netns::spawn(&n.ns, &self.state.router_bin, &args, &env, &n.log)?;
         self.state.nodes[i].router_pid = Some(child.id());
         self.save()
     }

@@ -248,7 +248,7 @@ fn bad_annotations_outages_and_rbac_never_stop_the_mesh() {
     let n1_cidr = lab.node("node-1").unwrap().pod_cidr_v4.clone();
 
     // The routers' ServiceAccount can do what deploy/rbac.yaml says and no more.
-    let sa = "system:serviceaccount:kube-system:tunmesh";
+    let sa = "system:serviceaccount:tunmesh:tunmesh";
     for (verb, res, allowed) in [
         ("watch", "nodes", true),
         ("patch", "nodes", true),
@@ -461,12 +461,12 @@ fn bad_annotations_outages_and_rbac_never_stop_the_mesh() {
         let role = format!("tunmesh-no-{verb_missing}");
         let yaml = format!(
             r#"{{"apiVersion":"v1","kind":"List","items":[
-{{"apiVersion":"v1","kind":"ServiceAccount","metadata":{{"name":"{role}","namespace":"kube-system"}}}},
+{{"apiVersion":"v1","kind":"ServiceAccount","metadata":{{"name":"{role}","namespace":"tunmesh"}}}},
 {{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{{"name":"{role}"}},
  "rules":[{{"apiGroups":[""],"resources":["nodes"],"verbs":{verbs}}},{{"apiGroups":[""],"resources":["events"],"verbs":["create"]}}]}},
 {{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{{"name":"{role}"}},
  "roleRef":{{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"{role}"}},
- "subjects":[{{"kind":"ServiceAccount","name":"{role}","namespace":"kube-system"}}]}}]}}"#
+ "subjects":[{{"kind":"ServiceAccount","name":"{role}","namespace":"tunmesh"}}]}}]}}"#
         );
         lab.control_plane()
             .unwrap()

@@ -161,5 +161,25 @@ fn wg_show_and_metrics_show_the_live_mesh() {
     assert_eq!(http_get(&n1.ns, addr, "/healthz").unwrap().0, 200);
     assert_eq!(http_get(&n1.ns, addr, "/readyz").unwrap().0, 200);
     assert_eq!(http_get(&n1.ns, addr, "/nope").unwrap().0, 404);
+
+    // The manifests: the API server accepts all of deploy/ (server-side
+    // dry run, so schema, RBAC and DaemonSet validation all apply), and the
+    // routers here run with its ServiceAccount and ConfigMap settings.
+    let deploy = tunmesh_lab::controlplane::deploy_dir();
+    let out = lab
+        .kubectl(&["apply", "--dry-run=server", "-k", &deploy.display().to_string()])
+        .expect("kubectl apply --dry-run=server -k deploy/");
+    for kind in ["namespace/tunmesh", "serviceaccount/tunmesh", "clusterrole.rbac.authorization.k8s.io/tunmesh-router",
+                 "clusterrolebinding.rbac.authorization.k8s.io/tunmesh-router", "configmap/tunmesh-config", "daemonset.apps/tunmesh"] {
+        assert!(out.contains(kind), "{kind} missing from the dry run:\n{out}");
+    }
+    let ds = lab
+        .kubectl(&["kustomize", &deploy.display().to_string()])
+        .unwrap();
+    assert!(ds.contains("image: tunmesh:0.1.0") && ds.contains("NET_ADMIN") && ds.contains("/readyz"), "{ds}");
+    let mtu = exec(&n1.ns, "ip", &["link", "show", &n1.interface]).unwrap();
+    assert!(mtu.contains("mtu 1420"), "MTU from the ConfigMap: {mtu}");
+    let log = std::fs::read_to_string(&n1.log).unwrap();
+    assert!(log.contains("source=\"kubernetes\""), "NODE_NAME from the environment selects Kubernetes");
     lab.down().unwrap();
 }
