@@ -757,6 +757,19 @@ pub fn teardown(dir: &Path) -> Result<()> {
             }
         }
     }
+    // Mounts a container runtime left under the lab's files (podman's
+    // shm), deepest first, so the directory can go.
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+        let mut under: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| Path::new(m).starts_with(dir))
+            .collect();
+        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in under {
+            let _ = netns::run("umount", &["-l", m]);
+        }
+    }
     let _ = std::fs::remove_dir_all(dir);
     if current() == Some(dir.to_path_buf()) {
         set_current(None);
