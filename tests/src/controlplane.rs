@@ -502,7 +502,15 @@ impl ControlPlane {
     /// the API server holds it, as environment variables (what the
     /// DaemonSet's `envFrom` gives the router).
     pub fn router_env(&self) -> Result<Vec<(String, String)>> {
-        let out = self.kubectl(&["get", "configmap", CONFIG_NAME, "-n", SA_NAMESPACE, "-o", "json"])?;
+        let out = self.kubectl(&[
+            "get",
+            "configmap",
+            CONFIG_NAME,
+            "-n",
+            SA_NAMESPACE,
+            "-o",
+            "json",
+        ])?;
         let v: serde_json::Value = serde_json::from_str(&out).context("parsing the ConfigMap")?;
         Ok(v["data"]
             .as_object()

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tunmesh_lab::checks::{self, http_get};
-use tunmesh_lab::lab::Lab;
+use tunmesh_lab::lab::{find_binary, Lab};
 use tunmesh_lab::netns::{exec, exec_output, wait_for};
 use tunmesh_lab::{require_root, LabOptions};
 
@@ -167,19 +167,111 @@ fn wg_show_and_metrics_show_the_live_mesh() {
     // routers here run with its ServiceAccount and ConfigMap settings.
     let deploy = tunmesh_lab::controlplane::deploy_dir();
     let out = lab
-        .kubectl(&["apply", "--dry-run=server", "-k", &deploy.display().to_string()])
+        .kubectl(&[
+            "apply",
+            "--dry-run=server",
+            "-k",
+            &deploy.display().to_string(),
+        ])
         .expect("kubectl apply --dry-run=server -k deploy/");
-    for kind in ["namespace/tunmesh", "serviceaccount/tunmesh", "clusterrole.rbac.authorization.k8s.io/tunmesh-router",
-                 "clusterrolebinding.rbac.authorization.k8s.io/tunmesh-router", "configmap/tunmesh-config", "daemonset.apps/tunmesh"] {
-        assert!(out.contains(kind), "{kind} missing from the dry run:\n{out}");
+    for kind in [
+        "namespace/tunmesh",
+        "serviceaccount/tunmesh",
+        "clusterrole.rbac.authorization.k8s.io/tunmesh-router",
+        "clusterrolebinding.rbac.authorization.k8s.io/tunmesh-router",
+        "configmap/tunmesh-config",
+        "daemonset.apps/tunmesh",
+    ] {
+        assert!(
+            out.contains(kind),
+            "{kind} missing from the dry run:\n{out}"
+        );
     }
     let ds = lab
         .kubectl(&["kustomize", &deploy.display().to_string()])
         .unwrap();
-    assert!(ds.contains("image: tunmesh:0.1.0") && ds.contains("NET_ADMIN") && ds.contains("/readyz"), "{ds}");
+    assert!(
+        ds.contains("image: tunmesh:0.1.0") && ds.contains("NET_ADMIN") && ds.contains("/readyz"),
+        "{ds}"
+    );
     let mtu = exec(&n1.ns, "ip", &["link", "show", &n1.interface]).unwrap();
     assert!(mtu.contains("mtu 1420"), "MTU from the ConfigMap: {mtu}");
     let log = std::fs::read_to_string(&n1.log).unwrap();
-    assert!(log.contains("source=\"kubernetes\""), "NODE_NAME from the environment selects Kubernetes");
+    assert!(
+        log.contains("source=\"kubernetes\""),
+        "NODE_NAME from the environment selects Kubernetes"
+    );
+
+    // tunmesh-ctl on node-1: status, graph and check, then with a link cut.
+    // (It reads status.json, rewritten every second: wait until that too
+    // has dropped the `wg set` peer.)
+    assert!(lab
+        .wait_status("node-1", Duration::from_secs(5), |s| s.peers.len() == 2)
+        .is_some());
+    let ctl = find_binary("tunmesh-ctl", "TUNMESH_CTL_BIN")
+        .unwrap()
+        .display()
+        .to_string();
+    let state = n1.state_dir.display().to_string();
+    let run = |args: &[&str]| {
+        exec_output(&n1.ns, &ctl, &[&["--state-dir", &state], args].concat()).unwrap()
+    };
+    let out = run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&status.public_key)
+            && text.contains(&n1.pod_cidr_v4)
+            && text.contains("connected"),
+        "{text}"
+    );
+    for peer in ["node-2", "node-3"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(peer) && l.trim_end().ends_with("up")),
+            "{peer} not up:\n{text}"
+        );
+    }
+    let kc = n1.kubeconfig.clone().unwrap().display().to_string();
+    let out = run(&["graph", "--kubeconfig", &kc]);
+    let dot = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && dot.starts_with("graph tunmesh {"),
+        "{dot}"
+    );
+    assert!(
+        dot.contains("\"node-1\" -- \"node-2\" [color=green"),
+        "{dot}"
+    );
+    assert!(
+        dot.contains(&lab.node("node-3").unwrap().pod_cidr_v4),
+        "{dot}"
+    );
+    let out = run(&["check", "--timeout", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("all 2 links ok"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n3 = lab.node("node-3").unwrap();
+    exec(&n3.ns, "ip", &["link", "set", "eth0", "down"]).unwrap();
+    let out = run(&["check", "--timeout", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "check must fail with node-3 cut off:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("node-3") && l.contains("BROKEN")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("node-2"))
+            .all(|l| l.contains("ok")),
+        "{text}"
+    );
     lab.down().unwrap();
 }

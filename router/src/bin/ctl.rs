@@ -26,10 +26,19 @@ use tunmesh_router::status::{unix_now, PeerStatus, Status};
 const STALE_AFTER: u64 = 180;
 
 #[derive(Parser)]
-#[command(name = "tunmesh-ctl", version, about = "Inspect and check a tunmesh node")]
+#[command(
+    name = "tunmesh-ctl",
+    version,
+    about = "Inspect and check a tunmesh node"
+)]
 struct Cli {
     /// The router's state directory (status.json, node.json).
-    #[arg(long, env = "TUNMESH_STATE_DIR", default_value = "/var/lib/tunmesh", global = true)]
+    #[arg(
+        long,
+        env = "TUNMESH_STATE_DIR",
+        default_value = "/var/lib/tunmesh",
+        global = true
+    )]
     state_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -77,9 +86,8 @@ fn main() -> ExitCode {
 }
 
 fn read_status(dir: &Path) -> Result<Status> {
-    let s = Status::read(dir).with_context(|| {
-        format!("is the router running with --state-dir {}?", dir.display())
-    })?;
+    let s = Status::read(dir)
+        .with_context(|| format!("is the router running with --state-dir {}?", dir.display()))?;
     Ok(s)
 }
 
@@ -111,39 +119,61 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     }
     let now = unix_now();
     let k = s.kubernetes.as_ref();
-    println!("node:        {}", k.map(|k| k.node_name.as_str()).unwrap_or("(mesh file)"));
+    println!(
+        "node:        {}",
+        k.map(|k| k.node_name.as_str()).unwrap_or("(mesh file)")
+    );
     println!("public key:  {}", s.public_key);
     println!("interface:   {} (UDP port {})", s.interface, s.listen_port);
     println!(
         "endpoint:    {}",
-        k.and_then(|k| k.published_endpoint.clone()).unwrap_or_else(|| "-".into())
+        k.and_then(|k| k.published_endpoint.clone())
+            .unwrap_or_else(|| "-".into())
     );
     println!(
         "pod CIDRs:   {}",
-        if s.pod_cidrs.is_empty() { "none yet".to_string() } else { s.pod_cidrs.join(", ") }
+        if s.pod_cidrs.is_empty() {
+            "none yet".to_string()
+        } else {
+            s.pod_cidrs.join(", ")
+        }
     );
     if let Some(k) = k {
         println!(
             "kubernetes:  {}{}",
-            if k.connected { "connected" } else { "DISCONNECTED (keeping the last mesh)" },
-            k.last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+            if k.connected {
+                "connected"
+            } else {
+                "DISCONNECTED (keeping the last mesh)"
+            },
+            k.last_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         );
         for p in &k.problems {
-            println!("  problem:   Node {} {}: {} ({})", p.node, p.field, p.message, p.reason);
+            println!(
+                "  problem:   Node {} {}: {} ({})",
+                p.node, p.field, p.message, p.reason
+            );
         }
         for p in &k.pending {
             println!("  pending:   {p}");
         }
     }
     println!();
-    println!("{:<16} {:<24} {:<14} {:>10} {:>10}  state", "peer", "endpoint", "handshake", "received", "sent");
+    println!(
+        "{:<16} {:<24} {:<14} {:>10} {:>10}  state",
+        "peer", "endpoint", "handshake", "received", "sent"
+    );
     for p in &s.peers {
         let (state, age) = peer_state(p, now);
         println!(
             "{:<16} {:<24} {:<14} {:>10} {:>10}  {state}",
             p.name,
             p.endpoint.as_deref().unwrap_or("(none)"),
-            age.map(|a| format!("{a} s ago")).unwrap_or_else(|| "never".into()),
+            age.map(|a| format!("{a} s ago"))
+                .unwrap_or_else(|| "never".into()),
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
         );
@@ -155,7 +185,14 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
         .filter(|(_, v)| **v > 0)
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    println!("\ndrops: {}", if drops.is_empty() { "none".into() } else { drops.join(" ") });
+    println!(
+        "\ndrops: {}",
+        if drops.is_empty() {
+            "none".into()
+        } else {
+            drops.join(" ")
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -164,21 +201,27 @@ fn dot_escape(s: &str) -> String {
 }
 
 fn graph(dir: &Path, kubeconfig: Option<&Path>, svg: bool) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let nodes: Vec<Node> = rt.block_on(async {
         let client = tunmesh_router::source::kube::client(kubeconfig)
             .await
             .map_err(anyhow::Error::msg)?;
         let api: Api<Node> = Api::all(client);
-        let list = api
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| anyhow::anyhow!("listing Nodes: {}", tunmesh_router::source::kube::explain(&e)))?;
+        let list = api.list(&ListParams::default()).await.map_err(|e| {
+            anyhow::anyhow!(
+                "listing Nodes: {}",
+                tunmesh_router::source::kube::explain(&e)
+            )
+        })?;
         Ok::<_, anyhow::Error>(list.items)
     })?;
     // This node's view of its links, if a router runs here.
     let local = Status::read(dir).ok();
-    let me = local.as_ref().and_then(|s| s.kubernetes.as_ref().map(|k| k.node_name.clone()));
+    let me = local
+        .as_ref()
+        .and_then(|s| s.kubernetes.as_ref().map(|k| k.node_name.clone()));
     let now = unix_now();
     let mut out = String::from("graph tunmesh {\n  node [shape=box, fontname=\"monospace\"];\n");
     let mut meshed = Vec::new();
@@ -203,7 +246,11 @@ fn graph(dir: &Path, kubeconfig: Option<&Path>, svg: bool) -> Result<ExitCode> {
             dot_escape(&name),
             dot_escape(&cidrs),
             dot_escape(&endpoint),
-            if has_key { "" } else { ", style=dashed, color=gray" }
+            if has_key {
+                ""
+            } else {
+                ", style=dashed, color=gray"
+            }
         );
         if has_key {
             meshed.push(name);
@@ -212,7 +259,11 @@ fn graph(dir: &Path, kubeconfig: Option<&Path>, svg: bool) -> Result<ExitCode> {
     for (i, a) in meshed.iter().enumerate() {
         for b in &meshed[i + 1..] {
             let from_me = me.as_deref() == Some(a.as_str()) || me.as_deref() == Some(b.as_str());
-            let other = if me.as_deref() == Some(a.as_str()) { b } else { a };
+            let other = if me.as_deref() == Some(a.as_str()) {
+                b
+            } else {
+                a
+            };
             let style = match (from_me, local.as_ref()) {
                 (true, Some(s)) => match s.peers.iter().find(|p| &p.name == other) {
                     Some(p) => match peer_state(p, now) {
@@ -224,7 +275,11 @@ fn graph(dir: &Path, kubeconfig: Option<&Path>, svg: bool) -> Result<ExitCode> {
                 },
                 _ => "color=gray".into(),
             };
-            out += &format!("  \"{}\" -- \"{}\" [{style}];\n", dot_escape(a), dot_escape(b));
+            out += &format!(
+                "  \"{}\" -- \"{}\" [{style}];\n",
+                dot_escape(a),
+                dot_escape(b)
+            );
         }
     }
     out += "}\n";
@@ -241,7 +296,11 @@ fn graph(dir: &Path, kubeconfig: Option<&Path>, svg: bool) -> Result<ExitCode> {
         std::io::Write::write_all(&mut stdin, out.as_bytes())?;
     }
     let st = child.wait()?;
-    Ok(if st.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if st.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The ICMP checksum (RFC 1071).
@@ -263,7 +322,8 @@ fn ping(dst: IpAddr, id: u16, timeout: Duration) -> Result<Option<Duration>> {
         IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
         IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128u8, 129u8),
     };
-    let sock = Socket::new(domain, Type::RAW, Some(proto)).context("opening a raw ICMP socket (needs root or CAP_NET_RAW)")?;
+    let sock = Socket::new(domain, Type::RAW, Some(proto))
+        .context("opening a raw ICMP socket (needs root or CAP_NET_RAW)")?;
     const PAYLOAD: &[u8] = b"tunmesh-ctl check";
     let mut pkt = [0u8; 8 + PAYLOAD.len()];
     pkt[0] = req_type;
@@ -275,17 +335,28 @@ fn ping(dst: IpAddr, id: u16, timeout: Duration) -> Result<Option<Duration>> {
         pkt[2..4].copy_from_slice(&c.to_be_bytes());
     } // ICMPv6: the kernel fills the checksum in.
     let start = Instant::now();
-    sock.send_to(&pkt, &SocketAddr::new(dst, 0).into())?;
+    sock.send_to(&pkt, &SocketAddr::new(dst, 0).into())
+        .with_context(|| format!("sending an ICMP echo to {dst}"))?;
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
     while let Some(left) = timeout.checked_sub(start.elapsed()) {
         sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(r) => r,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
             Err(e) => return Err(e.into()),
         };
         // SAFETY: recv_from initialised the first n bytes.
-        let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+        let data: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
         // IPv4 raw sockets include the IP header; IPv6 ones do not.
         let icmp = match dst {
             IpAddr::V4(_) => data.get(usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4..),
@@ -293,7 +364,11 @@ fn ping(dst: IpAddr, id: u16, timeout: Duration) -> Result<Option<Duration>> {
         };
         let from_ip = from.as_socket().map(|s| s.ip());
         if let Some(icmp) = icmp {
-            if icmp.len() >= 8 && icmp[0] == reply_type && icmp[4..6] == id.to_be_bytes() && from_ip == Some(dst) {
+            if icmp.len() >= 8
+                && icmp[0] == reply_type
+                && icmp[4..6] == id.to_be_bytes()
+                && from_ip == Some(dst)
+            {
                 return Ok(Some(start.elapsed()));
             }
         }
@@ -310,11 +385,24 @@ fn check(dir: &Path, timeout: Duration) -> Result<ExitCode> {
     let mut broken = 0;
     for (n, p) in s.peers.iter().enumerate() {
         for cidr in &p.allowed_ips {
-            let Ok(net) = cidr.parse::<IpNetwork>() else { continue };
+            let Ok(net) = cidr.parse::<IpNetwork>() else {
+                continue;
+            };
             let gw = first_host(net);
-            let id = (std::process::id() as u16).wrapping_add(n as u16 * 2 + u16::from(gw.is_ipv6()));
-            let rtt = ping(gw, id, timeout)?;
+            let id =
+                (std::process::id() as u16).wrapping_add(n as u16 * 2 + u16::from(gw.is_ipv6()));
+            let (rtt, verdict) = match ping(gw, id, timeout) {
+                Ok(rtt) => (rtt, None),
+                Err(e) => (
+                    None,
+                    Some(format!(
+                        "BROKEN: cannot send to {gw}: {e:#} (is there a route to it through {}?)",
+                        s.interface
+                    )),
+                ),
+            };
             let verdict = match (rtt, p.endpoint.as_deref(), peer_state(p, now)) {
+                _ if verdict.is_some() => verdict.unwrap_or_default(),
                 (Some(rtt), _, _) => format!("ok ({:.1} ms)", rtt.as_secs_f64() * 1000.0),
                 (None, None, _) => "BROKEN: no endpoint (the peer published none and never reached this node)".into(),
                 (None, Some(ep), ("no handshake", _)) => format!(
