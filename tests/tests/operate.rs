@@ -273,5 +273,79 @@ fn wg_show_and_metrics_show_the_live_mesh() {
             .all(|l| l.contains("ok")),
         "{text}"
     );
+
+    // Uninstall: refused while the router runs; after it stops, the
+    // interface, routes, conflist, plugin binary and annotations go.
+    let mut lab = lab;
+    let n2 = lab.node("node-2").unwrap().clone();
+    let bin_dir = n2.state_dir.with_file_name("opt-cni-bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::fs::write(bin_dir.join("tunmesh-cni"), b"binary").unwrap();
+    let uninstall = |n: &tunmesh_lab::lab::NodeInfo| {
+        exec_output(
+            &n.ns,
+            &ctl,
+            &[
+                "--state-dir",
+                &n.state_dir.display().to_string(),
+                "uninstall",
+                "--node-name",
+                &n.name,
+                "--kubeconfig",
+                &n.kubeconfig.clone().unwrap().display().to_string(),
+                "--interface",
+                &n.interface,
+                "--cni-conf-dir",
+                &n.state_dir.with_file_name("cni-conf").display().to_string(),
+                "--cni-bin-dir",
+                &bin_dir.display().to_string(),
+            ],
+        )
+        .unwrap()
+    };
+    let out = uninstall(&n2);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("still running"),
+        "{out:?}"
+    );
+    lab.stop_router(1).unwrap();
+    // status.json has to age past "running" first.
+    let stopped = wait_for(Duration::from_secs(10), || {
+        let out = uninstall(&n2);
+        out.status.success().then_some(out)
+    })
+    .expect("uninstall after the router stopped");
+    let text = String::from_utf8_lossy(&stopped.stdout);
+    assert!(
+        text.contains("removed CNI conflist") && text.contains("removed CNI plugin"),
+        "{text}"
+    );
+    assert!(!n2
+        .state_dir
+        .with_file_name("cni-conf")
+        .join("10-tunmesh.conflist")
+        .exists());
+    assert!(!bin_dir.join("tunmesh-cni").exists());
+    assert!(
+        exec(&n2.ns, "ip", &["link", "show", &n2.interface]).is_err(),
+        "interface left behind"
+    );
+    assert!(exec(&n2.ns, "ip", &["route", "show", "proto", "116"])
+        .unwrap()
+        .trim()
+        .is_empty());
+    let ann = lab
+        .kubectl(&[
+            "get",
+            "node",
+            "node-2",
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ])
+        .unwrap();
+    assert!(
+        !ann.contains("tunmesh.io/public-key") && !ann.contains("tunmesh.io/endpoint"),
+        "{ann}"
+    );
     lab.down().unwrap();
 }

@@ -67,6 +67,27 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         timeout: u64,
     },
+    /// Remove what tunmesh left on this node after its router stopped
+    /// (`kubectl delete -k deploy/` first): the TUN device and its routes
+    /// if still there, the CNI conflist and binary, this Node's tunmesh.io
+    /// annotations, and with --purge the state (key, allocations).
+    Uninstall {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        #[arg(long, env = "TUNMESH_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        #[arg(long, default_value = "tunmesh0")]
+        interface: String,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// Also delete the state directory (private key, pod address
+        /// allocations): only once no pod on this node uses tunmesh.
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +96,22 @@ fn main() -> ExitCode {
         Cmd::Status { json } => status(&cli.state_dir, json),
         Cmd::Graph { kubeconfig, svg } => graph(&cli.state_dir, kubeconfig.as_deref(), svg),
         Cmd::Check { timeout } => check(&cli.state_dir, Duration::from_secs(timeout)),
+        Cmd::Uninstall {
+            node_name,
+            kubeconfig,
+            interface,
+            cni_conf_dir,
+            cni_bin_dir,
+            purge,
+        } => uninstall(
+            &cli.state_dir,
+            &node_name,
+            kubeconfig.as_deref(),
+            &interface,
+            &cni_conf_dir,
+            &cni_bin_dir,
+            purge,
+        ),
     };
     match r {
         Ok(code) => code,
@@ -432,4 +469,83 @@ fn check(dir: &Path, timeout: Duration) -> Result<ExitCode> {
         println!("{broken} link(s) broken");
         Ok(ExitCode::FAILURE)
     }
+}
+
+fn remove(path: &Path, what: &str) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => println!("removed {what} {}", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no {what} at {}", path.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    Ok(())
+}
+
+fn uninstall(
+    dir: &Path,
+    node: &str,
+    kubeconfig: Option<&Path>,
+    interface: &str,
+    conf_dir: &Path,
+    bin_dir: &Path,
+    purge: bool,
+) -> Result<ExitCode> {
+    if let Ok(s) = Status::read(dir) {
+        let alive = std::fs::metadata(dir.join(tunmesh_router::status::STATUS_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < Duration::from_secs(5));
+        if alive {
+            bail!("the router on this node is still running ({} updated in the last 5 s); stop it first (kubectl delete -k deploy/)", s.interface);
+        }
+    }
+    // The TUN device goes with the router's process; a leftover (persistent
+    // device, or a crash mid-start) goes here, its routes with it.
+    let out = std::process::Command::new("ip")
+        .args(["link", "del", interface])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => println!("removed interface {interface} and its routes"),
+        _ => println!("no interface {interface}"),
+    }
+    remove(
+        &conf_dir.join(tunmesh_cni::nodestate::CONFLIST_FILE),
+        "CNI conflist",
+    )?;
+    remove(
+        &bin_dir.join(tunmesh_cni::nodestate::PLUGIN_TYPE),
+        "CNI plugin",
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = tunmesh_router::source::kube::client(kubeconfig)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let api: Api<Node> = Api::all(client);
+        let patch = serde_json::json!({ "metadata": { "annotations": {
+            ANN_PUBLIC_KEY: null, ANN_ENDPOINT: null,
+        }}});
+        api.patch(node, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await
+            .map_err(|e| anyhow::anyhow!("removing the annotations from Node {node}: {}", tunmesh_router::source::kube::explain(&e)))?;
+        println!("removed {ANN_PUBLIC_KEY} and {ANN_ENDPOINT} from Node {node} (an operator's {ANN_FORCE_ENDPOINT} is left alone)");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    if purge {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => println!("removed the state directory {}", dir.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
+    } else {
+        println!(
+            "kept {} (key, pod address allocations); --purge removes it",
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
