@@ -9,9 +9,14 @@ fn readme_configuration_reference_matches_help() {
         .output()
         .expect("running tunmesh-router --help");
     let help = String::from_utf8(out.stdout).expect("utf-8 help");
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
-    let start = readme.find("<!-- router-help:start -->").expect("start marker in README.md");
-    let end = readme.find("<!-- router-help:end -->").expect("end marker in README.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("<!-- router-help:start -->")
+        .expect("start marker in README.md");
+    let end = readme
+        .find("<!-- router-help:end -->")
+        .expect("end marker in README.md");
     let block = &readme[start..end];
     let body = block
         .split_once("```text\n")
