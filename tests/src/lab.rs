@@ -243,6 +243,20 @@ impl Lab {
                 self.wait_router(i)?;
                 self.wait_node_ready(i)?;
             }
+            // Every router has every other node as a peer.
+            for n in self.state.nodes.clone() {
+                let want = opts.nodes - 1;
+                if self
+                    .wait_status(&n.name, Duration::from_secs(30), |s| s.peers.len() == want)
+                    .is_none()
+                {
+                    bail!(
+                        "{}'s router has not got all {want} peers after 30 s; its log: {}",
+                        n.name,
+                        n.log.display()
+                    );
+                }
+            }
         } else {
             let keys: Vec<PrivateKey> = (0..opts.nodes).map(|_| PrivateKey::generate()).collect();
             for key in &keys {
@@ -364,7 +378,13 @@ impl Lab {
                 return None;
             }
             let status = tunmesh_router::status::Status::read(&n.state_dir).ok()?;
-            Some(status.public_key)
+            // The status snapshot too, so that what `up` prints and what
+            // `tunmesh-ctl status` shows right after agree.
+            status
+                .pod_cidrs
+                .iter()
+                .any(|c| *c == n.pod_cidr_v4)
+                .then_some(status.public_key)
         })
         .with_context(|| {
             format!(

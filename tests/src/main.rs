@@ -163,9 +163,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             need_root()?;
             let lab = Lab::load(&cli.root, lab.as_deref())?;
             let ns = lab.resolve(&name)?;
-            let status = std::process::Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .args(&cmd)
+            let mut command = std::process::Command::new("ip");
+            command.args(["netns", "exec", &ns]).args(&cmd);
+            // In a node, tunmesh-ctl and friends find that node's router
+            // without flags, as they would on a real node.
+            if let Some(n) = lab.node(&name) {
+                command
+                    .env("TUNMESH_STATE_DIR", &n.state_dir)
+                    .env("NODE_NAME", &n.name)
+                    .env("TUNMESH_INTERFACE", &n.interface);
+                if let Some(kc) = &n.kubeconfig {
+                    command.env("TUNMESH_KUBECONFIG", kc);
+                }
+            }
+            if let Some(dir) = lab.state.router_bin.parent() {
+                let path = std::env::var("PATH").unwrap_or_default();
+                command.env("PATH", format!("{}:{path}", dir.display()));
+            }
+            let status = command
                 .status()
                 .with_context(|| format!("running {} in {name}", cmd.join(" ")))?;
             Ok(ExitCode::from(

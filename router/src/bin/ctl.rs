@@ -77,7 +77,7 @@ enum Cmd {
         node_name: String,
         #[arg(long, env = "TUNMESH_KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
-        #[arg(long, default_value = "tunmesh0")]
+        #[arg(long, env = "TUNMESH_INTERFACE", default_value = "tunmesh0")]
         interface: String,
         #[arg(long, default_value = "/etc/cni/net.d")]
         cni_conf_dir: PathBuf,
