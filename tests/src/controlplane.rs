@@ -557,7 +557,8 @@ impl ControlPlane {
         })
         .with_context(|| {
             format!(
-                "Node {name} got no podCIDR in {timeout:?}; kube-controller-manager's log ends:\n{}",
+                "Node {name} got no podCIDR in {timeout:?} (kube-controller-manager {}); its log ends:\n{}",
+                if self.controller_manager_pid.is_some_and(netns::is_running) { "running" } else { "NOT running" },
                 self.log_tail("kube-controller-manager")
             )
         })

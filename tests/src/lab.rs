@@ -331,7 +331,7 @@ impl Lab {
         self.plug_underlay(&ns, &format!("n{i}"), &node.underlay_ip.to_string())?;
         if let Some(cp) = &self.state.control_plane {
             cp.register_node(&node.name, &node.underlay_ip.to_string())?;
-            let cidrs = cp.wait_pod_cidrs(&node.name, Duration::from_secs(30))?;
+            let cidrs = cp.wait_pod_cidrs(&node.name, Duration::from_secs(90))?;
             for c in cidrs {
                 let net: ipnetwork::IpNetwork =
                     c.parse().with_context(|| format!("podCIDR {c}"))?;

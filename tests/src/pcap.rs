@@ -24,9 +24,9 @@ pub enum Frame {
     Other(u16),
 }
 
-/// Parses a pcap file into frames (little- or big-endian, micro- or
+/// Splits a pcap file into its frames (little- or big-endian, micro- or
 /// nanosecond variants, Ethernet link type).
-pub fn frames(data: &[u8]) -> Result<Vec<Frame>> {
+pub fn raw_frames(data: &[u8]) -> Result<Vec<&[u8]>> {
     if data.len() < 24 {
         bail!("pcap file too short ({} bytes)", data.len());
     }
@@ -56,8 +56,53 @@ pub fn frames(data: &[u8]) -> Result<Vec<Frame>> {
         let Some(frame) = data.get(start..start + incl) else {
             break; // truncated last record (capture stopped mid-write)
         };
-        out.push(classify(frame));
+        out.push(frame);
         off = start + incl;
+    }
+    Ok(out)
+}
+
+/// Parses a pcap file into frames (see `raw_frames`) and classifies them.
+pub fn frames(data: &[u8]) -> Result<Vec<Frame>> {
+    Ok(raw_frames(data)?.into_iter().map(classify).collect())
+}
+
+/// One UDP-over-IPv4 datagram from a capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpDatagram {
+    pub src: std::net::SocketAddrV4,
+    pub dst: std::net::SocketAddrV4,
+    pub payload: Vec<u8>,
+}
+
+/// The UDP-over-IPv4 datagrams of a capture whose IP and UDP lengths agree
+/// with the frame (single datagrams, not GSO super-frames).
+pub fn udp4_datagrams(data: &[u8]) -> Result<Vec<UdpDatagram>> {
+    let mut out = Vec::new();
+    for f in raw_frames(data)? {
+        let Some(ip) = f.get(14..) else { continue };
+        if f.len() < 34 || u16::from_be_bytes([f[12], f[13]]) != 0x0800 || ip[9] != 17 {
+            continue;
+        }
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let Some(udp) = ip.get(ihl..total.min(ip.len())) else {
+            continue;
+        };
+        if udp.len() < 8 || usize::from(u16::from_be_bytes([udp[4], udp[5]])) != udp.len() {
+            continue;
+        }
+        let addr = |o: usize, p: usize| {
+            std::net::SocketAddrV4::new(
+                std::net::Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]),
+                u16::from_be_bytes([udp[p], udp[p + 1]]),
+            )
+        };
+        out.push(UdpDatagram {
+            src: addr(12, 0),
+            dst: addr(16, 2),
+            payload: udp[8..].to_vec(),
+        });
     }
     Ok(out)
 }
@@ -163,4 +208,73 @@ mod tests {
     fn rejects_non_pcap() {
         assert!(frames(b"definitely not a capture file").is_err());
     }
+}
+
+/// A tcpdump capture of the underlay bridge while `traffic` runs. After the
+/// traffic, waits until `done` holds for the capture so far (or its size
+/// stops changing), so that stopping tcpdump loses nothing.
+pub fn capture_underlay(
+    lab: &crate::lab::Lab,
+    traffic: impl FnOnce(),
+    done: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
+    capture_bridge(&lab.state.underlay_ns, &lab.state.dir, traffic, done)
+}
+
+/// `capture_underlay` for code that needs the lab mutably meanwhile: the
+/// underlay namespace and a directory for the capture file.
+pub fn capture_bridge(
+    underlay_ns: &str,
+    dir: &std::path::Path,
+    traffic: impl FnOnce(),
+    done: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
+    let file = dir.join(format!("underlay-{}.pcap", crate::netns::run_id()));
+    let log = file.with_extension("log");
+    let f = file.display().to_string();
+    let mut dump = crate::netns::spawn(
+        underlay_ns,
+        std::path::Path::new("tcpdump"),
+        &[
+            "-i",
+            "br0",
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-s",
+            "0",
+            "-w",
+            &f,
+        ],
+        &[],
+        &log,
+    )
+    .expect("start tcpdump");
+    let listening = crate::netns::wait_for(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("listening on"))
+            .map(|_| ())
+    });
+    assert!(
+        listening.is_some(),
+        "tcpdump did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    traffic();
+    // Immediate mode hands packets over at once; then wait until the file
+    // stops growing for half a second, or `done` says everything is there.
+    let (mut last, mut since) = (0, std::time::Instant::now());
+    let _ = crate::netns::wait_for(std::time::Duration::from_secs(10), || {
+        let data = std::fs::read(&file).unwrap_or_default();
+        if data.len() != last {
+            (last, since) = (data.len(), std::time::Instant::now());
+        }
+        (done(&data) || since.elapsed() >= std::time::Duration::from_millis(500)).then_some(())
+    });
+    // SIGINT makes tcpdump flush and exit.
+    // SAFETY: signalling the tcpdump process this test started.
+    unsafe { libc::kill(dump.id() as libc::pid_t, libc::SIGINT) };
+    let _ = dump.wait();
+    std::fs::read(&file).expect("read capture")
 }

@@ -2,11 +2,10 @@
 //! on static mesh files (the Kubernetes source has its own tests in
 //! kube_mesh.rs). They need root; CI runs them as root.
 
-use std::path::Path;
 use std::time::Duration;
 
 use tunmesh_lab::checks::{self, ping, tcp_transfer};
-use tunmesh_lab::netns::{self, exec, exec_output};
+use tunmesh_lab::netns::{exec, exec_output};
 use tunmesh_lab::pcap::{self, Frame};
 use tunmesh_lab::{require_root, Lab, LabOptions};
 
@@ -58,61 +57,8 @@ fn all_pairs_reachable_through_the_tunnels() {
     }
 }
 
-/// A tcpdump capture of the underlay bridge while `traffic` runs. After the
-/// traffic, waits until `done` holds for the capture so far (or its size
-/// stops changing), so that stopping tcpdump loses nothing.
 fn capture(lab: &Lab, traffic: impl FnOnce(), done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
-    let file = lab
-        .state
-        .dir
-        .join(format!("underlay-{}.pcap", netns::run_id()));
-    let log = file.with_extension("log");
-    let f = file.display().to_string();
-    let mut dump = netns::spawn(
-        &lab.state.underlay_ns,
-        Path::new("tcpdump"),
-        &[
-            "-i",
-            "br0",
-            "-n",
-            "-U",
-            "--immediate-mode",
-            "-s",
-            "0",
-            "-w",
-            &f,
-        ],
-        &[],
-        &log,
-    )
-    .expect("start tcpdump");
-    let listening = netns::wait_for(Duration::from_secs(10), || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|l| l.contains("listening on"))
-            .map(|_| ())
-    });
-    assert!(
-        listening.is_some(),
-        "tcpdump did not start: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    traffic();
-    // Immediate mode hands packets over at once; then wait until the file
-    // stops growing for half a second, or `done` says everything is there.
-    let (mut last, mut since) = (0, std::time::Instant::now());
-    let _ = netns::wait_for(Duration::from_secs(10), || {
-        let data = std::fs::read(&file).unwrap_or_default();
-        if data.len() != last {
-            (last, since) = (data.len(), std::time::Instant::now());
-        }
-        (done(&data) || since.elapsed() >= Duration::from_millis(500)).then_some(())
-    });
-    // SIGINT makes tcpdump flush and exit.
-    // SAFETY: signalling the tcpdump process this test started.
-    unsafe { libc::kill(dump.id() as libc::pid_t, libc::SIGINT) };
-    let _ = dump.wait();
-    std::fs::read(&file).expect("read capture")
+    tunmesh_lab::pcap::capture_underlay(lab, traffic, done)
 }
 
 #[test]
