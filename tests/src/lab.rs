@@ -382,8 +382,7 @@ impl Lab {
             // `tunmesh-ctl status` shows right after agree.
             status
                 .pod_cidrs
-                .iter()
-                .any(|c| *c == n.pod_cidr_v4)
+                .contains(&n.pod_cidr_v4)
                 .then_some(status.public_key)
         })
         .with_context(|| {

@@ -157,59 +157,6 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pcap_with(frames: &[Vec<u8>]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
-        v.extend_from_slice(&[2, 0, 4, 0]);
-        v.extend_from_slice(&[0; 8]);
-        v.extend_from_slice(&65535u32.to_le_bytes());
-        v.extend_from_slice(&1u32.to_le_bytes());
-        for f in frames {
-            v.extend_from_slice(&[0; 8]);
-            v.extend_from_slice(&(f.len() as u32).to_le_bytes());
-            v.extend_from_slice(&(f.len() as u32).to_le_bytes());
-            v.extend_from_slice(f);
-        }
-        v
-    }
-
-    #[test]
-    fn classifies_udp_tcp_and_arp() {
-        let mut udp = vec![0u8; 14 + 28];
-        udp[12..14].copy_from_slice(&[0x08, 0x00]);
-        udp[14] = 0x45;
-        udp[14 + 9] = 17;
-        udp[34..36].copy_from_slice(&51820u16.to_be_bytes());
-        udp[36..38].copy_from_slice(&51820u16.to_be_bytes());
-        let mut tcp = udp.clone();
-        tcp[14 + 9] = 6;
-        let mut arp = vec![0u8; 42];
-        arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        let f = frames(&pcap_with(&[udp, tcp, arp])).unwrap();
-        assert_eq!(
-            f,
-            vec![
-                Frame::Udp {
-                    src_port: 51820,
-                    dst_port: 51820,
-                    bytes: 42
-                },
-                Frame::OtherIp(6),
-                Frame::Arp
-            ]
-        );
-    }
-
-    #[test]
-    fn rejects_non_pcap() {
-        assert!(frames(b"definitely not a capture file").is_err());
-    }
-}
-
 /// A tcpdump capture of the underlay bridge while `traffic` runs. After the
 /// traffic, waits until `done` holds for the capture so far (or its size
 /// stops changing), so that stopping tcpdump loses nothing.
@@ -277,4 +224,57 @@ pub fn capture_bridge(
     unsafe { libc::kill(dump.id() as libc::pid_t, libc::SIGINT) };
     let _ = dump.wait();
     std::fs::read(&file).expect("read capture")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pcap_with(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+        v.extend_from_slice(&[2, 0, 4, 0]);
+        v.extend_from_slice(&[0; 8]);
+        v.extend_from_slice(&65535u32.to_le_bytes());
+        v.extend_from_slice(&1u32.to_le_bytes());
+        for f in frames {
+            v.extend_from_slice(&[0; 8]);
+            v.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            v.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            v.extend_from_slice(f);
+        }
+        v
+    }
+
+    #[test]
+    fn classifies_udp_tcp_and_arp() {
+        let mut udp = vec![0u8; 14 + 28];
+        udp[12..14].copy_from_slice(&[0x08, 0x00]);
+        udp[14] = 0x45;
+        udp[14 + 9] = 17;
+        udp[34..36].copy_from_slice(&51820u16.to_be_bytes());
+        udp[36..38].copy_from_slice(&51820u16.to_be_bytes());
+        let mut tcp = udp.clone();
+        tcp[14 + 9] = 6;
+        let mut arp = vec![0u8; 42];
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let f = frames(&pcap_with(&[udp, tcp, arp])).unwrap();
+        assert_eq!(
+            f,
+            vec![
+                Frame::Udp {
+                    src_port: 51820,
+                    dst_port: 51820,
+                    bytes: 42
+                },
+                Frame::OtherIp(6),
+                Frame::Arp
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_non_pcap() {
+        assert!(frames(b"definitely not a capture file").is_err());
+    }
 }
