@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod checks;
 pub mod controlplane;
+pub mod impair;
 pub mod lab;
 pub mod netns;
 pub mod pcap;
