@@ -470,6 +470,44 @@ impl Lab {
         self.save()
     }
 
+    /// Replaces node `i` (0-based) with a new machine under the same Node
+    /// name: router stopped, its pods' and its own namespace deleted, its
+    /// disk (key, allocations) wiped; then the namespace made again on the
+    /// same underlay address, the router started with a fresh state and
+    /// the pods attached again. The Node object stays, as it does when a
+    /// machine is reinstalled.
+    pub fn recreate_node(&mut self, i: usize) -> Result<()> {
+        self.stop_router(i)?;
+        let n = self.state.nodes[i].clone();
+        let pods: Vec<usize> = self
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.node == i)
+            .filter_map(|p| p.name.rsplit('-').next()?.parse().ok())
+            .collect();
+        for p in self.state.pods.iter().filter(|p| p.node == i) {
+            netns::del_netns(&p.ns);
+        }
+        self.state.pods.retain(|p| p.node != i);
+        // The underlay end first: a deleted namespace's links go away
+        // asynchronously, and the new one needs the same port name.
+        let _ = ip(&["-n", &self.state.underlay_ns, "link", "del", &format!("n{}", i + 1)]);
+        netns::del_netns(&n.ns);
+        let _ = std::fs::remove_dir_all(&n.state_dir);
+        let _ = std::fs::remove_dir_all(n.state_dir.with_file_name("cni-conf"));
+        self.save()?;
+        add_netns(&n.ns)?;
+        self.plug_underlay(&n.ns, &format!("n{}", i + 1), &n.underlay_ip.to_string())?;
+        self.start_router(i)?;
+        self.wait_router(i)?;
+        self.wait_node_ready(i)?;
+        for j in pods {
+            self.add_pod(i + 1, j)?;
+        }
+        Ok(())
+    }
+
     /// Stops node `i`'s router (SIGTERM) and waits for it to exit.
     pub fn stop_router(&mut self, i: usize) -> Result<()> {
         if let Some(pid) = self.state.nodes[i].router_pid.take() {
