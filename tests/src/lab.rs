@@ -148,6 +148,13 @@ pub fn find_binary(name: &str, env: &str) -> Result<PathBuf> {
     )
 }
 
+/// N of `node-N` (`fallback` + 1 if the name is not of that form).
+fn node_number(name: &str, fallback: usize) -> usize {
+    name.trim_start_matches("node-")
+        .parse()
+        .unwrap_or(fallback + 1)
+}
+
 fn default_interface() -> String {
     "tunmesh0".into()
 }
@@ -305,7 +312,16 @@ impl Lab {
     /// the controller gives it. Returns its 0-based index. The router is
     /// not started.
     pub fn add_node_namespace(&mut self) -> Result<usize> {
-        let i = self.state.nodes.len() + 1;
+        // The first free node number (a removed node's is free again).
+        let i = (1..)
+            .find(|k| {
+                !self
+                    .state
+                    .nodes
+                    .iter()
+                    .any(|n| n.name == format!("node-{k}"))
+            })
+            .unwrap_or(self.state.nodes.len() + 1);
         let ns = format!("{}-node-{i}", self.prefix());
         let ndir = self.state.dir.join(format!("node-{i}"));
         std::fs::create_dir_all(&ndir)?;
@@ -325,6 +341,7 @@ impl Lab {
             log: ndir.join("router.log"),
             router_pid: None,
         };
+        let idx = self.state.nodes.len();
         self.state.nodes.push(node.clone());
         self.save()?;
         add_netns(&ns)?;
@@ -349,10 +366,10 @@ impl Lab {
             let kubeconfig = ndir.join("kubeconfig");
             cp.router_kubeconfig(controlplane::SA_NAME, &kubeconfig)?;
             node.kubeconfig = Some(kubeconfig);
-            self.state.nodes[i - 1] = node;
+            self.state.nodes[idx] = node;
             self.save()?;
         }
-        Ok(i - 1)
+        Ok(idx)
     }
 
     /// Adds a node to a running lab (a join): namespace, Node, router, and
@@ -470,6 +487,38 @@ impl Lab {
         self.save()
     }
 
+    /// Node `i` (0-based) leaves: its router stops, its Node object is
+    /// deleted (in a Kubernetes lab), and its namespaces and pods go. Later
+    /// nodes keep their names; the next `add_node` reuses a freed number.
+    pub fn remove_node(&mut self, i: usize) -> Result<()> {
+        self.stop_router(i)?;
+        let n = self.state.nodes[i].clone();
+        if self.state.control_plane.is_some() {
+            self.kubectl(&["delete", "node", &n.name, "--ignore-not-found"])?;
+        }
+        for p in self.state.pods.iter().filter(|p| p.node == i) {
+            netns::del_netns(&p.ns);
+        }
+        let number = node_number(&n.name, i);
+        let _ = ip(&[
+            "-n",
+            &self.state.underlay_ns,
+            "link",
+            "del",
+            &format!("n{number}"),
+        ]);
+        netns::del_netns(&n.ns);
+        let _ = std::fs::remove_dir_all(n.state_dir.parent().unwrap_or(&n.state_dir));
+        self.state.pods.retain(|p| p.node != i);
+        for p in &mut self.state.pods {
+            if p.node > i {
+                p.node -= 1;
+            }
+        }
+        self.state.nodes.remove(i);
+        self.save()
+    }
+
     /// Replaces node `i` (0-based) with a new machine under the same Node
     /// name: router stopped, its pods' and its own namespace deleted, its
     /// disk (key, allocations) wiped; then the namespace made again on the
@@ -492,13 +541,23 @@ impl Lab {
         self.state.pods.retain(|p| p.node != i);
         // The underlay end first: a deleted namespace's links go away
         // asynchronously, and the new one needs the same port name.
-        let _ = ip(&["-n", &self.state.underlay_ns, "link", "del", &format!("n{}", i + 1)]);
+        let _ = ip(&[
+            "-n",
+            &self.state.underlay_ns,
+            "link",
+            "del",
+            &format!("n{}", node_number(&n.name, i)),
+        ]);
         netns::del_netns(&n.ns);
         let _ = std::fs::remove_dir_all(&n.state_dir);
         let _ = std::fs::remove_dir_all(n.state_dir.with_file_name("cni-conf"));
         self.save()?;
         add_netns(&n.ns)?;
-        self.plug_underlay(&n.ns, &format!("n{}", i + 1), &n.underlay_ip.to_string())?;
+        self.plug_underlay(
+            &n.ns,
+            &format!("n{}", node_number(&n.name, i)),
+            &n.underlay_ip.to_string(),
+        )?;
         self.start_router(i)?;
         self.wait_router(i)?;
         self.wait_node_ready(i)?;
@@ -551,7 +610,7 @@ impl Lab {
     /// node's namespace); the pod's addresses are what it answers.
     pub fn add_pod(&mut self, i: usize, j: usize) -> Result<()> {
         let node = self.state.nodes[i - 1].clone();
-        let name = format!("node-{i}-pod-{j}");
+        let name = format!("{}-pod-{j}", node.name);
         let ns = format!("{}-{name}", self.prefix());
         let container_id = format!("{}-{name}", self.state.id);
         self.state.pods.push(PodInfo {

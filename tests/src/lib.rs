@@ -20,6 +20,7 @@ pub mod lab;
 pub mod netns;
 pub mod pcap;
 pub mod peers;
+pub mod soak;
 
 pub use lab::{Lab, LabOptions};
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tunmesh_lab::lab::{self, Lab, LabOptions, DEFAULT_ROOT};
-use tunmesh_lab::{bench, checks, netns};
+use tunmesh_lab::{bench, checks, netns, soak};
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +79,18 @@ enum Cmd {
         /// Where scripts/install-anchors.sh put wireguard-go-new and boringtun-cli.
         #[arg(long, env = "TUNMESH_ANCHORS", default_value = bench::DEFAULT_ANCHORS)]
         anchors: PathBuf,
+    },
+    /// iperf3 through the mesh for minutes while nodes join and leave;
+    /// reports router memory and fails on a dead router or stuck peer.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Seconds between a node joining and leaving.
+        #[arg(long, default_value_t = 30)]
+        every: u64,
+        /// Resident memory a router may reach, MiB.
+        #[arg(long, default_value_t = 64)]
+        rss_bound_mib: u64,
     },
     /// Up, check every pod-to-pod and node-to-pod pair, iperf3, down.
     Demo {
@@ -245,6 +257,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Cmd::Soak {
+            minutes,
+            every,
+            rss_bound_mib,
+        } => {
+            need_root()?;
+            soak::run(&soak::SoakOptions {
+                minutes,
+                every: std::time::Duration::from_secs(every.max(5)),
+                rss_bound_mib,
+                root: cli.root,
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo {
             nodes,
