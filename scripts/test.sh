@@ -18,3 +18,11 @@ cargo fmt --all -- --check
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
 cargo build --release --locked --workspace
 cargo test --release --locked --workspace
+# Fuzzing (nightly + cargo-fuzz): every target for a bounded time. The
+# corpora also replay on stable in router/tests/fuzz_corpus.rs above.
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    FUZZ_SECONDS=${FUZZ_SECONDS:-20} scripts/fuzz.sh
+else
+    echo "scripts/test.sh: no nightly toolchain, so the fuzz targets did not run" >&2
+    [ -z "${CI:-}" ] || exit 1
+fi

@@ -9,6 +9,8 @@
 //! `tunmesh-cni` crate, which the router shares.
 
 pub mod dataplane;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hostnet;
 pub mod metrics;
 pub mod model;
