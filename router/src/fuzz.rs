@@ -3,8 +3,6 @@
 //! input the fuzzer kept, and every crash turned into a corpus file, is a
 //! regression test in CI.
 
-#![allow(clippy::missing_panics_doc)]
-
 use k8s_openapi::api::core::v1::Node;
 
 use crate::dataplane::offload::{self, Coalescer, Gso, VnetHdr};
@@ -14,8 +12,11 @@ use crate::PrivateKey;
 use tunmesh_cni::request::{parse_conf, parse_env, Command};
 use tunmesh_cni::spec::AddResult;
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets by name, for the replay test.
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("packet_offload", packet_offload),
     ("nodes_translate", nodes_translate),
     ("cni_request", cni_request),
