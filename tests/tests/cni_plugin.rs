@@ -5,7 +5,7 @@
 //! upstream's `cnitool` (libcni) drives it. They need root; CI runs them.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 
 use serde_json::{json, Value};
@@ -16,7 +16,6 @@ use tunmesh_lab::require_root;
 
 /// A node namespace with the router's state file, and pods to attach.
 struct Node {
-    id: String,
     ns: String,
     dir: PathBuf,
     plugin: PathBuf,
@@ -35,7 +34,6 @@ impl Node {
         add_netns(&ns).unwrap();
         cleanup.netns.push(ns.clone());
         let node = Node {
-            id,
             ns,
             dir,
             plugin: find_binary("tunmesh-cni", "TUNMESH_CNI_BIN").unwrap(),
@@ -379,7 +377,6 @@ fn spec_edge_cases() {
         "the stale pod's eth0 went with its pair"
     );
     node.ok("DEL", "keep", &pod, &conf);
-    let _ = node.id.len();
 }
 
 #[test]
@@ -498,5 +495,4 @@ fn cnitool_adds_checks_and_deletes() {
     );
     assert_eq!(node.allocations(), json!({}));
     assert!(exec(&pod, "ip", &["link", "show", "eth0"]).is_err());
-    let _ = Path::new(&cni_path);
 }
