@@ -323,18 +323,31 @@ impl ControlPlane {
             ],
         )?;
         self.etcd_pid = Some(pid);
-        let up = netns::wait_for(Duration::from_secs(30), || {
+        self.wait_up("etcd", pid, Duration::from_secs(30), || {
+            exec_output(&self.ns, "bash", &["-c", "exec 3<>/dev/tcp/127.0.0.1/2379"])
+                .is_ok_and(|out| out.status.success())
+        })
+    }
+
+    /// Waits until `ready` holds for the process `name` just started, or
+    /// fails with the end of its log if it exits or `timeout` passes.
+    fn wait_up(
+        &self,
+        name: &str,
+        pid: u32,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let up = netns::wait_for(timeout, || {
             if !netns::is_running(pid) {
                 return Some(false);
             }
-            let out =
-                exec_output(&self.ns, "bash", &["-c", "exec 3<>/dev/tcp/127.0.0.1/2379"]).ok()?;
-            out.status.success().then_some(true)
+            ready().then_some(true)
         });
         if up != Some(true) {
             bail!(
-                "etcd did not start; its log ends:\n{}",
-                self.log_tail("etcd")
+                "{name} did not become ready; its log ends:\n{}",
+                self.log_tail(name)
             );
         }
         Ok(())
@@ -367,21 +380,12 @@ impl ControlPlane {
             ],
         )?;
         self.apiserver_pid = Some(pid);
-        let ready = netns::wait_for(Duration::from_secs(120), || {
-            if !netns::is_running(pid) {
-                return Some(false);
-            }
-            let out = self.kubectl_output(&["get", "--raw", "/readyz"]).ok()?;
-            (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok")
-                .then_some(true)
-        });
-        if ready != Some(true) {
-            bail!(
-                "kube-apiserver did not become ready; its log ends:\n{}",
-                self.log_tail("kube-apiserver")
-            );
-        }
-        Ok(())
+        self.wait_up("kube-apiserver", pid, Duration::from_secs(120), || {
+            self.kubectl_output(&["get", "--raw", "/readyz"])
+                .is_ok_and(|out| {
+                    out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok"
+                })
+        })
     }
 
     /// Stops the API server (an outage); `start_apiserver` brings it back

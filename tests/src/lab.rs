@@ -164,6 +164,17 @@ fn node_underlay_ip(i: usize) -> Ipv4Addr {
 }
 
 impl Lab {
+    /// A Kubernetes lab with `nodes` nodes and `pods` pods on each, for
+    /// tests: panics with the reason if it cannot be built.
+    pub fn for_test(nodes: usize, pods: usize) -> Lab {
+        Lab::up(&LabOptions {
+            nodes,
+            pods_per_node: pods,
+            ..Default::default()
+        })
+        .expect("lab up")
+    }
+
     /// Builds the cluster: underlay, nodes with routers, pods. On any failure
     /// everything made so far is removed before the error is returned.
     pub fn up(opts: &LabOptions) -> Result<Lab> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tunmesh_lab::checks::{self, tcp_seen_source};
 use tunmesh_lab::lab::Lab;
 use tunmesh_lab::netns::exec;
-use tunmesh_lab::{require_root, LabOptions};
+use tunmesh_lab::require_root;
 
 fn allocations(lab: &Lab, node: &str) -> serde_json::Value {
     let n = lab.node(node).unwrap();
@@ -23,12 +23,7 @@ fn pods_reach_each_other_without_nat_and_through_nodeport_dnat() {
     if !require_root("pods_reach_each_other_without_nat_and_through_nodeport_dnat") {
         return;
     }
-    let mut lab = Lab::up(&LabOptions {
-        nodes: 3,
-        pods_per_node: 2,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let mut lab = Lab::for_test(3, 2);
 
     // Every pod was attached by the plugin and has distinct addresses from
     // its node's podCIDR.

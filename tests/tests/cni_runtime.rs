@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tunmesh_lab::lab::{find_binary, Lab, NodeInfo};
 use tunmesh_lab::netns;
-use tunmesh_lab::{require_root, LabOptions};
+use tunmesh_lab::require_root;
 
 /// A podman with its own storage, configuration and state, run in a node's
 /// network namespace (with `nsenter --net`, so it keeps the host's /sys and
@@ -104,12 +104,7 @@ fn podman_containers_on_two_nodes_reach_each_other() {
     if !require_root("podman_containers_on_two_nodes_reach_each_other") {
         return;
     }
-    let lab = Lab::up(&LabOptions {
-        nodes: 2,
-        pods_per_node: 0,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let lab = Lab::for_test(2, 0);
     let page = format!("served by tunmesh lab {}", lab.state.id);
     let root = rootfs(&lab.state.dir, &page);
     let root = root.display().to_string();

@@ -10,16 +10,11 @@ use std::time::{Duration, Instant};
 use tunmesh_lab::checks::{self, ping};
 use tunmesh_lab::lab::Lab;
 use tunmesh_lab::netns::{self, ip};
-use tunmesh_lab::{require_root, LabOptions};
+use tunmesh_lab::require_root;
 use tunmesh_router::status::Status;
 
 fn lab(nodes: usize, pods: usize) -> Lab {
-    Lab::up(&LabOptions {
-        nodes,
-        pods_per_node: pods,
-        ..Default::default()
-    })
-    .expect("lab up")
+    Lab::for_test(nodes, pods)
 }
 
 fn pod_ns(lab: &Lab, name: &str) -> String {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tunmesh_lab::lab::Lab;
 use tunmesh_lab::netns::{self, in_netns};
-use tunmesh_lab::{require_root, LabOptions};
+use tunmesh_lab::require_root;
 
 /// Sends a numbered UDP datagram every 10 ms from `from` to an echo server
 /// in `to`, and records when each echo came back; `gap()` is the longest
@@ -124,12 +124,7 @@ fn router_restarts_keep_pods_addresses_and_connections() {
     if !require_root("router_restarts_keep_pods_addresses_and_connections") {
         return;
     }
-    let mut lab = Lab::up(&LabOptions {
-        nodes: 2,
-        pods_per_node: 1,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let mut lab = Lab::for_test(2, 1);
     let a = lab.pod("node-1-pod-1").unwrap().clone();
     let b = lab.pod("node-2-pod-1").unwrap().clone();
 
@@ -264,12 +259,7 @@ fn a_node_reinstalled_under_the_same_name_heals_the_mesh() {
     if !require_root("a_node_reinstalled_under_the_same_name_heals_the_mesh") {
         return;
     }
-    let mut lab = Lab::up(&LabOptions {
-        nodes: 3,
-        pods_per_node: 1,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let mut lab = Lab::for_test(3, 1);
     let old_key = lab.node("node-2").unwrap().public_key.clone();
     let t0 = Instant::now();
     lab.recreate_node(1).expect("node-2 reinstalled");

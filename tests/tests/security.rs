@@ -14,7 +14,7 @@ use tunmesh_lab::checks::{self, http_get, ping};
 use tunmesh_lab::lab::Lab;
 use tunmesh_lab::netns::{self, in_netns};
 use tunmesh_lab::pcap;
-use tunmesh_lab::{require_root, LabOptions};
+use tunmesh_lab::require_root;
 use tunmesh_router::status::Status;
 
 fn mode(path: &std::path::Path) -> u32 {
@@ -58,12 +58,7 @@ fn secrets_replays_floods_and_no_plaintext() {
     if !require_root("secrets_replays_floods_and_no_plaintext") {
         return;
     }
-    let mut lab = Lab::up(&LabOptions {
-        nodes: 3,
-        pods_per_node: 1,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let mut lab = Lab::for_test(3, 1);
     let pod = |lab: &Lab, n: &str| lab.pod(n).unwrap().clone();
     let (p1, p2, p3) = (
         pod(&lab, "node-1-pod-1"),

@@ -12,7 +12,7 @@ use tunmesh_lab::checks::{self, ping};
 use tunmesh_lab::impair::{Impairment, Relay};
 use tunmesh_lab::lab::Lab;
 use tunmesh_lab::netns::ip;
-use tunmesh_lab::{require_root, LabOptions};
+use tunmesh_lab::require_root;
 
 const BYTES: usize = 2 << 20;
 
@@ -44,12 +44,7 @@ fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
     if !require_root("transfers_survive_loss_delay_reordering_duplication_and_a_link_outage") {
         return;
     }
-    let mut lab = Lab::up(&LabOptions {
-        nodes: 2,
-        pods_per_node: 1,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let mut lab = Lab::for_test(2, 1);
     let ul = lab.state.underlay_ns.clone();
     ip(&["-n", &ul, "addr", "add", "172.28.0.3/24", "dev", "br0"]).unwrap();
     let (n1, n2) = (
