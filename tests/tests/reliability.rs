@@ -277,14 +277,23 @@ fn a_node_reinstalled_under_the_same_name_heals_the_mesh() {
         "node-2 reinstalled (namespace, key and state new, same Node): every pair reachable again {:.1} s after teardown began",
         t0.elapsed().as_secs_f64()
     );
+    // status.json is rewritten every second: poll it.
     for n in ["node-1", "node-3"] {
-        let s = lab.router_status(n).unwrap();
-        let keys: Vec<&str> = s.peers.iter().map(|p| p.public_key.as_str()).collect();
+        let replaced = lab.wait_status(n, Duration::from_secs(10), |s| {
+            let keys: Vec<&str> = s.peers.iter().map(|p| p.public_key.as_str()).collect();
+            keys.contains(&new_key.as_str())
+                && !keys.contains(&old_key.as_str())
+                && s.peers.len() == 2
+        });
         assert!(
-            keys.contains(&new_key.as_str()) && !keys.contains(&old_key.as_str()),
-            "{n}: {keys:?}"
+            replaced.is_some(),
+            "{n}: the old key stays or the new one is missing: {:?}",
+            lab.router_status(n).map(|s| s
+                .peers
+                .into_iter()
+                .map(|p| (p.name, p.public_key))
+                .collect::<Vec<_>>())
         );
-        assert_eq!(s.peers.len(), 2, "{n}: stale peers");
     }
     lab.down().unwrap();
 }
