@@ -40,6 +40,15 @@ impl Command {
     }
 }
 
+/// The variables an ADD needs (DEL and CHECK need the same but a netns).
+pub const ADD_VARIABLES: [&str; 5] = [
+    "CNI_COMMAND",
+    "CNI_CONTAINERID",
+    "CNI_NETNS",
+    "CNI_IFNAME",
+    "CNI_PATH",
+];
+
 /// The environment of one invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Env {
@@ -294,13 +303,7 @@ mod tests {
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;SOMETHING=else",
         ));
         assert_eq!(env(&with_args).unwrap().args["K8S_POD_NAME"], "web-0");
-        for missing in [
-            "CNI_COMMAND",
-            "CNI_CONTAINERID",
-            "CNI_NETNS",
-            "CNI_IFNAME",
-            "CNI_PATH",
-        ] {
+        for missing in ADD_VARIABLES {
             let pairs: Vec<_> = ADD.iter().copied().filter(|(k, _)| *k != missing).collect();
             let err = env(&pairs).unwrap_err();
             assert_eq!(err.code, code::INVALID_ENV, "{missing}");

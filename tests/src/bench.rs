@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use tunmesh_keygen::PrivateKey;
 
-use crate::netns::{self, add_netns, exec, ip, veth, Cleanup};
+use crate::netns::{self, add_netns, exec, veth, Cleanup};
 use crate::peers::{self, Side};
 
 /// Where `scripts/install-anchors.sh` puts the peers we compare against.
@@ -131,16 +131,7 @@ impl Testbed {
         }
         veth(&a, "eth0", &b, "eth0")?;
         for (ns, addr) in [(&a, UNDERLAY_A), (&b, UNDERLAY_B)] {
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            netns::addr_up(ns, "eth0", &format!("{addr}/24"))?;
         }
         Ok(Testbed {
             a,

@@ -306,16 +306,7 @@ impl Lab {
         let ul = &self.state.underlay_ns;
         veth(ns, "eth0", ul, port)?;
         ip(&["-n", ul, "link", "set", port, "master", "br0", "up"])?;
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", ns, "link", "set", "eth0", "up"])
+        netns::addr_up(ns, "eth0", &format!("{addr}/24"))
     }
 
     /// Adds the next node: its namespace on the underlay, and in a

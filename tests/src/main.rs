@@ -364,22 +364,11 @@ fn demo(
     };
     for n in &lab.state.nodes {
         if let Ok(s) = lab.router_status(&n.name) {
-            let drops: Vec<String> = s
-                .counters
-                .drops
-                .iter()
-                .filter(|(_, v)| **v > 0)
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
             println!(
                 "{}: {} peers, drops: {}",
                 n.name,
                 s.peers.len(),
-                if drops.is_empty() {
-                    "none".into()
-                } else {
-                    drops.join(" ")
-                }
+                s.counters.drops_summary()
             );
         }
     }

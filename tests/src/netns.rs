@@ -149,6 +149,12 @@ pub fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str) -> Result<()> {
     ])
 }
 
+/// Gives `dev` in `ns` the address `cidr` and brings it up.
+pub fn addr_up(ns: &str, dev: &str, cidr: &str) -> Result<()> {
+    ip(&["-n", ns, "addr", "add", cidr, "dev", dev])?;
+    ip(&["-n", ns, "link", "set", dev, "up"])
+}
+
 /// Writes a sysctl inside `ns`.
 pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     exec(ns, "sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())

@@ -206,13 +206,7 @@ fn spec_edge_cases() {
     bad = conf.clone();
     bad["dataDir"] = json!("relative/dir");
     assert_eq!(error_code(&node.run("ADD", "c1", &pod, &bad)), 7);
-    for missing in [
-        "CNI_COMMAND",
-        "CNI_CONTAINERID",
-        "CNI_NETNS",
-        "CNI_IFNAME",
-        "CNI_PATH",
-    ] {
+    for missing in tunmesh_cni::request::ADD_VARIABLES {
         let env: Vec<(&str, &str)> = [
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "c1"),

@@ -62,6 +62,13 @@ impl Podman {
             .expect("running podman")
     }
 
+    /// `podman run --rm` of `cmd` on the tunmesh network, root file system `root`.
+    fn run_once(&self, root: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["run", "--rm", "--network", "tunmesh", "--rootfs", root];
+        args.extend_from_slice(cmd);
+        self.run(&args)
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
@@ -150,21 +157,10 @@ fn podman_containers_on_two_nodes_reach_each_other() {
     let url = format!("http://{ip}:8080/index.html");
     let got = netns::wait_for(Duration::from_secs(20), || {
         // (busybox 1.35's `wget -T` crashes; `timeout` bounds it instead.)
-        let out = p1.run(&[
-            "run",
-            "--rm",
-            "--network",
-            "tunmesh",
-            "--rootfs",
+        let out = p1.run_once(
             &root,
-            "/bin/timeout",
-            "5",
-            "/bin/wget",
-            "-q",
-            "-O",
-            "-",
-            &url,
-        ]);
+            &["/bin/timeout", "5", "/bin/wget", "-q", "-O", "-", &url],
+        );
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).to_string())
@@ -174,20 +170,12 @@ fn podman_containers_on_two_nodes_reach_each_other() {
         Some(page.as_str()),
         "wget {url} from node-1"
     );
-    p1.ok(&[
-        "run",
-        "--rm",
-        "--network",
-        "tunmesh",
-        "--rootfs",
-        &root,
-        "/bin/ping",
-        "-c",
-        "3",
-        "-W",
-        "2",
-        &ip.to_string(),
-    ]);
+    let ping = p1.run_once(&root, &["/bin/ping", "-c", "3", "-W", "2", &ip.to_string()]);
+    assert!(
+        ping.status.success(),
+        "ping from node-1: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
 
     // Removing the containers runs DEL: node-1's store is empty again (its
     // containers ran with --rm), node-2's after the server goes.

@@ -215,21 +215,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
             bytes(p.tx_bytes),
         );
     }
-    let drops: Vec<String> = s
-        .counters
-        .drops
-        .iter()
-        .filter(|(_, v)| **v > 0)
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    println!(
-        "\ndrops: {}",
-        if drops.is_empty() {
-            "none".into()
-        } else {
-            drops.join(" ")
-        }
-    );
+    println!("\ndrops: {}", s.counters.drops_summary());
     Ok(ExitCode::SUCCESS)
 }
 

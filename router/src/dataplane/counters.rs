@@ -119,6 +119,24 @@ pub struct CountersSnapshot {
     pub cookie_replies: u64,
 }
 
+impl CountersSnapshot {
+    /// The drops that happened, `reason=count` separated by spaces, or
+    /// `none` (for one-line summaries).
+    pub fn drops_summary(&self) -> String {
+        let drops: Vec<String> = self
+            .drops
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if drops.is_empty() {
+            "none".into()
+        } else {
+            drops.join(" ")
+        }
+    }
+}
+
 /// Per-peer traffic counters (inner packets and their bytes).
 #[derive(Debug, Default)]
 pub struct PeerCounters {
