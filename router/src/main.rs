@@ -22,13 +22,13 @@ use tracing_subscriber::EnvFilter;
 use tunmesh_cni::{NodeState, PluginSettings};
 use tunmesh_router::dataplane::tun::TunDevice;
 use tunmesh_router::dataplane::udp::UdpSocket;
-use tunmesh_router::dataplane::Dataplane;
+use tunmesh_router::dataplane::{Dataplane, Queue, TunIo, UdpIo};
 use tunmesh_router::hostnet::{self, HostNet};
 use tunmesh_router::metrics::{self, Health};
 use tunmesh_router::model::{Nets, Snapshot};
 use tunmesh_router::source::file::{self, first_host, NodeSettings};
 use tunmesh_router::source::kube::{self as kube_source, KubeSettings, KubeStatus};
-use tunmesh_router::status::{self, ReloadStatus, Status};
+use tunmesh_router::status::{self, QueueStatus, ReloadStatus, Status};
 use tunmesh_router::uapi;
 use tunmesh_router::PrivateKey;
 
@@ -107,6 +107,12 @@ struct Args {
     /// plain packets if the kernel refuses.
     #[arg(long, env = "TUNMESH_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
     offload: bool,
+    /// Data-plane queues: TUN queues (multi-queue device) and UDP sockets
+    /// (SO_REUSEPORT), each with an outbound and an inbound thread. Flows
+    /// and peers are spread over them; one flow stays on one queue. 0: one
+    /// per CPU, at most 4.
+    #[arg(long, env = "TUNMESH_QUEUES", default_value_t = 0)]
+    queues: usize,
     /// Directory for the router's state: key, status.json, node.json.
     #[arg(long, env = "TUNMESH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -295,6 +301,17 @@ impl Node {
 
 /// `p` made absolute against the working directory (the CNI plugin runs
 /// elsewhere).
+/// The number of data-plane queues for `--queues` (0: one per CPU, at most 4).
+fn queue_count(asked: usize) -> usize {
+    match asked {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4),
+        n => n,
+    }
+}
+
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
@@ -389,26 +406,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let dp = Dataplane::new(&key, usize::from(args.mtu));
-    let udp =
-        UdpSocket::bind(port, args.offload).with_context(|| format!("binding UDP port {port}"))?;
+    let queues = queue_count(args.queues);
+    let udps = UdpSocket::bind_group(port, args.offload, queues)
+        .with_context(|| format!("binding UDP port {port}"))?;
+    let Some(udp) = udps.first() else {
+        bail!("no UDP socket bound");
+    };
     let (rcvbuf, sndbuf) = udp.buffer_sizes();
     let (udp_gso, udp_gro) = udp.offloads();
-    let tun = TunDevice::create(&args.interface, args.mtu, args.offload).with_context(|| {
-        format!(
-            "creating TUN device {} (needs /dev/net/tun and CAP_NET_ADMIN)",
-            args.interface
-        )
-    })?;
-    let tun_offload = tun.offload();
+    let port = udp.port();
+    let tuns = TunDevice::create_queues(&args.interface, args.mtu, args.offload, queues)
+        .with_context(|| {
+            format!(
+                "creating TUN device {} with {queues} queue(s) (needs /dev/net/tun and CAP_NET_ADMIN)",
+                args.interface
+            )
+        })?;
+    let tun_offload = tuns.first().is_some_and(|t| t.offload());
     let host = HostNet::connect()?;
     let index = host.link_index(&args.interface).await?;
     hostnet::prepare_sysctls(&args.interface);
     info!(
-        interface = %args.interface, mtu = args.mtu, port = udp.port(), public_key = %dp.public_key(),
+        interface = %args.interface, mtu = args.mtu, port, queues, public_key = %dp.public_key(),
         node = %node_name, source = if args.mesh_file.is_some() { "mesh file" } else { "kubernetes" },
         rcvbuf, sndbuf, tun_offload, udp_gso, udp_gro, "router up"
     );
-    let port = udp.port();
     let health = Health::new(
         Arc::clone(&dp),
         match &source {
@@ -461,12 +483,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let stop = Arc::new(AtomicBool::new(false));
-    let tun = Arc::new(tun);
-    let handles = node.dp.spawn(
-        Arc::clone(&tun) as Arc<dyn tunmesh_router::dataplane::TunIo>,
-        Arc::new(udp),
-        Arc::clone(&stop),
-    )?;
+    let tuns: Vec<Arc<TunDevice>> = tuns.into_iter().map(Arc::new).collect();
+    let udps: Vec<Arc<UdpSocket>> = udps.into_iter().map(Arc::new).collect();
+    let pairs: Vec<Queue> = tuns
+        .iter()
+        .zip(&udps)
+        .map(|(t, u)| {
+            (
+                Arc::clone(t) as Arc<dyn TunIo>,
+                Arc::clone(u) as Arc<dyn UdpIo>,
+            )
+        })
+        .collect();
+    let handles = node.dp.spawn(&pairs, Arc::clone(&stop))?;
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -563,13 +592,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 health.last_tick.store(status::unix_now(), Ordering::Relaxed);
+                let queues: Vec<QueueStatus> = tuns
+                    .iter()
+                    .zip(&udps)
+                    .map(|(t, u)| {
+                        let (read, written) = t.packet_counts();
+                        QueueStatus {
+                            tun_packets_read: read,
+                            tun_packets_written: written,
+                            udp_datagrams_received: u.datagrams_received(),
+                        }
+                    })
+                    .collect();
+                if let Ok(mut q) = health.queues.lock() {
+                    q.clone_from(&queues);
+                }
                 let s = Status {
                     interface: node.args.interface.clone(),
                     public_key: node.dp.public_key().to_base64(),
                     listen_port: port,
                     peers: status::peers(&node.dp),
                     counters: node.dp.counters.snapshot(),
-                    offload: tun.offload_stats(),
+                    offload: tuns.iter().map(|t| t.offload_stats()).sum(),
+                    queues: queues.clone(),
                     reloads,
                     last_reload: last_reload.clone(),
                     kubernetes: match &source {

@@ -38,6 +38,8 @@ pub struct Health {
     pub reconciles: AtomicU64,
     pub reconcile_errors: AtomicU64,
     pub kube: Option<Arc<Mutex<KubeStatus>>>,
+    /// Per data-plane queue, as of the main loop's last tick.
+    pub queues: Mutex<Vec<crate::status::QueueStatus>>,
 }
 
 /// The main loop is considered stuck after this long without a tick.
@@ -58,6 +60,7 @@ impl Health {
             reconciles: AtomicU64::new(0),
             reconcile_errors: AtomicU64::new(0),
             kube,
+            queues: Mutex::new(Vec::new()),
         })
     }
 
@@ -162,6 +165,31 @@ impl Health {
             "udp_tx_datagrams",
             "WireGuard datagrams sent",
             snap.udp_tx_datagrams,
+        );
+        let queues = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
+        let q_read: Family<Labels, Counter> = Family::default();
+        let q_written: Family<Labels, Counter> = Family::default();
+        let q_udp: Family<Labels, Counter> = Family::default();
+        for (i, q) in queues.iter().enumerate() {
+            let l = label("queue", &i.to_string());
+            q_read.get_or_create(&l).inc_by(q.tun_packets_read);
+            q_written.get_or_create(&l).inc_by(q.tun_packets_written);
+            q_udp.get_or_create(&l).inc_by(q.udp_datagrams_received);
+        }
+        reg.register(
+            "queue_tun_rx_packets",
+            "Packets read from the TUN device, by data-plane queue",
+            q_read,
+        );
+        reg.register(
+            "queue_tun_tx_packets",
+            "Packets written to the TUN device, by data-plane queue",
+            q_written,
+        );
+        reg.register(
+            "queue_udp_rx_datagrams",
+            "WireGuard datagrams received, by data-plane queue (socket)",
+            q_udp,
         );
         counter(
             &mut reg,

@@ -34,6 +34,14 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
 }
 
+/// What one data-plane queue (a TUN queue and its UDP socket) carried.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueStatus {
+    pub tun_packets_read: u64,
+    pub tun_packets_written: u64,
+    pub udp_datagrams_received: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ReloadStatus {
     pub at_unix: u64,
@@ -51,6 +59,9 @@ pub struct Status {
     /// What the TUN offloads did (all zero with offloads off).
     #[serde(default)]
     pub offload: crate::dataplane::tun::OffloadStats,
+    /// Per data-plane queue, what it carried.
+    #[serde(default)]
+    pub queues: Vec<QueueStatus>,
     pub reloads: u64,
     pub last_reload: Option<ReloadStatus>,
     /// The Kubernetes source's state (absent with a mesh file).

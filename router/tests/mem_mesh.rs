@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tunmesh_router::dataplane::mem::{MemNet, MemTun, MemTunHost};
 use tunmesh_router::dataplane::packet::icmpv4_echo;
-use tunmesh_router::dataplane::{Dataplane, Drop};
+use tunmesh_router::dataplane::{Dataplane, Drop, Queue};
 use tunmesh_router::model::{DesiredMesh, PeerSpec};
 use tunmesh_router::PrivateKey;
 
@@ -48,8 +48,8 @@ fn start(net: &Arc<MemNet>, key: &PrivateKey, i: u8, peers: Vec<PeerSpec>) -> No
     let (tun, host) = MemTun::pair();
     let udp = net.bind(ep(i));
     let stop = Arc::new(AtomicBool::new(false));
-    dp.spawn(Arc::new(tun), Arc::new(udp), Arc::clone(&stop))
-        .unwrap();
+    let queue: Queue = (Arc::new(tun), Arc::new(udp));
+    dp.spawn(&[queue], Arc::clone(&stop)).unwrap();
     Node { dp, host, stop }
 }
 

@@ -153,6 +153,16 @@ fn wg_show_and_metrics_show_the_live_mesh() {
             "{reason} missing"
         );
     }
+    for name in [
+        "queue_tun_rx_packets",
+        "queue_tun_tx_packets",
+        "queue_udp_rx_datagrams",
+    ] {
+        assert!(
+            samples.contains_key(&format!("tunmesh_{name}_total{{queue=\"0\"}}")),
+            "{name} missing for queue 0: {body}"
+        );
+    }
     assert!(samples["tunmesh_reconciles_total"] >= 1.0);
     assert_eq!(samples["tunmesh_reconcile_errors_total"], 0.0);
     assert_eq!(samples["tunmesh_kubernetes_connected"], 1.0);

@@ -162,6 +162,18 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     );
     println!("public key:  {}", s.public_key);
     println!("interface:   {} (UDP port {})", s.interface, s.listen_port);
+    if !s.queues.is_empty() {
+        let each: Vec<String> = s
+            .queues
+            .iter()
+            .map(|q| format!("{}/{}", q.tun_packets_read, q.udp_datagrams_received))
+            .collect();
+        println!(
+            "queues:      {} (packets out/in per queue: {})",
+            s.queues.len(),
+            each.join(", ")
+        );
+    }
     println!(
         "endpoint:    {}",
         k.and_then(|k| k.published_endpoint.clone())

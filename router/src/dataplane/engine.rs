@@ -1,8 +1,10 @@
 //! The packet path: the I/O shell around boringtun's `noise::Tunn`.
 //!
-//! Three threads, each owning the batches it fills (allocated once at start,
-//! reused for every batch; nothing on this path allocates per packet except
-//! boringtun queueing a packet while a handshake is in flight):
+//! One worker thread per queue (a TUN queue and its UDP socket) runs both
+//! directions to completion, plus one timer thread; each owns the batches it
+//! fills (allocated once at start, reused for every batch; nothing on this
+//! path allocates per packet except boringtun queueing a packet while a
+//! handshake is in flight):
 //!
 //! ```text
 //! outbound  TUN recv_batch ─ dst → peer (longest prefix over allowed IPs)
@@ -35,7 +37,7 @@ use boringtun::x25519;
 use tracing::{debug, info, warn};
 
 use super::counters::{Counters, Drop};
-use super::io::{Batch, TunIo, UdpIo, BATCH};
+use super::io::{Batch, Queue, TunIo, UdpIo, BATCH};
 use super::packet;
 use super::peers::{Peer, PeerState, PeerTable};
 use crate::model::DesiredMesh;
@@ -496,83 +498,42 @@ impl Dataplane {
         self.flush_udp(out, udp);
     }
 
-    /// Starts the outbound, inbound and timer threads. They run until `stop`
-    /// is set (checked at least every `POLL`).
+    /// Starts one worker thread per queue (a TUN queue and the UDP socket
+    /// paired with it, both directions: see `queue_loop`) and one timer
+    /// thread. They run until `stop` is set (checked at least every `POLL`).
+    ///
+    /// The kernel keeps a peer's datagrams on one socket (by its address and
+    /// port) and a flow on one TUN queue (the queue its incoming packets were
+    /// written to), so no flow is reordered and a peer's traffic stays on
+    /// one worker: queues spread peers over cores; workers share no lock but
+    /// a peer's own.
     pub fn spawn(
         self: &Arc<Self>,
-        tun: Arc<dyn TunIo>,
-        udp: Arc<dyn UdpIo>,
+        queues: &[Queue],
         stop: Arc<AtomicBool>,
     ) -> io::Result<Vec<JoinHandle<()>>> {
+        let Some((_, first_udp)) = queues.first() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the data plane needs at least one queue",
+            ));
+        };
         let mut handles = Vec::new();
-        {
+        for (q, (tun, udp)) in queues.iter().enumerate() {
             let (dp, tun, udp, stop) = (
                 Arc::clone(self),
-                Arc::clone(&tun),
-                Arc::clone(&udp),
+                Arc::clone(tun),
+                Arc::clone(udp),
                 Arc::clone(&stop),
             );
             handles.push(
                 std::thread::Builder::new()
-                    .name("tm-outbound".into())
-                    .spawn(move || {
-                        let mut input = Batch::new(BATCH, dp.buf_size);
-                        let mut out = Batch::new(BATCH, dp.buf_size);
-                        let mut errors = ErrorLog::new("reading the TUN device");
-                        while !stop.load(Ordering::Relaxed) {
-                            let got = tun.recv_batch(&mut input, POLL);
-                            dp.counters.drop_n(Drop::Malformed, tun.take_malformed());
-                            match got {
-                                Ok(0) => {}
-                                Ok(_) => {
-                                    let table = dp.table.load();
-                                    dp.process_outbound(&table, &input, &mut out, &*udp);
-                                }
-                                Err(e) => errors.record(&e),
-                            }
-                        }
-                    })?,
+                    .name(format!("tm-queue-{q}"))
+                    .spawn(move || dp.queue_loop(&*tun, &*udp, &stop))?,
             );
         }
         {
-            let (dp, tun, udp, stop) = (
-                Arc::clone(self),
-                Arc::clone(&tun),
-                Arc::clone(&udp),
-                Arc::clone(&stop),
-            );
-            handles.push(
-                std::thread::Builder::new()
-                    .name("tm-inbound".into())
-                    .spawn(move || {
-                        let mut input = Batch::new(BATCH, dp.buf_size);
-                        let mut tun_out = Batch::new(BATCH, dp.buf_size);
-                        let mut udp_out = Batch::new(BATCH, dp.buf_size);
-                        let mut errors = ErrorLog::new("receiving UDP");
-                        while !stop.load(Ordering::Relaxed) {
-                            let got = udp.recv_batch(&mut input, POLL);
-                            dp.counters.drop_n(Drop::Malformed, udp.take_malformed());
-                            match got {
-                                Ok(0) => {}
-                                Ok(_) => {
-                                    let table = dp.table.load();
-                                    dp.process_inbound(
-                                        &table,
-                                        &input,
-                                        &mut tun_out,
-                                        &mut udp_out,
-                                        &*tun,
-                                        &*udp,
-                                    );
-                                }
-                                Err(e) => errors.record(&e),
-                            }
-                        }
-                    })?,
-            );
-        }
-        {
-            let (dp, udp, stop) = (Arc::clone(self), Arc::clone(&udp), Arc::clone(&stop));
+            let (dp, udp, stop) = (Arc::clone(self), Arc::clone(first_udp), Arc::clone(&stop));
             handles.push(std::thread::Builder::new().name("tm-timers".into()).spawn(
                 move || {
                     let mut out = Batch::new(BATCH, dp.buf_size);
@@ -588,8 +549,76 @@ impl Dataplane {
                 },
             )?);
         }
-        info!(public_key = %self.public_key(), "data plane running");
+        info!(public_key = %self.public_key(), queues = queues.len(), "data plane running");
         Ok(handles)
+    }
+
+    /// One queue's worker, both directions, run to completion: datagrams
+    /// from the socket are decrypted and written to the TUN queue, then
+    /// packets waiting on the TUN queue are encrypted and sent, until both
+    /// are empty; only then does it sleep in `poll` on both. What a TUN write
+    /// sets off in the kernel (the receiving TCP stack's ACK, the sending
+    /// stack's next segments) lands on this same queue and is picked up by
+    /// this thread on its next turn, without waking another.
+    fn queue_loop(&self, tun: &dyn TunIo, udp: &dyn UdpIo, stop: &AtomicBool) {
+        let mut from_tun = Batch::new(BATCH, self.buf_size);
+        let mut to_udp = Batch::new(BATCH, self.buf_size);
+        let mut from_udp = Batch::new(BATCH, self.buf_size);
+        let mut to_tun = Batch::new(BATCH, self.buf_size);
+        let mut replies = Batch::new(BATCH, self.buf_size);
+        let mut tun_errors = ErrorLog::new("reading the TUN device");
+        let mut udp_errors = ErrorLog::new("receiving UDP");
+        let fds = tun.raw_fd().zip(udp.raw_fd());
+        while !stop.load(Ordering::Relaxed) {
+            let mut busy = false;
+            let got = udp.recv_batch(&mut from_udp, Duration::ZERO);
+            self.counters.drop_n(Drop::Malformed, udp.take_malformed());
+            match got {
+                Ok(0) => {}
+                Ok(_) => {
+                    busy = true;
+                    let table = self.table.load();
+                    self.process_inbound(&table, &from_udp, &mut to_tun, &mut replies, tun, udp);
+                }
+                Err(e) => udp_errors.record(&e),
+            }
+            let got = tun.recv_batch(&mut from_tun, Duration::ZERO);
+            self.counters.drop_n(Drop::Malformed, tun.take_malformed());
+            match got {
+                Ok(0) => {}
+                Ok(_) => {
+                    busy = true;
+                    let table = self.table.load();
+                    self.process_outbound(&table, &from_tun, &mut to_udp, udp);
+                }
+                Err(e) => tun_errors.record(&e),
+            }
+            if busy {
+                continue;
+            }
+            let waited = match fds {
+                Some((t, u)) => super::poll_any(&[t, u], POLL).map(|_| ()),
+                // In-memory fakes: wait on the socket side for a moment.
+                None => udp
+                    .recv_batch(&mut from_udp, Duration::from_millis(1))
+                    .map(|n| {
+                        if n > 0 {
+                            let table = self.table.load();
+                            self.process_inbound(
+                                &table,
+                                &from_udp,
+                                &mut to_tun,
+                                &mut replies,
+                                tun,
+                                udp,
+                            );
+                        }
+                    }),
+            };
+            if let Err(e) = waited {
+                udp_errors.record(&e);
+            }
+        }
     }
 }
 

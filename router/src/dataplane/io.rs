@@ -62,6 +62,9 @@ impl Batch {
     }
 }
 
+/// One data-plane queue: a TUN queue and the UDP socket paired with it.
+pub type Queue = (std::sync::Arc<dyn TunIo>, std::sync::Arc<dyn UdpIo>);
+
 /// The TUN side: IP packets to and from the kernel.
 pub trait TunIo: Send + Sync {
     /// Waits up to `timeout` for packets, then reads as many as are ready
@@ -76,6 +79,11 @@ pub trait TunIo: Send + Sync {
     /// (e.g. a super-packet it could not segment).
     fn take_malformed(&self) -> u64 {
         0
+    }
+    /// A descriptor that polls readable when packets wait, if there is one
+    /// (in-memory fakes have none).
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
     }
 }
 
@@ -92,5 +100,9 @@ pub trait UdpIo: Send + Sync {
     /// (e.g. truncated, or larger than a batch buffer).
     fn take_malformed(&self) -> u64 {
         0
+    }
+    /// A descriptor that polls readable when datagrams wait, if there is one.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
     }
 }

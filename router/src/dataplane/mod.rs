@@ -14,22 +14,36 @@ pub mod udp;
 
 pub use counters::{Counters, Drop};
 pub use engine::{Dataplane, MeshDiff};
-pub use io::{Batch, TunIo, UdpIo, BATCH};
+pub use io::{Batch, Queue, TunIo, UdpIo, BATCH};
 
 use std::os::fd::RawFd;
 use std::time::Duration;
 
 /// Waits until `fd` is readable or `timeout` passes. `Ok(false)` on timeout
-/// or interruption.
+/// or interruption. A zero timeout does not poll at all (`Ok(true)`): the
+/// caller's non-blocking read finds out, one system call instead of two.
 pub(crate) fn poll_readable(fd: RawFd, timeout: Duration) -> std::io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
+    if timeout.is_zero() {
+        return Ok(true);
+    }
+    poll_any(&[fd], timeout)
+}
+
+/// Waits until any of `fds` is readable or `timeout` passes. `Ok(false)` on
+/// timeout or interruption.
+pub(crate) fn poll_any(fds: &[RawFd], timeout: Duration) -> std::io::Result<bool> {
+    let mut pfds = [libc::pollfd {
+        fd: -1,
         events: libc::POLLIN,
         revents: 0,
-    };
+    }; 2];
+    for (p, fd) in pfds.iter_mut().zip(fds) {
+        p.fd = *fd;
+    }
+    let count = fds.len().min(pfds.len());
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is a valid pollfd for the duration of the call and we pass a count of 1.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    // SAFETY: `pfds` holds `count` valid pollfds for the duration of the call.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), count as libc::nfds_t, ms) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
         if e.kind() == std::io::ErrorKind::Interrupted {

@@ -42,6 +42,9 @@ pub struct TunDevice {
     tx: Mutex<Coalescer>,
     malformed: AtomicU64,
     stats: OffloadCounters,
+    /// Packets this queue handed to the engine and wrote to the kernel.
+    packets_read: AtomicU64,
+    packets_written: AtomicU64,
 }
 
 /// What the offloads did, for the status snapshot.
@@ -67,6 +70,18 @@ pub struct OffloadStats {
     pub packets_coalesced: u64,
 }
 
+impl std::iter::Sum for OffloadStats {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(OffloadStats::default(), |a, b| OffloadStats {
+            super_packets_read: a.super_packets_read + b.super_packets_read,
+            segments_cut: a.segments_cut + b.segments_cut,
+            tcp_writes_coalesced: a.tcp_writes_coalesced + b.tcp_writes_coalesced,
+            udp_writes_coalesced: a.udp_writes_coalesced + b.udp_writes_coalesced,
+            packets_coalesced: a.packets_coalesced + b.packets_coalesced,
+        })
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -76,27 +91,54 @@ impl TunDevice {
     /// `mtu`. With `offload`, asks for virtio headers and TSO/USO; if the
     /// kernel refuses, falls back to plain packets (see `offload()`).
     pub fn create(name: &str, mtu: u16, offload: bool) -> io::Result<Self> {
-        let (dev, offload) = match offload {
-            true => match DeviceBuilder::new()
-                .name(name)
-                .mtu(mtu)
-                .offload(true)
-                .build_sync()
-            {
+        let mut queues = Self::create_queues(name, mtu, offload, 1)?;
+        queues
+            .pop()
+            .ok_or_else(|| io::Error::other("no TUN queue created"))
+    }
+
+    /// Creates the TUN device `name` with `queues` queues (`IFF_MULTI_QUEUE`
+    /// when more than one): each queue is a file descriptor of its own, read
+    /// and written by its own worker. The kernel keeps every flow on one
+    /// queue (by its hash), so a flow's packets are never reordered.
+    pub fn create_queues(
+        name: &str,
+        mtu: u16,
+        offload: bool,
+        queues: usize,
+    ) -> io::Result<Vec<Self>> {
+        let multi = queues > 1;
+        let build = |offload: bool| {
+            let mut b = DeviceBuilder::new().name(name).mtu(mtu);
+            if multi {
+                b = b.multi_queue(true);
+            }
+            if offload {
+                b = b.offload(true);
+            }
+            b.build_sync()
+        };
+        let (first, offload) = match offload {
+            true => match build(true) {
                 Ok(d) => (d, true),
                 Err(e) => {
                     tracing::warn!(error = %e, "TUN offloads refused; using plain packets");
-                    (
-                        DeviceBuilder::new().name(name).mtu(mtu).build_sync()?,
-                        false,
-                    )
+                    (build(false)?, false)
                 }
             },
-            false => (
-                DeviceBuilder::new().name(name).mtu(mtu).build_sync()?,
-                false,
-            ),
+            false => (build(false)?, false),
         };
+        let mut devs = Vec::with_capacity(queues.max(1));
+        for _ in 1..queues.max(1) {
+            devs.push(first.try_clone()?);
+        }
+        devs.insert(0, first);
+        devs.into_iter()
+            .map(|dev| Self::wrap(dev, name, offload))
+            .collect()
+    }
+
+    fn wrap(dev: SyncDevice, name: &str, offload: bool) -> io::Result<Self> {
         dev.set_nonblocking(true)?;
         Ok(TunDevice {
             dev,
@@ -117,6 +159,8 @@ impl TunDevice {
             }),
             malformed: AtomicU64::new(0),
             stats: OffloadCounters::default(),
+            packets_read: AtomicU64::new(0),
+            packets_written: AtomicU64::new(0),
         })
     }
 
@@ -129,6 +173,14 @@ impl TunDevice {
             udp_writes_coalesced: l(&self.stats.udp_writes_coalesced),
             packets_coalesced: l(&self.stats.packets_coalesced),
         }
+    }
+
+    /// (packets read, packets written) on this queue.
+    pub fn packet_counts(&self) -> (u64, u64) {
+        (
+            self.packets_read.load(Ordering::Relaxed),
+            self.packets_written.load(Ordering::Relaxed),
+        )
     }
 
     pub fn name(&self) -> &str {
@@ -313,6 +365,32 @@ impl TunDevice {
 
 impl TunIo for TunDevice {
     fn recv_batch(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize> {
+        let got = self.recv_any(batch, timeout);
+        if let Ok(n) = got {
+            self.packets_read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        got
+    }
+
+    fn send_batch(&self, batch: &mut Batch) -> io::Result<usize> {
+        let sent = self.send_any(batch);
+        if let Ok(n) = sent {
+            self.packets_written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    fn take_malformed(&self) -> u64 {
+        self.malformed.swap(0, Ordering::Relaxed)
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.fd())
+    }
+}
+
+impl TunDevice {
+    fn recv_any(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize> {
         batch.n = 0;
         if self.offload {
             return self.recv_offload(batch, timeout);
@@ -341,7 +419,7 @@ impl TunIo for TunDevice {
         Ok(batch.n)
     }
 
-    fn send_batch(&self, batch: &mut Batch) -> io::Result<usize> {
+    fn send_any(&self, batch: &mut Batch) -> io::Result<usize> {
         if self.offload {
             return self.send_offload(batch);
         }
@@ -353,9 +431,5 @@ impl TunIo for TunDevice {
             }
         }
         Ok(sent)
-    }
-
-    fn take_malformed(&self) -> u64 {
-        self.malformed.swap(0, Ordering::Relaxed)
     }
 }

@@ -33,6 +33,8 @@ pub struct UdpSocket {
     gso: AtomicBool,
     gro: Option<Mutex<Gro>>,
     malformed: AtomicU64,
+    /// Datagrams received on this socket.
+    received: AtomicU64,
 }
 
 /// Receive-side GRO state: large buffers, and the coalesced message being
@@ -59,8 +61,35 @@ impl UdpSocket {
     /// Binds `port` on all addresses, IPv6 and IPv4 in one socket where
     /// possible. `offload` turns on UDP GSO and GRO where the kernel has them.
     pub fn bind(port: u16, offload: bool) -> io::Result<Self> {
+        Self::bind_with(port, offload, false)
+    }
+
+    /// `count` sockets on one port (`SO_REUSEPORT` when more than one), one
+    /// per worker. The kernel picks the socket by the sender's address and
+    /// port, so each peer's datagrams arrive, in order, on one of them.
+    pub fn bind_group(port: u16, offload: bool, count: usize) -> io::Result<Vec<Self>> {
+        let reuse = count > 1;
+        if reuse && port != 0 {
+            // A group accepts any socket that also sets SO_REUSEPORT: make
+            // sure no one (an old router still running) holds the port
+            // before opening it to our own sockets.
+            drop(Self::bind_with(port, false, false)?);
+        }
+        let first = Self::bind_with(port, offload, reuse)?;
+        let port = first.port;
+        let mut socks = vec![first];
+        for _ in 1..count {
+            socks.push(Self::bind_with(port, offload, reuse)?);
+        }
+        Ok(socks)
+    }
+
+    fn bind_with(port: u16, offload: bool, reuse: bool) -> io::Result<Self> {
         let v6 = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
             s.set_only_v6(false)?;
+            if reuse {
+                s.set_reuse_port(true)?;
+            }
             s.bind(&SockAddr::from(SocketAddr::from((
                 Ipv6Addr::UNSPECIFIED,
                 port,
@@ -73,6 +102,9 @@ impl UdpSocket {
             Err(e) => {
                 tracing::info!(error = %e, "no IPv6 UDP socket; serving IPv4 endpoints only");
                 let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                if reuse {
+                    s.set_reuse_port(true)?;
+                }
                 s.bind(&SockAddr::from(SocketAddr::from((
                     Ipv4Addr::UNSPECIFIED,
                     port,
@@ -112,12 +144,18 @@ impl UdpSocket {
             gso: AtomicBool::new(offload),
             gro,
             malformed: AtomicU64::new(0),
+            received: AtomicU64::new(0),
         })
     }
 
     /// Whether UDP GSO (send) and GRO (receive) are in use.
     pub fn offloads(&self) -> (bool, bool) {
         (self.gso.load(Ordering::Relaxed), self.gro.is_some())
+    }
+
+    /// Datagrams received on this socket so far.
+    pub fn datagrams_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
 
     pub fn port(&self) -> u16 {
@@ -497,10 +535,14 @@ impl UdpSocket {
 impl UdpIo for UdpSocket {
     fn recv_batch(&self, batch: &mut Batch, timeout: Duration) -> io::Result<usize> {
         batch.n = 0;
-        match &self.gro {
+        let got = match &self.gro {
             Some(gro) => self.recv_gro(gro, batch, timeout),
             None => self.recv_plain(batch, timeout),
+        };
+        if let Ok(n) = got {
+            self.received.fetch_add(n as u64, Ordering::Relaxed);
         }
+        got
     }
 
     fn send_batch(&self, batch: &Batch) -> io::Result<usize> {
@@ -514,5 +556,9 @@ impl UdpIo for UdpSocket {
 
     fn take_malformed(&self) -> u64 {
         self.malformed.swap(0, Ordering::Relaxed)
+    }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.sock.as_raw_fd())
     }
 }
