@@ -118,19 +118,25 @@ struct Args {
     state_dir: PathBuf,
     /// Where to write the CNI network configuration list (10-tunmesh.conflist)
     /// once the node has a pod CIDR; empty: do not write one.
-    #[arg(long, env = "TUNMESH_CNI_CONF_DIR", default_value = DEFAULT_CNI_CONF_DIR)]
+    #[arg(long, env = "TUNMESH_CNI_CONF_DIR", default_value = DEFAULT_CNI_CONF_DIR, value_parser = path_or_empty)]
     cni_conf_dir: PathBuf,
     /// Address for Prometheus metrics, /healthz and /readyz; empty: none.
     #[arg(long, env = "TUNMESH_METRICS_ADDRESS", default_value = DEFAULT_METRICS_ADDRESS)]
     metrics_address: String,
     /// Directory of the WireGuard userspace API socket (`wg show` looks in
     /// /var/run/wireguard); empty: no socket.
-    #[arg(long, env = "TUNMESH_UAPI_DIR", default_value = tunmesh_router::uapi::SOCKET_DIR)]
+    #[arg(long, env = "TUNMESH_UAPI_DIR", default_value = tunmesh_router::uapi::SOCKET_DIR, value_parser = path_or_empty)]
     uapi_dir: PathBuf,
     /// Where the CNI plugin keeps its address allocations (default:
     /// <state-dir>/cni); must survive reboots.
     #[arg(long, env = "TUNMESH_CNI_DATA_DIR")]
     cni_data_dir: Option<PathBuf>,
+}
+
+/// A path flag where an empty value means "none" (clap's own path parser
+/// refuses empty values).
+fn path_or_empty(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }
 
 fn main() -> ExitCode {
@@ -643,4 +649,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = h.join();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// "Empty: none" works on the command line for the path flags that
+    /// document it (the bench and the A/B script rely on it to keep the
+    /// host's /etc/cni/net.d untouched).
+    #[test]
+    fn empty_path_flags_mean_none() {
+        let a = Args::try_parse_from(["tunmesh-router", "--cni-conf-dir", "", "--uapi-dir", ""])
+            .expect("empty values accepted");
+        assert!(a.cni_conf_dir.as_os_str().is_empty());
+        assert!(a.uapi_dir.as_os_str().is_empty());
+        let d = Args::try_parse_from(["tunmesh-router"]).expect("defaults");
+        assert_eq!(d.cni_conf_dir, Path::new(DEFAULT_CNI_CONF_DIR));
+        assert_eq!(d.queues, 0);
+        assert!(queue_count(0) >= 1 && queue_count(0) <= 4);
+        assert_eq!(queue_count(3), 3);
+    }
 }

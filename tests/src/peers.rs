@@ -90,6 +90,9 @@ pub fn start_router(
         // namespaces, and both ends call their device tunmesh0.
         "--uapi-dir".into(),
         dir.join(format!("{tag}-uapi")).display().to_string(),
+        // Never the host's /etc/cni/net.d: a runtime there would pick it up.
+        "--cni-conf-dir".into(),
+        String::new(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
