@@ -48,6 +48,8 @@ use crate::{PrivateKey, PublicKey};
 pub const TICK: Duration = Duration::from_millis(100);
 /// How long a worker waits for I/O before checking whether to stop.
 pub const POLL: Duration = Duration::from_millis(200);
+/// How long a worker over in-memory fakes (no descriptor to poll) idles.
+const FAKE_IDLE: Duration = Duration::from_micros(200);
 /// Handshakes per second before the rate limiter answers with cookies.
 pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// WireGuard's data-message overhead: header, counter and tag.
@@ -598,22 +600,11 @@ impl Dataplane {
             }
             let waited = match fds {
                 Some((t, u)) => super::poll_any(&[t, u], POLL).map(|_| ()),
-                // In-memory fakes: wait on the socket side for a moment.
-                None => udp
-                    .recv_batch(&mut from_udp, Duration::from_millis(1))
-                    .map(|n| {
-                        if n > 0 {
-                            let table = self.table.load();
-                            self.process_inbound(
-                                &table,
-                                &from_udp,
-                                &mut to_tun,
-                                &mut replies,
-                                tun,
-                                udp,
-                            );
-                        }
-                    }),
+                // In-memory fakes have nothing to poll: look again shortly.
+                None => {
+                    std::thread::sleep(FAKE_IDLE);
+                    Ok(())
+                }
             };
             if let Err(e) = waited {
                 udp_errors.record(&e);
