@@ -108,9 +108,9 @@ struct Args {
     #[arg(long, env = "TUNMESH_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set)]
     offload: bool,
     /// Data-plane queues: TUN queues (multi-queue device) and UDP sockets
-    /// (SO_REUSEPORT), each with an outbound and an inbound thread. Flows
-    /// and peers are spread over them; one flow stays on one queue. 0: one
-    /// per CPU, at most 4.
+    /// (SO_REUSEPORT), each with one worker thread for both directions.
+    /// Peers are spread over them; one flow stays on one queue. 0: one per
+    /// CPU, at most 4.
     #[arg(long, env = "TUNMESH_QUEUES", default_value_t = 0)]
     queues: usize,
     /// Directory for the router's state: key, status.json, node.json.

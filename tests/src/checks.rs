@@ -215,22 +215,7 @@ pub fn udp_bursts(
         Ok(s)
     })??;
     rx.set_read_timeout(Some(Duration::from_millis(200)))?;
-    // A burst must not be lost to the receiving socket's buffer (the kernel
-    // default is 208 KiB) when the machine is busy: ask for 8 MiB.
-    {
-        use std::os::fd::AsRawFd;
-        let bytes: libc::c_int = 8 << 20;
-        // SAFETY: setsockopt on a valid socket with a pointer to a c_int and its size.
-        unsafe {
-            libc::setsockopt(
-                rx.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
+    big_receive_buffer(&rx);
     let (good, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sizes_rx: Vec<usize> = sizes.to_vec();
@@ -276,6 +261,23 @@ pub fn udp_bursts(
         good.load(Ordering::Relaxed),
         bad.load(Ordering::Relaxed),
     ))
+}
+
+/// Gives a test's receiving UDP socket 8 MiB of buffer: a burst must not be
+/// lost to the kernel default (208 KiB) when the machine is busy.
+pub fn big_receive_buffer(sock: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let bytes: libc::c_int = 8 << 20;
+    // SAFETY: setsockopt on a valid socket with a pointer to a c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use tunmesh_lab::checks::{ping, tcp_stream, udp_bursts};
+use tunmesh_lab::checks::{big_receive_buffer, ping, tcp_stream, udp_bursts};
 use tunmesh_lab::netns::in_netns;
 use tunmesh_lab::{require_root, Lab, LabOptions};
 
@@ -173,6 +173,7 @@ fn udp_from_ports(
     let rx = in_netns(to, move || UdpSocket::bind(SocketAddr::new(dst, 0)))??;
     let addr = rx.local_addr()?;
     rx.set_read_timeout(Some(Duration::from_millis(200)))?;
+    big_receive_buffer(&rx);
     let total = ports * per;
     let receiver = std::thread::spawn(move || {
         let mut got = 0;

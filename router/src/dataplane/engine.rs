@@ -570,36 +570,29 @@ impl Dataplane {
         let mut replies = Batch::new(BATCH, self.buf_size);
         let mut tun_errors = ErrorLog::new("reading the TUN device");
         let mut udp_errors = ErrorLog::new("receiving UDP");
+        let mut poll_errors = ErrorLog::new("waiting for packets");
         let fds = tun.raw_fd().zip(udp.raw_fd());
         while !stop.load(Ordering::Relaxed) {
             let mut busy = false;
             let got = udp.recv_batch(&mut from_udp, Duration::ZERO);
             self.counters.drop_n(Drop::Malformed, udp.take_malformed());
-            match got {
-                Ok(0) => {}
-                Ok(_) => {
-                    busy = true;
-                    let table = self.table.load();
-                    self.process_inbound(&table, &from_udp, &mut to_tun, &mut replies, tun, udp);
-                }
-                Err(e) => udp_errors.record(&e),
+            if arrived(got, &mut udp_errors) {
+                busy = true;
+                let table = self.table.load();
+                self.process_inbound(&table, &from_udp, &mut to_tun, &mut replies, tun, udp);
             }
             let got = tun.recv_batch(&mut from_tun, Duration::ZERO);
             self.counters.drop_n(Drop::Malformed, tun.take_malformed());
-            match got {
-                Ok(0) => {}
-                Ok(_) => {
-                    busy = true;
-                    let table = self.table.load();
-                    self.process_outbound(&table, &from_tun, &mut to_udp, udp);
-                }
-                Err(e) => tun_errors.record(&e),
+            if arrived(got, &mut tun_errors) {
+                busy = true;
+                let table = self.table.load();
+                self.process_outbound(&table, &from_tun, &mut to_udp, udp);
             }
             if busy {
                 continue;
             }
             let waited = match fds {
-                Some((t, u)) => super::poll_any(&[t, u], POLL).map(|_| ()),
+                Some((t, u)) => super::poll_any([t, u], POLL).map(|_| ()),
                 // In-memory fakes have nothing to poll: look again shortly.
                 None => {
                     std::thread::sleep(FAKE_IDLE);
@@ -607,8 +600,19 @@ impl Dataplane {
                 }
             };
             if let Err(e) = waited {
-                udp_errors.record(&e);
+                poll_errors.record(&e);
             }
+        }
+    }
+}
+
+/// Whether a receive brought packets; an error is logged (rate-limited).
+fn arrived(got: io::Result<usize>, errors: &mut ErrorLog) -> bool {
+    match got {
+        Ok(n) => n > 0,
+        Err(e) => {
+            errors.record(&e);
+            false
         }
     }
 }

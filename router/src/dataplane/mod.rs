@@ -26,24 +26,23 @@ pub(crate) fn poll_readable(fd: RawFd, timeout: Duration) -> std::io::Result<boo
     if timeout.is_zero() {
         return Ok(true);
     }
-    poll_any(&[fd], timeout)
+    poll_any([fd], timeout)
 }
 
 /// Waits until any of `fds` is readable or `timeout` passes. `Ok(false)` on
 /// timeout or interruption.
-pub(crate) fn poll_any(fds: &[RawFd], timeout: Duration) -> std::io::Result<bool> {
-    let mut pfds = [libc::pollfd {
-        fd: -1,
+pub(crate) fn poll_any<const N: usize>(
+    fds: [RawFd; N],
+    timeout: Duration,
+) -> std::io::Result<bool> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
         events: libc::POLLIN,
         revents: 0,
-    }; 2];
-    for (p, fd) in pfds.iter_mut().zip(fds) {
-        p.fd = *fd;
-    }
-    let count = fds.len().min(pfds.len());
+    });
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfds` holds `count` valid pollfds for the duration of the call.
-    let r = unsafe { libc::poll(pfds.as_mut_ptr(), count as libc::nfds_t, ms) };
+    // SAFETY: `pfds` holds N valid pollfds for the duration of the call.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
         if e.kind() == std::io::ErrorKind::Interrupted {

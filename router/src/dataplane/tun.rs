@@ -88,19 +88,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl TunDevice {
     /// Creates (or, after a restart, re-creates) the TUN device `name` with
-    /// `mtu`. With `offload`, asks for virtio headers and TSO/USO; if the
-    /// kernel refuses, falls back to plain packets (see `offload()`).
-    pub fn create(name: &str, mtu: u16, offload: bool) -> io::Result<Self> {
-        let mut queues = Self::create_queues(name, mtu, offload, 1)?;
-        queues
-            .pop()
-            .ok_or_else(|| io::Error::other("no TUN queue created"))
-    }
-
-    /// Creates the TUN device `name` with `queues` queues (`IFF_MULTI_QUEUE`
-    /// when more than one): each queue is a file descriptor of its own, read
-    /// and written by its own worker. The kernel keeps every flow on one
-    /// queue (by its hash), so a flow's packets are never reordered.
+    /// `mtu` and `queues` queues (`IFF_MULTI_QUEUE` when more than one): each
+    /// queue is a file descriptor of its own, read and written by its own
+    /// worker. The kernel sends a flow's packets to the queue its incoming
+    /// packets were written on (else picks one by the flow's hash), so a
+    /// flow's packets are never reordered. With `offload`, asks for virtio
+    /// headers and TSO/USO; if the kernel refuses, falls back to plain
+    /// packets (see `offload()`).
     pub fn create_queues(
         name: &str,
         mtu: u16,

@@ -58,14 +58,9 @@ const GSO_MAX_SEGMENTS: usize = 64;
 const GSO_MAX_BYTES: usize = 65000;
 
 impl UdpSocket {
-    /// Binds `port` on all addresses, IPv6 and IPv4 in one socket where
-    /// possible. `offload` turns on UDP GSO and GRO where the kernel has them.
-    pub fn bind(port: u16, offload: bool) -> io::Result<Self> {
-        Self::bind_with(port, offload, false)
-    }
-
-    /// `count` sockets on one port (`SO_REUSEPORT` when more than one), one
-    /// per worker. The kernel picks the socket by the sender's address and
+    /// `count` sockets on `port`, all addresses, IPv6 and IPv4 in one socket
+    /// where possible (`SO_REUSEPORT` when more than one), one per worker.
+    /// `offload` turns on UDP GSO and GRO where the kernel has them. The kernel picks the socket by the sender's address and
     /// port, so each peer's datagrams arrive, in order, on one of them.
     pub fn bind_group(port: u16, offload: bool, count: usize) -> io::Result<Vec<Self>> {
         let reuse = count > 1;
