@@ -48,6 +48,9 @@ pub struct Row {
     pub ratio: Option<f64>,
     /// Both tunnel daemons together, percent of one core.
     pub daemon_cpu: f64,
+    /// The whole machine's idle time during the test, percent of all its
+    /// CPUs (headroom no process used: iperf3 and the daemons share them).
+    pub machine_idle: f64,
     /// TCP retransmits, or UDP receiver loss in percent.
     pub retr_or_loss: f64,
     pub udp_rcvbuf_errors: u64,
@@ -63,6 +66,7 @@ pub struct Summary {
     pub gbps: f64,
     pub ratio: Option<f64>,
     pub daemon_cpu: f64,
+    pub machine_idle: f64,
     /// Gbit/s per core of daemon CPU.
     pub gbps_per_daemon_core: Option<f64>,
     pub retr_or_loss: f64,
@@ -310,6 +314,35 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// (idle, total) jiffies of all CPUs from /proc/stat; idle counts iowait.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already inside user and nice).
+    let total = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (idle, total)
+}
+
+/// Percent of `(idle, total)` between two `machine_ticks` readings.
+fn idle_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    if total == 0 {
+        return 0.0;
+    }
+    100.0 * after.0.saturating_sub(before.0) as f64 / total as f64
+}
+
 fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -409,6 +442,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             let pids: Vec<u32> = tunnel.children.iter().map(|c| c.id()).collect();
             for test in &opts.tests {
                 let (t0, d0) = (cpu_ticks(&pids), bed.drops(&tunnel.tuns));
+                let m0 = machine_ticks();
                 let started = std::time::Instant::now();
                 let res = test_args(test).and_then(|args| {
                     crate::checks::iperf3(
@@ -421,6 +455,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 });
                 let secs = started.elapsed().as_secs_f64();
                 let (t1, d1) = (cpu_ticks(&pids), bed.drops(&tunnel.tuns));
+                let idle = idle_percent(m0, machine_ticks());
                 match res {
                     Ok(crate::checks::Iperf { gbps, retr_or_loss }) => {
                         let row = Row {
@@ -430,13 +465,14 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                             gbps,
                             ratio: None,
                             daemon_cpu: 100.0 * (t1.saturating_sub(t0)) as f64 / hz / secs,
+                            machine_idle: idle,
                             retr_or_loss,
                             udp_rcvbuf_errors: d1.0.saturating_sub(d0.0),
                             tun_drops: d1.1.saturating_sub(d0.1),
                         };
                         eprintln!(
-                            "rep {rep} {cfg:9} {test:5} {gbps:7.2} Gbit/s  daemons {:4.0}%  rcvbuf {}  tundrop {}",
-                            row.daemon_cpu, row.udp_rcvbuf_errors, row.tun_drops
+                            "rep {rep} {cfg:9} {test:5} {gbps:7.2} Gbit/s  daemons {:4.0}%  idle {:3.0}%  rcvbuf {}  tundrop {}",
+                            row.daemon_cpu, row.machine_idle, row.udp_rcvbuf_errors, row.tun_drops
                         );
                         rows.push(row);
                     }
@@ -479,6 +515,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 gbps,
                 ratio: (!ratios.is_empty()).then(|| median(ratios)),
                 daemon_cpu: cpu,
+                machine_idle: med(&|r| r.machine_idle),
                 gbps_per_daemon_core: (cpu > 1.0).then(|| gbps / (cpu / 100.0)),
                 retr_or_loss: med(&|r| r.retr_or_loss),
                 udp_rcvbuf_errors: med(&|r| r.udp_rcvbuf_errors as f64) as u64,
@@ -516,9 +553,10 @@ pub fn table(r: &Report) -> String {
         "medians over repetitions; ratio = Gbit/s / raw veth of the same repetition and test\n",
     );
     s += "daemons = both tunnel daemons' CPU, % of one core; Gb/core = Gbit/s per daemon core\n";
+    s += "idle = the machine's idle CPU during the test, % of all its CPUs\n";
     s += "retr|loss = TCP retransmits or UDP loss %; rcvbuf = UDP receive-buffer errors; tundrop = TUN tx_dropped\n\n";
     s += &format!(
-        "{:10} {:5} {:>4} {:>8} {:>7} {:>8} {:>8} {:>10} {:>7} {:>8}\n",
+        "{:10} {:5} {:>4} {:>8} {:>7} {:>8} {:>8} {:>5} {:>10} {:>7} {:>8}\n",
         "config",
         "test",
         "reps",
@@ -526,6 +564,7 @@ pub fn table(r: &Report) -> String {
         "ratio",
         "daemons",
         "Gb/core",
+        "idle",
         "retr|loss",
         "rcvbuf",
         "tundrop"
@@ -537,7 +576,7 @@ pub fn table(r: &Report) -> String {
         }
         last = x.test.clone();
         s += &format!(
-            "{:10} {:5} {:>4} {:>8.2} {:>7} {:>7.0}% {:>8} {:>10.1} {:>7} {:>8}\n",
+            "{:10} {:5} {:>4} {:>8.2} {:>7} {:>7.0}% {:>8} {:>4.0}% {:>10.1} {:>7} {:>8}\n",
             x.config,
             x.test,
             x.reps,
@@ -549,6 +588,7 @@ pub fn table(r: &Report) -> String {
             x.gbps_per_daemon_core
                 .map(|v| format!("{v:.2}"))
                 .unwrap_or_else(|| "-".into()),
+            x.machine_idle,
             x.retr_or_loss,
             x.udp_rcvbuf_errors,
             x.tun_drops
@@ -569,4 +609,25 @@ pub fn table(r: &Report) -> String {
         .join("; ");
     s += "\n";
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_is_a_share_of_the_ticks_between_readings() {
+        assert_eq!(idle_percent((10, 100), (40, 200)), 30.0);
+        assert_eq!(idle_percent((10, 100), (10, 100)), 0.0, "no time passed");
+        assert_eq!(
+            idle_percent((50, 200), (10, 100)),
+            0.0,
+            "counters never go back"
+        );
+        let (idle, total) = machine_ticks();
+        assert!(
+            total > 0 && idle <= total,
+            "read /proc/stat: {idle}/{total}"
+        );
+    }
 }

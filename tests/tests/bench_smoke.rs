@@ -54,6 +54,12 @@ fn bench_runs_and_reports_the_ratio() {
         rows.iter().all(|r| r["ratio"].as_f64().is_some()),
         "every row has a ratio to raw of its rep"
     );
+    assert!(
+        rows.iter().all(|r| r["machine_idle"]
+            .as_f64()
+            .is_some_and(|v| (0.0..=100.0).contains(&v))),
+        "every row has the machine's idle share"
+    );
     // Nothing left behind.
     let left = std::fs::read_dir("/run/netns")
         .map(|d| {
