@@ -78,11 +78,18 @@ run() {
             --uapi-dir "$DIR/$s-uapi" --cni-conf-dir "" --metrics-address "" --mtu 1420 \
             >"$DIR/$s.log" 2>&1 &
     done
-    ip netns exec "$NB" iperf3 -s -D -1 >/dev/null
+    # In this script's session, as `tunmesh-lab bench` runs it: a daemonized
+    # iperf3 (-D) would get a scheduler autogroup of its own (measured: the
+    # machine a few points more idle during tcp1).
+    ip netns exec "$NB" iperf3 -s -1 >/dev/null 2>&1 &
     local up=0 _
     for _ in $(seq 50); do
         ip netns exec "$NA" ping -c 1 -W 1 10.99.2.1 >/dev/null 2>&1 && { up=1; break; }
         sleep 0.2
+    done
+    for _ in $(seq 50); do
+        ip netns exec "$NB" ss -Hltn 'sport = :5201' | grep -q . && break
+        sleep 0.1
     done
     if [ $up = 0 ]; then
         echo "no traffic through the tunnel with $bin; logs:" >&2
