@@ -305,8 +305,6 @@ impl Node {
     }
 }
 
-/// `p` made absolute against the working directory (the CNI plugin runs
-/// elsewhere).
 /// The number of data-plane queues for `--queues` (0: one per CPU, at most 4).
 fn queue_count(asked: usize) -> usize {
     match asked {
@@ -318,6 +316,8 @@ fn queue_count(asked: usize) -> usize {
     }
 }
 
+/// `p` made absolute against the working directory (the CNI plugin runs
+/// elsewhere).
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }

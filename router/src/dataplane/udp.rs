@@ -60,8 +60,9 @@ const GSO_MAX_BYTES: usize = 65000;
 impl UdpSocket {
     /// `count` sockets on `port`, all addresses, IPv6 and IPv4 in one socket
     /// where possible (`SO_REUSEPORT` when more than one), one per worker.
-    /// `offload` turns on UDP GSO and GRO where the kernel has them. The kernel picks the socket by the sender's address and
-    /// port, so each peer's datagrams arrive, in order, on one of them.
+    /// `offload` turns on UDP GSO and GRO where the kernel has them. The
+    /// kernel picks the socket by the sender's address and port, so each
+    /// peer's datagrams arrive, in order, on one of them.
     pub fn bind_group(port: u16, offload: bool, count: usize) -> io::Result<Vec<Self>> {
         let reuse = count > 1;
         if reuse && port != 0 {
