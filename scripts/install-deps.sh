@@ -18,6 +18,10 @@ command -v iptables >/dev/null || need+=(iptables) # NodePort-style DNAT in the 
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
 [ -x /bin/busybox ] || need+=(busybox-static)
+# The image (scripts/build-image.sh and its test): a Debian root file system
+# from Debian's packages, and strip for the binaries.
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v strip >/dev/null || need+=(binutils)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

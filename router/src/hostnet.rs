@@ -218,32 +218,131 @@ fn route_message(
         .build())
 }
 
-/// Writes a sysctl under /proc/sys if its value differs. Returns whether it changed.
-pub fn set_sysctl(key: &str, value: &str) -> Result<bool> {
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    let cur = std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {key}"), e))?;
+/// Where sysctls are read and written when nothing says otherwise.
+pub const PROC_SYS: &str = "/proc/sys";
+
+/// Writes sysctl `key` (dotted, as `sysctl` names it) under `proc_sys` if
+/// its value differs. Returns whether it changed. A read-only /proc/sys
+/// (every unprivileged container has one) is named as such in the error.
+pub fn set_sysctl(proc_sys: &std::path::Path, key: &str, value: &str) -> Result<bool> {
+    let path = proc_sys.join(key.replace('.', "/"));
+    let what = |doing: &str| format!("{doing} {key} ({})", path.display());
+    let cur = std::fs::read_to_string(&path).map_err(|e| Error::io(what("reading"), e))?;
     if cur.trim() == value {
         return Ok(false);
     }
-    std::fs::write(&path, value).map_err(|e| Error::io(format!("setting {key}={value}"), e))?;
+    std::fs::write(&path, value).map_err(|e| {
+        let e = if e.raw_os_error() == Some(libc::EROFS) {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}: /proc/sys is read-only in a container; mount the host's \
+                     /proc/sys/net at <dir>/net and pass --proc-sys <dir> (TUNMESH_PROC_SYS)"
+                ),
+            )
+        } else {
+            e
+        };
+        Error::io(what(&format!("setting {value} as")), e)
+    })?;
     Ok(true)
 }
 
 /// Turns on IPv4/IPv6 forwarding (nodes route between pod veths and the
 /// TUN) and loose reverse-path filtering on the TUN device: a pod's request
 /// to another node's own address leaves over the underlay, and the reply
-/// comes back through the mesh, which strict rp_filter would drop.
-pub fn prepare_sysctls(tun: &str) {
+/// comes back through the mesh, which strict rp_filter would drop. Returns
+/// what could not be set, one line each (logged here as well), for the
+/// status an operator reads.
+pub fn prepare_sysctls(proc_sys: &std::path::Path, tun: &str) -> Vec<String> {
     let wanted = [
         ("net.ipv4.ip_forward".to_string(), "1"),
         ("net.ipv6.conf.all.forwarding".to_string(), "1"),
         (format!("net.ipv4.conf.{tun}.rp_filter"), "2"),
     ];
+    let mut problems = Vec::new();
     for (key, value) in wanted {
-        match set_sysctl(&key, value) {
+        match set_sysctl(proc_sys, &key, value) {
             Ok(true) => info!(%key, value, "sysctl set"),
             Ok(false) => {}
-            Err(e) => warn!(error = %e, "pod traffic may not be forwarded"),
+            Err(e) => {
+                warn!(error = %e, "pod traffic may not be forwarded");
+                problems.push(e.to_string());
+            }
         }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// A throwaway directory shaped like /proc/sys, removed on drop.
+    struct FakeProcSys(PathBuf);
+
+    impl FakeProcSys {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("tunmesh-sysctl-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("net/ipv4/conf/tm0")).unwrap();
+            std::fs::create_dir_all(dir.join("net/ipv6/conf/all")).unwrap();
+            std::fs::write(dir.join("net/ipv4/ip_forward"), "0\n").unwrap();
+            std::fs::write(dir.join("net/ipv6/conf/all/forwarding"), "1\n").unwrap();
+            std::fs::write(dir.join("net/ipv4/conf/tm0/rp_filter"), "1\n").unwrap();
+            FakeProcSys(dir)
+        }
+
+        fn read(&self, rel: &str) -> String {
+            std::fs::read_to_string(self.0.join(rel))
+                .unwrap()
+                .trim()
+                .to_string()
+        }
+    }
+
+    impl Drop for FakeProcSys {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn sysctls_are_written_under_the_given_root_only_when_they_differ() {
+        let root = FakeProcSys::new("write");
+        assert!(set_sysctl(&root.0, "net.ipv4.ip_forward", "1").unwrap());
+        assert_eq!(root.read("net/ipv4/ip_forward"), "1");
+        assert!(
+            !set_sysctl(&root.0, "net.ipv4.ip_forward", "1").unwrap(),
+            "unchanged the second time"
+        );
+        let problems = prepare_sysctls(&root.0, "tm0");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(root.read("net/ipv4/conf/tm0/rp_filter"), "2");
+        assert_eq!(root.read("net/ipv6/conf/all/forwarding"), "1");
+    }
+
+    #[test]
+    fn a_missing_sysctl_is_reported_with_its_key_and_path() {
+        let root = FakeProcSys::new("missing");
+        let problems = prepare_sysctls(&root.0, "nosuch0");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("net.ipv4.conf.nosuch0.rp_filter"),
+            "{}",
+            problems[0]
+        );
+        assert!(
+            problems[0].contains(&root.0.display().to_string()),
+            "{}",
+            problems[0]
+        );
+        assert_eq!(
+            root.read("net/ipv4/ip_forward"),
+            "1",
+            "the others are still set"
+        );
     }
 }

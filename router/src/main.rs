@@ -131,6 +131,11 @@ struct Args {
     /// <state-dir>/cni); must survive reboots.
     #[arg(long, env = "TUNMESH_CNI_DATA_DIR")]
     cni_data_dir: Option<PathBuf>,
+    /// Where the host's /proc/sys is (forwarding and the TUN's rp_filter are
+    /// set there). In a container /proc/sys is read-only: mount the host's
+    /// /proc/sys/net at <dir>/net and point this at <dir>.
+    #[arg(long, env = "TUNMESH_PROC_SYS", default_value = hostnet::PROC_SYS)]
+    proc_sys: PathBuf,
 }
 
 /// A path flag where an empty value means "none" (clap's own path parser
@@ -431,7 +436,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tun_offload = tuns.first().is_some_and(|t| t.offload());
     let host = HostNet::connect()?;
     let index = host.link_index(&args.interface).await?;
-    hostnet::prepare_sysctls(&args.interface);
+    let host_problems = hostnet::prepare_sysctls(&args.proc_sys, &args.interface);
     info!(
         interface = %args.interface, mtu = args.mtu, port, queues, public_key = %dp.public_key(),
         node = %node_name, source = if args.mesh_file.is_some() { "mesh file" } else { "kubernetes" },
@@ -628,6 +633,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         Source::File { .. } => None,
                     },
                     pod_cidrs: node.pod_cidrs.iter().flatten().map(|c| c.to_string()).collect(),
+                    host_problems: host_problems.clone(),
                 };
                 match s.write(&node.args.state_dir) {
                     Ok(()) => status_failing = false,

@@ -70,6 +70,10 @@ pub struct Status {
     /// This node's pod CIDRs as last applied (empty while none is assigned).
     #[serde(default)]
     pub pod_cidrs: Vec<String>,
+    /// Host settings the router needs and could not make (forwarding, the
+    /// TUN's rp_filter), one line each with the reason; empty when all is well.
+    #[serde(default)]
+    pub host_problems: Vec<String>,
 }
 
 pub fn unix_now() -> u64 {

@@ -35,6 +35,9 @@ use crate::netns::{self, add_netns, exec, ip, veth};
 pub const DEFAULT_ROOT: &str = "/run/tunmesh-lab";
 /// WireGuard port of every lab router.
 pub const WG_PORT: u16 = 51820;
+/// Environment variables for a process, in order.
+pub type Env = Vec<(String, String)>;
+
 /// TUN and pod MTU in the lab (1500-byte underlay minus 80).
 pub const MTU: u16 = 1420;
 pub const CLUSTER_V4: &str = "10.244.0.0/16";
@@ -450,8 +453,21 @@ impl Lab {
 
     /// Starts node `i`'s router with `extra` arguments instead of the lab's.
     pub fn start_router_with(&mut self, i: usize, extra: &[String]) -> Result<()> {
-        let n = self.state.nodes[i].clone();
-        // A previous run's status would look like this one's.
+        let (args, env) = self.router_invocation(i, extra)?;
+        let n = &self.state.nodes[i];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let child = netns::spawn(&n.ns, &self.state.router_bin, &args, &env, &n.log)?;
+        self.state.nodes[i].router_pid = Some(child.id());
+        self.save()
+    }
+
+    /// The arguments and environment node `i`'s router runs with (its own
+    /// paths and names, then `extra`), and a clean slate for its status: a
+    /// previous run's status would look like the next one's. Every path in
+    /// them is under the lab's directory.
+    pub fn router_invocation(&self, i: usize, extra: &[String]) -> Result<(Vec<String>, Env)> {
+        let n = &self.state.nodes[i];
         let _ = std::fs::remove_file(n.state_dir.join(tunmesh_router::status::STATUS_FILE));
         let state = n.state_dir.display().to_string();
         let cni_conf = n.state_dir.with_file_name("cni-conf").display().to_string();
@@ -467,7 +483,7 @@ impl Lab {
         ];
         // In a Kubernetes lab, the rest comes as the DaemonSet gives it:
         // NODE_NAME and the ConfigMap from deploy/ as environment.
-        let mut env: Vec<(String, String)> = Vec::new();
+        let mut env: Env = Vec::new();
         match (&n.kubeconfig, &self.state.control_plane) {
             (Some(kc), Some(cp)) => {
                 env = cp.router_env()?;
@@ -482,11 +498,7 @@ impl Lab {
             ]),
         }
         args.extend(extra.iter().cloned());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let child = netns::spawn(&n.ns, &self.state.router_bin, &args, &env, &n.log)?;
-        self.state.nodes[i].router_pid = Some(child.id());
-        self.save()
+        Ok((args, env))
     }
 
     /// Node `i` (0-based) leaves: its router stops, its Node object is

@@ -10,6 +10,7 @@
 //! - `pcap`: just enough of the pcap format to inspect underlay captures;
 //! - `peers`: a one-peer tunmesh router or a `wg`-configured WireGuard
 //!   daemon in a namespace;
+//! - `podman`: a container runtime with its own storage, in a node's namespace;
 //! - `bench`: tunmesh against raw veth, wireguard-go and boringtun-cli.
 
 pub mod bench;
@@ -20,6 +21,7 @@ pub mod lab;
 pub mod netns;
 pub mod pcap;
 pub mod peers;
+pub mod podman;
 pub mod soak;
 
 pub use lab::{Lab, LabOptions};

@@ -7,88 +7,12 @@
 //! CI runs it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use tunmesh_lab::lab::{find_binary, Lab, NodeInfo};
+use tunmesh_lab::lab::Lab;
 use tunmesh_lab::netns;
+use tunmesh_lab::podman::Podman;
 use tunmesh_lab::require_root;
-
-/// A podman with its own storage, configuration and state, run in a node's
-/// network namespace (with `nsenter --net`, so it keeps the host's /sys and
-/// cgroups, which `ip netns exec` would hide).
-struct Podman {
-    ns: String,
-    dir: PathBuf,
-}
-
-impl Podman {
-    fn new(lab: &Lab, node: &NodeInfo) -> Podman {
-        let dir = lab.state.dir.join(format!("podman-{}", node.name));
-        for d in ["root", "run", "tmp"] {
-            std::fs::create_dir_all(dir.join(d)).unwrap();
-        }
-        let plugin_dir = find_binary("tunmesh-cni", "TUNMESH_CNI_BIN")
-            .unwrap()
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let conf = format!(
-            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\"]\nnetwork_config_dir = \"{}\"\n\
-             [containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\
-             [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\n",
-            plugin_dir.display(),
-            node.state_dir.with_file_name("cni-conf").display(),
-            dir.join("events.log").display(),
-        );
-        std::fs::write(dir.join("containers.conf"), conf).unwrap();
-        Podman {
-            ns: node.ns.clone(),
-            dir,
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", self.ns))
-            .arg("podman")
-            .arg(format!("--root={}", self.dir.join("root").display()))
-            .arg(format!("--runroot={}", self.dir.join("run").display()))
-            .arg(format!("--tmpdir={}", self.dir.join("tmp").display()))
-            .arg("--storage-driver=vfs")
-            .args(args)
-            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .output()
-            .expect("running podman")
-    }
-
-    /// `podman run --rm` of `cmd` on the tunmesh network, root file system `root`.
-    fn run_once(&self, root: &str, cmd: &[&str]) -> Output {
-        let mut args = vec!["run", "--rm", "--network", "tunmesh", "--rootfs", root];
-        args.extend_from_slice(cmd);
-        self.run(&args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "podman {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        // Containers live in namespaces of their own that the lab's
-        // teardown does not know; remove them here whatever happened.
-        let _ = self.run(&["rm", "--all", "--force", "--time", "0"]);
-    }
-}
 
 /// A root file system: static busybox, its applets, and a web page.
 fn rootfs(dir: &Path, page: &str) -> PathBuf {

@@ -210,6 +210,9 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
             println!("  pending:   {p}");
         }
     }
+    for p in &s.host_problems {
+        println!("host:        PROBLEM: {p}");
+    }
     println!();
     println!(
         "{:<16} {:<24} {:<14} {:>10} {:>10}  state",
