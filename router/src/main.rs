@@ -449,6 +449,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Source::File { .. } => None,
         },
     );
+    health
+        .host_problems
+        .store(host_problems.len() as u64, Ordering::Relaxed);
     if !args.metrics_address.is_empty() {
         let addr: SocketAddr = args.metrics_address.parse().with_context(|| {
             format!(

@@ -40,6 +40,9 @@ pub struct Health {
     pub kube: Option<Arc<Mutex<KubeStatus>>>,
     /// Per data-plane queue, as of the main loop's last tick.
     pub queues: Mutex<Vec<crate::status::QueueStatus>>,
+    /// Host settings the router needs and could not make (status.json has
+    /// each one and why).
+    pub host_problems: AtomicU64,
 }
 
 /// The main loop is considered stuck after this long without a tick.
@@ -61,6 +64,7 @@ impl Health {
             reconcile_errors: AtomicU64::new(0),
             kube,
             queues: Mutex::new(Vec::new()),
+            host_problems: AtomicU64::new(0),
         })
     }
 
@@ -86,6 +90,12 @@ impl Health {
             .set(1);
         reg.register("build_info", "The router's version", info);
 
+        gauge(
+            &mut reg,
+            "host_problems",
+            "Host settings the router needs and could not make: forwarding, the TUN's rp_filter (tunmesh-ctl status says which and why)",
+            self.host_problems.load(Ordering::Relaxed) as i64,
+        );
         let table = self.dp.table();
         gauge(
             &mut reg,

@@ -279,6 +279,15 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         ctl.contains("PROBLEM") && ctl.contains("TUNMESH_PROC_SYS"),
         "{ctl}"
     );
+    let metrics = netns::wait_for(Duration::from_secs(10), || {
+        checks::http_get(&n1.ns, "127.0.0.1:9475".parse().ok()?, "/metrics").ok()
+    })
+    .expect("the router's /metrics on port 9475 (the ConfigMap's address)");
+    assert!(
+        metrics.1.lines().any(|l| l == "tunmesh_host_problems 2"),
+        "{}",
+        metrics.1
+    );
     println!("what the router could not set without /proc/sys/net:\n{problems}");
     drop(podman);
     lab.down().unwrap();

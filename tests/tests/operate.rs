@@ -134,6 +134,7 @@ fn wg_show_and_metrics_show_the_live_mesh() {
         "OpenMetrics text ends with # EOF"
     );
     assert_eq!(samples["tunmesh_peers"], 2.0);
+    assert_eq!(samples["tunmesh_host_problems"], 0.0, "{body}");
     assert!(
         samples[r#"tunmesh_peer_tx_bytes_total{peer="node-2"}"#] > 100_000.0,
         "{body}"
