@@ -226,8 +226,9 @@ pub const PROC_SYS: &str = "/proc/sys";
 /// (every unprivileged container has one) is named as such in the error.
 pub fn set_sysctl(proc_sys: &std::path::Path, key: &str, value: &str) -> Result<bool> {
     let path = proc_sys.join(key.replace('.', "/"));
-    let what = |doing: &str| format!("{doing} {key} ({})", path.display());
-    let cur = std::fs::read_to_string(&path).map_err(|e| Error::io(what("reading"), e))?;
+    let what = |doing: &str| format!("{doing} ({})", path.display());
+    let cur = std::fs::read_to_string(&path)
+        .map_err(|e| Error::io(what(&format!("reading {key}")), e))?;
     if cur.trim() == value {
         return Ok(false);
     }
@@ -243,7 +244,7 @@ pub fn set_sysctl(proc_sys: &std::path::Path, key: &str, value: &str) -> Result<
         } else {
             e
         };
-        Error::io(what(&format!("setting {value} as")), e)
+        Error::io(what(&format!("setting {key} to {value}")), e)
     })?;
     Ok(true)
 }
