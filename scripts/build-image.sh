@@ -12,7 +12,8 @@
 #              `cargo build --release` (tests pass the ones they run)
 #   --load     also load the image into this machine's podman storage
 #
-# Root only (mmdebstrap, podman). The Debian base is cached for a week in
+# Root only (mmdebstrap, podman), on Debian: the base is this machine's
+# release, from its apt sources. It is cached for a week in
 # $TUNMESH_CACHE (default /var/cache/tunmesh); podman builds in a throwaway
 # store, so nothing else on the machine changes unless --load is given.
 set -euo pipefail
@@ -44,8 +45,20 @@ for b in "${bins[@]}"; do
 done
 
 # The base: Debian's essential packages plus the two the image needs, no
-# documentation. Same suite as this machine, so the binaries' glibc matches.
-suite=bookworm
+# documentation, from this machine's own apt sources and release (so the
+# binaries' glibc matches the base's).
+# shellcheck disable=SC1091
+. /etc/os-release
+suite=${VERSION_CODENAME:-}
+if [ "${ID:-}" != debian ] || [ -z "$suite" ]; then
+    echo "build-image: the base is made from this machine's Debian release and apt sources; this is ${PRETTY_NAME:-not Debian}" >&2
+    exit 1
+fi
+sources=()
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -s "$f" ] && sources+=("$f")
+done
+[ ${#sources[@]} -gt 0 ] || { echo "build-image: no apt sources configured on this machine" >&2; exit 1; }
 cache=${TUNMESH_CACHE:-/var/cache/tunmesh}/image
 base="$cache/base-$suite.tar"
 mkdir -p "$cache"
@@ -56,10 +69,7 @@ if [ -z "$(find "$base" -mtime -7 2>/dev/null)" ]; then
         --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' \
         --dpkgopt='path-exclude=/usr/share/info/*' \
-        "$suite" "$base.new" \
-        "deb http://deb.debian.org/debian $suite main" \
-        "deb http://deb.debian.org/debian $suite-updates main" \
-        "deb http://deb.debian.org/debian-security $suite-security main"
+        "$suite" "$base.new" "${sources[@]}"
     mv "$base.new" "$base"
 fi
 
