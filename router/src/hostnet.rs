@@ -254,8 +254,10 @@ pub fn set_sysctl(proc_sys: &std::path::Path, key: &str, value: &str) -> Result<
 /// to another node's own address leaves over the underlay, and the reply
 /// comes back through the mesh, which strict rp_filter would drop. Returns
 /// what could not be set, one line each (logged here as well), for the
-/// status an operator reads.
-pub fn prepare_sysctls(proc_sys: &std::path::Path, tun: &str) -> Vec<String> {
+/// status an operator reads. `recheck`: called again later, when a setting
+/// found changed means something on the host turned it back (logged as a
+/// warning).
+pub fn prepare_sysctls(proc_sys: &std::path::Path, tun: &str, recheck: bool) -> Vec<String> {
     let wanted = [
         ("net.ipv4.ip_forward".to_string(), "1"),
         ("net.ipv6.conf.all.forwarding".to_string(), "1"),
@@ -264,6 +266,9 @@ pub fn prepare_sysctls(proc_sys: &std::path::Path, tun: &str) -> Vec<String> {
     let mut problems = Vec::new();
     for (key, value) in wanted {
         match set_sysctl(proc_sys, &key, value) {
+            Ok(true) if recheck => {
+                warn!(%key, value, "sysctl had been changed on the host; set back")
+            }
             Ok(true) => info!(%key, value, "sysctl set"),
             Ok(false) => {}
             Err(e) => {
@@ -319,7 +324,7 @@ mod tests {
             !set_sysctl(&root.0, "net.ipv4.ip_forward", "1").unwrap(),
             "unchanged the second time"
         );
-        let problems = prepare_sysctls(&root.0, "tm0");
+        let problems = prepare_sysctls(&root.0, "tm0", false);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(root.read("net/ipv4/conf/tm0/rp_filter"), "2");
         assert_eq!(root.read("net/ipv6/conf/all/forwarding"), "1");
@@ -328,7 +333,7 @@ mod tests {
     #[test]
     fn a_missing_sysctl_is_reported_with_its_key_and_path() {
         let root = FakeProcSys::new("missing");
-        let problems = prepare_sysctls(&root.0, "nosuch0");
+        let problems = prepare_sysctls(&root.0, "nosuch0", false);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
             problems[0].contains("net.ipv4.conf.nosuch0.rp_filter"),

@@ -131,9 +131,10 @@ struct Args {
     /// <state-dir>/cni); must survive reboots.
     #[arg(long, env = "TUNMESH_CNI_DATA_DIR")]
     cni_data_dir: Option<PathBuf>,
-    /// Where the host's /proc/sys is (forwarding and the TUN's rp_filter are
-    /// set there). In a container /proc/sys is read-only: mount the host's
-    /// /proc/sys/net at <dir>/net and point this at <dir>.
+    /// Where the host's /proc/sys is: forwarding and the TUN's rp_filter are
+    /// set there at start and checked again every resync. In a container
+    /// /proc/sys is read-only: mount the host's /proc/sys/net at <dir>/net
+    /// and point this at <dir>.
     #[arg(long, env = "TUNMESH_PROC_SYS", default_value = hostnet::PROC_SYS)]
     proc_sys: PathBuf,
 }
@@ -436,7 +437,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tun_offload = tuns.first().is_some_and(|t| t.offload());
     let host = HostNet::connect()?;
     let index = host.link_index(&args.interface).await?;
-    let host_problems = hostnet::prepare_sysctls(&args.proc_sys, &args.interface);
+    let mut host_problems = hostnet::prepare_sysctls(&args.proc_sys, &args.interface, false);
     info!(
         interface = %args.interface, mtu = args.mtu, port, queues, public_key = %dp.public_key(),
         node = %node_name, source = if args.mesh_file.is_some() { "mesh file" } else { "kubernetes" },
@@ -515,6 +516,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
+    // Forwarding and the TUN's rp_filter are checked again every resync:
+    // something else on the host (a firewall manager, a network agent) may
+    // turn them back.
+    let mut host_check = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
     let mut reloads = 0u64;
     let mut last_reload: Option<ReloadStatus> = None;
     let mut status_failing = false;
@@ -603,6 +608,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     info!("re-applying the source's mesh over `wg set` changes");
                     retry_at = apply_or_retry(&mut node, &snap).await;
                 }
+            }
+            _ = host_check.tick() => {
+                host_problems = hostnet::prepare_sysctls(&node.args.proc_sys, &node.args.interface, true);
+                health.host_problems.store(host_problems.len() as u64, Ordering::Relaxed);
             }
             _ = tick.tick() => {
                 health.last_tick.store(status::unix_now(), Ordering::Relaxed);

@@ -10,7 +10,8 @@
 //!   and mounts (the TUN device, state, CNI configuration, WireGuard
 //!   sockets, the host's /proc/sys/net); the pods reach each other through
 //!   it, `wg show` and `tunmesh-ctl status` work inside it, and the TUN's
-//!   rp_filter is set through the mounted /proc/sys/net;
+//!   rp_filter is set through the mounted /proc/sys/net (and set back, with
+//!   forwarding, after something on the host changes them);
 //! - without that mount the router still runs, and its status names what it
 //!   could not set and why.
 //!
@@ -157,7 +158,9 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         &["-q", "-w", "net.ipv4.conf.default.rp_filter=1"],
     )
     .unwrap();
-    let (args, env) = lab.router_invocation(0, &[]).unwrap();
+    // A short resync, so the re-check of host settings below comes soon.
+    let resync = ["--resync-seconds".to_string(), "3".to_string()];
+    let (args, env) = lab.router_invocation(0, &resync).unwrap();
     let run = |name: &str, proc_sys: bool| {
         let _ = std::fs::remove_file(n1.state_dir.join(STATUS_FILE));
         let lab_mount = format!("{dir_s}:{dir_s}");
@@ -231,6 +234,18 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     )
     .expect("4 MiB from node-1's pod to node-2's");
     assert_eq!(got, want, "the bytes that arrived");
+
+    // Something on the host turns forwarding off and the TUN's reverse-path
+    // filter strict: the router sets them back at its next resync.
+    exec_output(&n1.ns, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=0"]).unwrap();
+    exec_output(&n1.ns, "sysctl", &["-q", "-w", &format!("{rp}=1")]).unwrap();
+    let restored = netns::wait_for(Duration::from_secs(15), || {
+        (sysctl(&n1.ns, "net.ipv4.ip_forward") == "1" && sysctl(&n1.ns, &rp) == "2").then_some(())
+    });
+    assert!(
+        restored.is_some(),
+        "forwarding and {rp} set back within a resync or two"
+    );
 
     // The operator's tools, inside the container, once the status shows the
     // handshake.
