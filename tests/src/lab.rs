@@ -35,9 +35,6 @@ use crate::netns::{self, add_netns, exec, ip, veth};
 pub const DEFAULT_ROOT: &str = "/run/tunmesh-lab";
 /// WireGuard port of every lab router.
 pub const WG_PORT: u16 = 51820;
-/// Environment variables for a process, in order.
-pub type Env = Vec<(String, String)>;
-
 /// TUN and pod MTU in the lab (1500-byte underlay minus 80).
 pub const MTU: u16 = 1420;
 pub const CLUSTER_V4: &str = "10.244.0.0/16";
@@ -165,6 +162,9 @@ fn default_interface() -> String {
 fn node_underlay_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(172, 28, 0, 10 + i as u8)
 }
+
+/// Environment variables for a process, in order.
+pub type Env = Vec<(String, String)>;
 
 impl Lab {
     /// A Kubernetes lab with `nodes` nodes and `pods` pods on each, for
@@ -455,6 +455,8 @@ impl Lab {
     pub fn start_router_with(&mut self, i: usize, extra: &[String]) -> Result<()> {
         let (args, env) = self.router_invocation(i, extra)?;
         let n = &self.state.nodes[i];
+        // A previous run's status would look like this one's.
+        let _ = std::fs::remove_file(n.state_dir.join(tunmesh_router::status::STATUS_FILE));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let child = netns::spawn(&n.ns, &self.state.router_bin, &args, &env, &n.log)?;
@@ -462,13 +464,11 @@ impl Lab {
         self.save()
     }
 
-    /// The arguments and environment node `i`'s router runs with (its own
-    /// paths and names, then `extra`), and a clean slate for its status: a
-    /// previous run's status would look like the next one's. Every path in
-    /// them is under the lab's directory.
+    /// The arguments and environment node `i`'s router runs with: its own
+    /// paths and names, then `extra`. Every path in them is under the lab's
+    /// directory.
     pub fn router_invocation(&self, i: usize, extra: &[String]) -> Result<(Vec<String>, Env)> {
         let n = &self.state.nodes[i];
-        let _ = std::fs::remove_file(n.state_dir.join(tunmesh_router::status::STATUS_FILE));
         let state = n.state_dir.display().to_string();
         let cni_conf = n.state_dir.with_file_name("cni-conf").display().to_string();
         // Per-node paths and names (many nodes share this machine); the
