@@ -40,17 +40,40 @@ fn spec(name: &str, key: &PrivateKey, i: u8, cidrs: &[&str]) -> PeerSpec {
 }
 
 fn start(net: &Arc<MemNet>, key: &PrivateKey, i: u8, peers: Vec<PeerSpec>) -> Node {
+    start_with(net, key, i, peers, &[])
+}
+
+/// As `start`, with `waiting` already written to the TUN before the data
+/// plane's worker runs (so they all arrive in its first batch).
+fn start_with(
+    net: &Arc<MemNet>,
+    key: &PrivateKey,
+    i: u8,
+    peers: Vec<PeerSpec>,
+    waiting: &[Vec<u8>],
+) -> Node {
     let dp = Dataplane::new(key, 1420);
     dp.apply(&DesiredMesh {
         peers,
         blackhole_cidrs: vec![],
     });
     let (tun, host) = MemTun::pair();
+    for p in waiting {
+        host.to_router.send(p.clone()).unwrap();
+    }
     let udp = net.bind(ep(i));
     let stop = Arc::new(AtomicBool::new(false));
     let queue: Queue = (Arc::new(tun), Arc::new(udp));
     dp.spawn(&[queue], Arc::clone(&stop)).unwrap();
     Node { dp, host, stop }
+}
+
+fn tx(n: &Node) -> (u64, u64) {
+    let c = &n.dp.table().peers[0].counters;
+    (
+        c.tx_packets.load(std::sync::atomic::Ordering::Relaxed),
+        c.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+    )
 }
 
 fn ping(src: [u8; 4], dst: [u8; 4], seq: u16) -> Vec<u8> {
@@ -126,14 +149,41 @@ fn packets_cross_in_both_directions_v4_and_v6() {
     let v6 = v6_packet("fd00:10:244:1::1", "fd00:10:244:2::5");
     a.host.to_router.send(v6.clone()).unwrap();
     expect(&b.host, &v6);
-    let peer = &a.dp.table().peers[0];
-    assert_eq!(
-        peer.counters
-            .tx_packets
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
+    // The first packet waited for the handshake; both count once sent.
+    assert_eq!(tx(&a), (2, (p.len() + v6.len()) as u64));
+    assert!(a.dp.table().peers[0]
+        .lock()
+        .tunn
+        .time_since_last_handshake()
+        .is_some());
+}
+
+#[test]
+fn packets_sent_before_the_first_handshake_count_once_sealed() {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let net = MemNet::new();
+    let b = start(&net, &kb, 2, vec![spec("a", &ka, 1, &["10.244.1.0/24"])]);
+    // Three packets in A's TUN before A has any session: the first starts
+    // the handshake, all three wait for it and are sealed after it.
+    let packets: Vec<Vec<u8>> = (1..=3)
+        .map(|seq| ping([10, 244, 1, 1], [10, 244, 2, 5], seq))
+        .collect();
+    let a = start_with(
+        &net,
+        &ka,
+        1,
+        vec![spec("b", &kb, 2, &["10.244.2.0/24"])],
+        &packets,
     );
-    assert!(peer.lock().tunn.time_since_last_handshake().is_some());
+    for p in &packets {
+        expect(&b.host, p);
+    }
+    let bytes: usize = packets.iter().map(Vec::len).sum();
+    wait_for("3 packets counted as sent", || tx(&a) == (3, bytes as u64));
+    let rx = &b.dp.table().peers[0].counters;
+    assert_eq!(rx.rx_packets.load(std::sync::atomic::Ordering::Relaxed), 3);
+    let drops = a.dp.counters.snapshot();
+    assert_eq!(drops.drops_summary(), "none", "{drops:?}");
 }
 
 #[test]

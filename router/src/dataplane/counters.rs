@@ -30,9 +30,15 @@ pub enum Drop {
     TunWriteFailed,
     /// A batch was full and the packet could not be queued.
     QueueFull,
+    /// Outbound while a handshake is in flight: the peer's queue of packets
+    /// waiting for the session (boringtun's, 256 deep) was full.
+    HandshakeQueueFull,
+    /// Packets that waited for a handshake that never completed: boringtun
+    /// gives up after REKEY_ATTEMPT_TIME (90 s) and discards them.
+    HandshakeTimeout,
 }
 
-const N: usize = 10;
+const N: usize = 12;
 
 impl Drop {
     pub const ALL: [Drop; N] = [
@@ -46,6 +52,8 @@ impl Drop {
         Drop::SendFailed,
         Drop::TunWriteFailed,
         Drop::QueueFull,
+        Drop::HandshakeQueueFull,
+        Drop::HandshakeTimeout,
     ];
 
     /// Stable snake_case name, used in status output and (later) metrics labels.
@@ -61,6 +69,8 @@ impl Drop {
             Drop::SendFailed => "send_failed",
             Drop::TunWriteFailed => "tun_write_failed",
             Drop::QueueFull => "queue_full",
+            Drop::HandshakeQueueFull => "handshake_queue_full",
+            Drop::HandshakeTimeout => "handshake_timeout",
         }
     }
 }
@@ -151,6 +161,14 @@ impl PeerCounters {
     pub fn tx(&self, bytes: usize) {
         self.tx_packets.fetch_add(1, Relaxed);
         self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    /// `packets` sealed and sent at once, `bytes` of inner packets in all
+    /// (the ones that waited for a handshake, flushed after it).
+    #[inline]
+    pub fn tx_n(&self, packets: u64, bytes: u64) {
+        self.tx_packets.fetch_add(packets, Relaxed);
+        self.tx_bytes.fetch_add(bytes, Relaxed);
     }
 
     #[inline]

@@ -34,7 +34,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::counters::{Counters, Drop};
 use super::io::{Batch, Queue, TunIo, UdpIo, BATCH};
@@ -54,6 +54,11 @@ const FAKE_IDLE: Duration = Duration::from_micros(200);
 pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// WireGuard's data-message overhead: header, counter and tag.
 pub const WG_OVERHEAD: usize = 32;
+/// The first byte of a WireGuard transport data message.
+const MESSAGE_DATA: u8 = 4;
+/// How many packets boringtun keeps for a peer while a handshake is in
+/// flight (its `MAX_QUEUE_DEPTH`); it discards more without saying so.
+const HANDSHAKE_QUEUE: u16 = 256;
 
 /// Placeholder address for TUN-bound packets (they have no UDP peer).
 const UNSPECIFIED: SocketAddr =
@@ -88,6 +93,18 @@ pub struct Dataplane {
     next_index: AtomicU32,
     apply_lock: Mutex<()>,
     buf_size: usize,
+    /// The worker threads `spawn` started, and how each ended if it did.
+    workers: Mutex<Vec<WorkerSlot>>,
+}
+
+/// One supervised data-plane thread.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerSlot {
+    /// `queue-N` or `timers`.
+    pub name: String,
+    /// `None` while it runs; why it ended otherwise (it ended while the
+    /// router was running: a panic, or a loop that returned).
+    pub failure: Option<String>,
 }
 
 impl Dataplane {
@@ -112,6 +129,7 @@ impl Dataplane {
             counters: Counters::default(),
             next_index: AtomicU32::new(start),
             apply_lock: Mutex::new(()),
+            workers: Mutex::new(Vec::new()),
             // Room for the largest inner packet plus WireGuard's overhead, and
             // never less than a handshake initiation (148 bytes).
             buf_size: (mtu + WG_OVERHEAD + 64).max(256),
@@ -304,25 +322,40 @@ impl Dataplane {
                 continue;
             };
             let endpoint = st.endpoint;
-            match st.tunn.encapsulate(pkt, buf) {
-                TunnResult::WriteToNetwork(b) => {
-                    let len = b.len();
-                    match endpoint {
-                        Some(ep) => {
-                            out.commit(len, ep);
-                            peer.counters.tx(pkt.len());
-                        }
-                        None => self.counters.drop(Drop::NoEndpoint),
-                    }
-                }
-                // Queued behind a handshake already in flight.
-                TunnResult::Done => {}
+            // With no session, boringtun keeps the packet for after the
+            // handshake (and answers with the initiation, or with Done when
+            // one is in flight); a full queue discards it.
+            let room = st.waiting < HANDSHAKE_QUEUE;
+            let (len, sealed) = match st.tunn.encapsulate(pkt, buf) {
+                TunnResult::WriteToNetwork(b) => (Some(b.len()), b.first() == Some(&MESSAGE_DATA)),
+                TunnResult::Done => (None, false),
                 TunnResult::Err(e) => {
                     debug!(peer = %peer.name, error = ?e, "encapsulate failed");
                     self.counters.drop(Drop::SendFailed);
+                    continue;
                 }
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
                     self.counters.drop(Drop::Malformed);
+                    continue;
+                }
+            };
+            if !sealed {
+                if room {
+                    st.waiting += 1;
+                } else {
+                    self.counters.drop(Drop::HandshakeQueueFull);
+                }
+            }
+            // What goes out: the sealed packet, or the handshake initiation.
+            if let Some(len) = len {
+                match endpoint {
+                    Some(ep) => {
+                        out.commit(len, ep);
+                        if sealed {
+                            peer.counters.tx(pkt.len());
+                        }
+                    }
+                    None => self.counters.drop(Drop::NoEndpoint),
                 }
             }
         }
@@ -417,10 +450,22 @@ impl Dataplane {
                 TunnResult::WriteToNetwork(reply) => {
                     st.endpoint = Some(src);
                     self.queue_udp(udp_out, udp, reply, src);
-                    // Packets queued during the handshake follow the reply.
+                    // Packets that waited for the handshake follow the
+                    // reply, sealed now: they count as sent here (their
+                    // inner bytes from boringtun's own running total).
+                    let before = st.tunn.stats().1;
+                    let mut flushed = 0u16;
                     while let TunnResult::WriteToNetwork(more) = st.tunn.decapsulate(None, &[], buf)
                     {
+                        if more.first() == Some(&MESSAGE_DATA) {
+                            flushed = flushed.saturating_add(1);
+                        }
                         self.queue_udp(udp_out, udp, more, src);
+                    }
+                    if flushed > 0 {
+                        let bytes = st.tunn.stats().1.saturating_sub(before);
+                        peer.counters.tx_n(u64::from(flushed), bytes as u64);
+                        st.waiting = st.waiting.saturating_sub(flushed);
                     }
                 }
                 TunnResult::WriteToTunnelV4(inner, addr) => {
@@ -492,7 +537,13 @@ impl Dataplane {
                     }
                     None => self.counters.drop(Drop::NoEndpoint),
                 },
-                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
+                // The handshake was given up: boringtun discarded what waited.
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    let lost = std::mem::take(&mut st.waiting);
+                    self.counters
+                        .drop_n(Drop::HandshakeTimeout, u64::from(lost));
+                }
+                TunnResult::Done => {}
                 TunnResult::Err(e) => debug!(peer = %peer.name, error = ?e, "timer error"),
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
             }
@@ -522,37 +573,87 @@ impl Dataplane {
         };
         let mut handles = Vec::new();
         for (q, (tun, udp)) in queues.iter().enumerate() {
-            let (dp, tun, udp, stop) = (
+            let (dp, tun, udp, run) = (
                 Arc::clone(self),
                 Arc::clone(tun),
                 Arc::clone(udp),
                 Arc::clone(&stop),
             );
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("tm-queue-{q}"))
-                    .spawn(move || dp.queue_loop(&*tun, &*udp, &stop))?,
-            );
+            handles.push(self.supervised(format!("queue-{q}"), &stop, move || {
+                dp.queue_loop(&*tun, &*udp, &run)
+            })?);
         }
         {
-            let (dp, udp, stop) = (Arc::clone(self), Arc::clone(first_udp), Arc::clone(&stop));
-            handles.push(std::thread::Builder::new().name("tm-timers".into()).spawn(
-                move || {
-                    let mut out = Batch::new(BATCH, dp.buf_size);
-                    let mut last_reset = Instant::now();
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(TICK);
-                        dp.tick(&mut out, &*udp);
-                        if last_reset.elapsed() >= Duration::from_secs(1) {
-                            dp.rate_limiter.reset_count();
-                            last_reset = Instant::now();
-                        }
+            let (dp, udp, run) = (Arc::clone(self), Arc::clone(first_udp), Arc::clone(&stop));
+            handles.push(self.supervised("timers".into(), &stop, move || {
+                let mut out = Batch::new(BATCH, dp.buf_size);
+                let mut last_reset = Instant::now();
+                while !run.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    dp.tick(&mut out, &*udp);
+                    if last_reset.elapsed() >= Duration::from_secs(1) {
+                        dp.rate_limiter.reset_count();
+                        last_reset = Instant::now();
                     }
-                },
-            )?);
+                }
+            })?);
         }
         info!(public_key = %self.public_key(), queues = queues.len(), "data plane running");
         Ok(handles)
+    }
+
+    /// Starts `body` on a thread named `tm-<name>` and records, in the
+    /// worker list `workers()` reports, if it ends (returns or panics)
+    /// while `stop` is not set: a router with a dead queue is not healthy,
+    /// and `/healthz` says so, so that it gets restarted.
+    fn supervised(
+        self: &Arc<Self>,
+        name: String,
+        stop: &Arc<AtomicBool>,
+        body: impl FnOnce() + Send + 'static,
+    ) -> io::Result<JoinHandle<()>> {
+        let slot = {
+            let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            w.push(WorkerSlot {
+                name: name.clone(),
+                failure: None,
+            });
+            w.len() - 1
+        };
+        let (dp, stop) = (Arc::clone(self), Arc::clone(stop));
+        std::thread::Builder::new()
+            .name(format!("tm-{name}"))
+            .spawn(move || {
+                let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let why = match ended {
+                    Ok(()) => "its loop returned".to_string(),
+                    Err(p) => format!("panicked: {}", panic_message(p.as_ref())),
+                };
+                error!(worker = %name, reason = %why, "data-plane worker died; /healthz fails from now on so that the router is restarted");
+                let mut w = dp.workers.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(s) = w.get_mut(slot) {
+                    s.failure = Some(why);
+                }
+            })
+    }
+
+    /// The data-plane threads and how each is doing.
+    pub fn workers(&self) -> Vec<WorkerSlot> {
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The workers that died, `name: reason` each.
+    pub fn dead_workers(&self) -> Vec<String> {
+        self.workers()
+            .into_iter()
+            .filter_map(|w| Some(format!("{}: {}", w.name, w.failure?)))
+            .collect()
     }
 
     /// One queue's worker, both directions, run to completion: datagrams
@@ -604,6 +705,14 @@ impl Dataplane {
             }
         }
     }
+}
+
+/// The text of a panic's payload (`panic!` with a literal or a format).
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Whether a receive brought packets; an error is logged (rate-limited).

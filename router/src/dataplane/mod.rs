@@ -13,7 +13,7 @@ pub mod tun;
 pub mod udp;
 
 pub use counters::{Counters, Drop};
-pub use engine::{Dataplane, MeshDiff};
+pub use engine::{Dataplane, MeshDiff, WorkerSlot};
 pub use io::{Batch, Queue, TunIo, UdpIo, BATCH};
 
 use std::os::fd::RawFd;

@@ -29,6 +29,10 @@ pub struct PeerState {
     /// on it, unheard, until its own timers gave up (15 s or more). A
     /// handshake from here replaces it at once.
     pub initiate: bool,
+    /// Packets handed to `Tunn` while it had no session, waiting in its
+    /// queue for the handshake (as far as the engine can tell: boringtun
+    /// does not say). Lets the engine count the ones boringtun discards.
+    pub waiting: u16,
 }
 
 /// One peer in a table.
@@ -61,6 +65,7 @@ impl Peer {
                 tunn,
                 endpoint: spec.endpoint,
                 initiate: spec.endpoint.is_some(),
+                waiting: 0,
             })),
             counters: Arc::default(),
         }
