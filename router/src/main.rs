@@ -646,6 +646,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     },
                     pod_cidrs: node.pod_cidrs.iter().flatten().map(|c| c.to_string()).collect(),
                     host_problems: host_problems.clone(),
+                    workers: node.dp.workers(),
                 };
                 match s.write(&node.args.state_dir) {
                     Ok(()) => status_failing = false,

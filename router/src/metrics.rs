@@ -2,7 +2,8 @@
 //! - `/metrics`: per-peer traffic and handshake age, drops by reason, peers,
 //!   reconciles and their errors, the Kubernetes connection, build info
 //!   (OpenMetrics text, built fresh from the live counters on each scrape);
-//! - `/healthz`: the main loop is turning (it ticks every second);
+//! - `/healthz`: the main loop is turning (it ticks every second) and every
+//!   data-plane worker is running;
 //! - `/readyz`: the TUN device, routes and the first mesh are in place.
 
 use std::net::SocketAddr;
@@ -69,7 +70,21 @@ impl Health {
     }
 
     pub fn alive(&self) -> bool {
-        crate::status::unix_now().saturating_sub(self.last_tick.load(Ordering::Relaxed)) <= STALL
+        self.unhealthy().is_none()
+    }
+
+    /// Why the router is not healthy, if it is not: its main loop stopped
+    /// ticking, or a data-plane worker died (a queue that no longer moves
+    /// packets: the liveness probe restarts the router).
+    pub fn unhealthy(&self) -> Option<String> {
+        let idle = crate::status::unix_now().saturating_sub(self.last_tick.load(Ordering::Relaxed));
+        if idle > STALL {
+            return Some(format!(
+                "the router's main loop has not ticked for {idle} s"
+            ));
+        }
+        let dead = self.dp.dead_workers();
+        (!dead.is_empty()).then(|| format!("data-plane worker dead: {}", dead.join("; ")))
     }
 
     /// The metrics in OpenMetrics text format.
@@ -95,6 +110,16 @@ impl Health {
             "host_problems",
             "Host settings the router needs and could not make: forwarding, the TUN's rp_filter (tunmesh-ctl status says which and why)",
             self.host_problems.load(Ordering::Relaxed) as i64,
+        );
+        let up: Family<Labels, Gauge> = Family::default();
+        for w in self.dp.workers() {
+            up.get_or_create(&label("worker", &w.name))
+                .set(i64::from(w.failure.is_none()));
+        }
+        reg.register(
+            "worker_up",
+            "1 while the data-plane thread runs (queue-N, timers); 0 once it died (tunmesh-ctl status says why)",
+            up,
         );
         let table = self.dp.table();
         gauge(
@@ -281,11 +306,17 @@ async fn route(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             h.render(),
         ),
-        "/healthz" => ok(h.alive(), "the router's main loop has not ticked for 10 s"),
-        "/readyz" => ok(
-            h.ready.load(Ordering::Relaxed) && h.alive(),
-            "not ready: the TUN device, routes or the first mesh are not in place yet",
-        ),
+        "/healthz" => match h.unhealthy() {
+            None => ok(true, ""),
+            Some(why) => ok(false, &why),
+        },
+        "/readyz" => match h.unhealthy() {
+            Some(why) => ok(false, &why),
+            None => ok(
+                h.ready.load(Ordering::Relaxed),
+                "not ready: the TUN device, routes or the first mesh are not in place yet",
+            ),
+        },
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -74,6 +74,10 @@ pub struct Status {
     /// TUN's rp_filter), one line each with the reason; empty when all is well.
     #[serde(default)]
     pub host_problems: Vec<String>,
+    /// The data plane's threads (one per queue, and the timers); a dead one
+    /// carries why it ended, and makes `/healthz` fail.
+    #[serde(default)]
+    pub workers: Vec<crate::dataplane::WorkerSlot>,
 }
 
 pub fn unix_now() -> u64 {

@@ -164,6 +164,19 @@ fn wg_show_and_metrics_show_the_live_mesh() {
             "{name} missing for queue 0: {body}"
         );
     }
+    // Every data-plane thread is up: each queue's worker and the timers.
+    let workers: Vec<(&String, &f64)> = samples
+        .iter()
+        .filter(|(k, _)| k.starts_with("tunmesh_worker_up{"))
+        .collect();
+    assert!(
+        workers
+            .iter()
+            .any(|(k, _)| k.contains("worker=\"queue-0\""))
+            && workers.iter().any(|(k, _)| k.contains("worker=\"timers\"")),
+        "{workers:?}"
+    );
+    assert!(workers.iter().all(|(_, v)| **v == 1.0), "{workers:?}");
     assert!(samples["tunmesh_reconciles_total"] >= 1.0);
     assert_eq!(samples["tunmesh_reconcile_errors_total"], 0.0);
     assert_eq!(samples["tunmesh_kubernetes_connected"], 1.0);

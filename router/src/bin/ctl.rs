@@ -213,6 +213,11 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     for p in &s.host_problems {
         println!("host:        PROBLEM: {p}");
     }
+    for w in &s.workers {
+        if let Some(why) = &w.failure {
+            println!("worker:      PROBLEM: {} DEAD ({why}); /healthz fails, so the DaemonSet's liveness probe restarts the router", w.name);
+        }
+    }
     println!();
     println!(
         "{:<16} {:<24} {:<14} {:>10} {:>10}  state",
