@@ -291,13 +291,66 @@ pub fn tcp_ok(from: &str, to: &str, dst: IpAddr, len: usize) -> bool {
     matches!(tcp_transfer(from, to, dst, data, Duration::from_secs(10)), Ok(h) if h == want)
 }
 
-/// What one iperf3 run measured.
+/// What one iperf3 run measured, at the receiver unless it says otherwise.
 #[derive(Debug, Clone, Copy)]
 pub struct Iperf {
-    /// Receiver goodput.
+    /// Receiver goodput: bytes that arrived / time (for UDP too: iperf3's
+    /// `end.sum` is the sender's rate there).
     pub gbps: f64,
+    /// The sender's rate.
+    pub sent_gbps: f64,
+    /// Bytes that arrived.
+    pub received_bytes: u64,
     /// TCP retransmits, or UDP receiver loss in percent.
     pub retr_or_loss: f64,
+    /// The slowest whole second at the receiver (iperf3's 1 s intervals;
+    /// a last partial one is left out).
+    pub worst_interval_gbps: Option<f64>,
+}
+
+/// The lowest rate among iperf3 intervals of at least half a second.
+fn worst_interval(intervals: &serde_json::Value) -> Option<f64> {
+    intervals
+        .as_array()?
+        .iter()
+        .filter(|i| i["sum"]["seconds"].as_f64().is_some_and(|s| s >= 0.5))
+        .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+        .map(|b| b / 1e9)
+        .min_by(f64::total_cmp)
+}
+
+/// Reads what one iperf3 client run (`-J --get-server-output`, the server
+/// with `-J`) measured. `reverse`: the server sent (`-R`).
+pub fn parse_iperf3(v: &serde_json::Value, reverse: bool) -> Result<Iperf> {
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {e}");
+    }
+    let end = &v["end"];
+    let received = &end["sum_received"];
+    let gbps = received["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON has no end.sum_received")?
+        / 1e9;
+    let udp = v["start"]["test_start"]["protocol"].as_str() == Some("UDP");
+    let retr_or_loss = if udp {
+        received["lost_percent"].as_f64().unwrap_or(0.0)
+    } else {
+        end["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0)
+    };
+    // The receiver's intervals: the server's (in its JSON, which the client
+    // fetched), or the client's own with -R.
+    let worst = if reverse {
+        worst_interval(&v["intervals"])
+    } else {
+        worst_interval(&v["server_output_json"]["intervals"])
+    };
+    Ok(Iperf {
+        gbps,
+        sent_gbps: end["sum_sent"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
+        received_bytes: received["bytes"].as_u64().unwrap_or(0),
+        retr_or_loss,
+        worst_interval_gbps: worst,
+    })
 }
 
 /// iperf3 from namespace `client` to `server_ip` in namespace `server`.
@@ -317,7 +370,7 @@ pub fn iperf3(
     let mut srv = netns::spawn(
         server,
         std::path::Path::new("iperf3"),
-        &["-s", "-1", "-p", port],
+        &["-s", "-1", "-J", "-p", port],
         &[],
         &log,
     )?;
@@ -345,30 +398,13 @@ pub fn iperf3(
             "-t",
             &secs,
             "-J",
+            "--get-server-output",
         ];
         args.extend_from_slice(extra);
         let out = exec_output(client, "timeout", &args)?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
-        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-            bail!("iperf3: {e}");
-        }
-        let end = &v["end"];
-        let (bps, extra) = if extra.contains(&"-u") {
-            (&end["sum"]["bits_per_second"], &end["sum"]["lost_percent"])
-        } else {
-            (
-                &end["sum_received"]["bits_per_second"],
-                &end["sum_sent"]["retransmits"],
-            )
-        };
-        let bps = bps
-            .as_f64()
-            .context("iperf3 JSON has no throughput in end")?;
-        Ok(Iperf {
-            gbps: bps / 1e9,
-            retr_or_loss: extra.as_f64().unwrap_or(0.0),
-        })
+        parse_iperf3(&v, extra.contains(&"-R"))
     })();
     netns::stop_pid(srv.id(), Duration::from_secs(2));
     let _ = srv.wait();
@@ -480,4 +516,46 @@ pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)>
         .with_context(|| format!("bad status line in {head:?}"))?;
     // The router answers with a length; a chunked body is not expected.
     Ok((code, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> serde_json::Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name);
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+    }
+
+    /// iperf3 3.12's UDP `end.sum` is the sender's rate: the goodput is
+    /// what arrived (a loopback flood that lost 78%, recorded here).
+    #[test]
+    fn udp_goodput_is_what_arrived_not_what_was_sent() {
+        let v = fixture("iperf3-3.12-udp.json");
+        let r = parse_iperf3(&v, false).unwrap();
+        assert!((r.gbps - 0.3436).abs() < 0.001, "{r:?}");
+        assert!((r.sent_gbps - 1.5692).abs() < 0.001, "{r:?}");
+        assert!((r.retr_or_loss - 78.1).abs() < 0.1, "{r:?}");
+        assert_eq!(r.received_bytes, 85_915_632, "{r:?}");
+        // The server's 1 s intervals (0.33, 0.36), not the short last one.
+        assert!(
+            (r.worst_interval_gbps.unwrap() - 0.326).abs() < 0.001,
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn tcp_goodput_and_the_slowest_second_come_from_the_receiver() {
+        let v = fixture("iperf3-3.12-tcp.json");
+        let r = parse_iperf3(&v, false).unwrap();
+        assert!((r.gbps - 7.7739).abs() < 0.001, "{r:?}");
+        assert!(
+            (r.worst_interval_gbps.unwrap() - 6.635).abs() < 0.001,
+            "{r:?}"
+        );
+        assert!(parse_iperf3(&serde_json::json!({"error": "unable to connect"}), false).is_err());
+        assert!(parse_iperf3(&serde_json::json!({"end": {}}), false).is_err());
+    }
 }
