@@ -5,7 +5,10 @@
 #   wireguard-go-new  the offload-capable wireguard-go from Debian's next
 #                     release, fetched with `apt-get download` through a
 #                     private sources list that reuses this machine's own
-#                     Debian mirror (the system's apt setup is untouched)
+#                     Debian mirror (the system's apt setup is untouched);
+#                     its package version goes to wireguard-go-new.version
+#                     (the binary's --version says v0.0.20230223 for code
+#                     of 2023-12, so the bench reports the package's)
 #   boringtun-cli     `cargo install boringtun-cli`
 # A peer that cannot be had is reported; the bench then lists it as missing.
 set -uo pipefail
@@ -14,7 +17,7 @@ CACHE=${TUNMESH_ANCHORS:-/var/cache/tunmesh/anchors}
 mkdir -p "$CACHE"
 scripts/install-deps.sh || exit 1
 
-if [ ! -x "$CACHE/wireguard-go-new" ]; then
+if [ ! -x "$CACHE/wireguard-go-new" ] || [ ! -s "$CACHE/wireguard-go-new.version" ]; then
     work=$(mktemp -d)
     mkdir -p "$work/lists/partial"
     uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null)
@@ -23,9 +26,11 @@ if [ ! -x "$CACHE/wireguard-go-new" ]; then
     O=(-o Dir::Etc::sourcelist="$work/sources.list" -o Dir::Etc::sourceparts=/nonexistent -o Dir::State::Lists="$work/lists")
     if [ -n "$uri" ] && apt-get "${O[@]}" update -qq >/dev/null 2>&1 &&
         (cd "$work" && apt-get "${O[@]}" download wireguard-go >/dev/null 2>&1); then
-        dpkg-deb -x "$(ls "$work"/wireguard-go_*.deb | head -1)" "$work/x" &&
+        deb=$(ls "$work"/wireguard-go_*.deb | head -1)
+        dpkg-deb -x "$deb" "$work/x" &&
             cp "$work/x/usr/bin/wireguard-go" "$CACHE/wireguard-go-new" &&
-            echo "wireguard-go-new: $("$CACHE/wireguard-go-new" --version | head -1)"
+            dpkg-deb -f "$deb" Version >"$CACHE/wireguard-go-new.version" &&
+            echo "wireguard-go-new: Debian package $(cat "$CACHE/wireguard-go-new.version")"
     else
         echo "wireguard-go-new: could not fetch wireguard-go from Debian trixie; the bench reports it missing" >&2
     fi

@@ -10,6 +10,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 scripts/install-deps.sh
+# The peers the bench compares against (the bench's smoke test measures the
+# newer wireguard-go): Debian trixie's wireguard-go, boringtun-cli.
+scripts/install-anchors.sh
 # etcd, kube-apiserver, kube-controller-manager and kubectl from the pinned
 # Go modules: built once (several minutes), then taken from the cache.
 TUNMESH_CONTROL_PLANE_BIN=$(scripts/control-plane.sh)

@@ -1,9 +1,15 @@
 //! `tunmesh-lab bench`: tunmesh against raw veth, both wireguard-go
 //! packages and boringtun-cli, measured side by side in one run, the way
 //! `shared/bench/anchors.sh` does it: two namespaces joined by a veth, a
-//! tunnel between them, iperf3 from one to the other. Raw veth is measured
-//! again in every repetition and each figure is given as a ratio to the raw
-//! figure of the same repetition and test, because the machine is shared.
+//! tunnel between them, iperf3 from one to the other.
+//!
+//! The machine is shared and noisy, so every comparison is made inside one
+//! repetition: each repetition measures every configuration (raw veth too),
+//! in an order rotated by one place per repetition; a ratio (to raw veth,
+//! or tunmesh to the newer wireguard-go) is taken between figures of the
+//! same repetition and test, and the headline is the median of those
+//! ratios with their spread. A peer that is missing or fails is reported
+//! missing and its ratios are absent: never replaced by another.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +26,12 @@ use crate::peers::{self, Side};
 pub const DEFAULT_ANCHORS: &str = "/var/cache/tunmesh/anchors";
 pub const ALL_CONFIGS: [&str; 5] = ["raw", "tunmesh", "wggo", "wggo_new", "boringtun"];
 pub const ALL_TESTS: [&str; 3] = ["tcp1", "tcp4", "udp"];
+/// What the headline compares tunmesh against: the newer, offload-capable
+/// wireguard-go (the strongest userspace WireGuard here), on one TCP stream.
+pub const HEADLINE_PEER: &str = "wggo_new";
+pub const HEADLINE_TEST: &str = "tcp1";
+/// The command that installs the peers (from a checkout, as root).
+pub const INSTALL_COMMAND: &str = "scripts/install-anchors.sh";
 
 const UNDERLAY_A: &str = "172.30.0.1";
 const UNDERLAY_B: &str = "172.30.0.2";
@@ -35,19 +47,30 @@ pub struct BenchOptions {
     pub configs: Vec<String>,
     pub tests: Vec<String>,
     pub anchors: PathBuf,
+    /// Run `scripts/install-anchors.sh` first when a peer is missing.
+    pub install: bool,
 }
 
 /// One measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub rep: u32,
+    /// Place of this configuration in its repetition's order (0-based).
+    pub position: usize,
     pub config: String,
     pub test: String,
+    /// Receiver goodput (UDP too: what arrived).
     pub gbps: f64,
+    /// The sender's rate.
+    pub sent_gbps: f64,
     /// Against raw veth of the same repetition and test.
     pub ratio: Option<f64>,
+    /// Against the newer wireguard-go of the same repetition and test.
+    pub vs_wggo_new: Option<f64>,
     /// Both tunnel daemons together, percent of one core.
     pub daemon_cpu: f64,
+    /// Daemon CPU seconds per Gbit that arrived.
+    pub cpu_s_per_gbit: Option<f64>,
     /// The whole machine's idle time during the test, percent of all its
     /// CPUs (headroom no process used: iperf3 and the daemons share them).
     pub machine_idle: f64,
@@ -57,44 +80,90 @@ pub struct Row {
     pub tun_drops: u64,
 }
 
-/// Medians of one config and test over the repetitions.
+/// Median and spread of a figure over the repetitions.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Spread {
+    pub fn of(v: &[f64]) -> Option<Spread> {
+        let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let m = v.len() / 2;
+        let median = if v.len() % 2 == 1 {
+            v[m]
+        } else {
+            (v[m - 1] + v[m]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+            n: v.len(),
+        })
+    }
+}
+
+/// One config and test over the repetitions.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub config: String,
     pub test: String,
     pub reps: usize,
-    pub gbps: f64,
-    pub ratio: Option<f64>,
+    pub gbps: Spread,
+    /// Per-repetition ratios to raw veth.
+    pub ratio: Option<Spread>,
+    /// Per-repetition ratios to the newer wireguard-go.
+    pub vs_wggo_new: Option<Spread>,
     pub daemon_cpu: f64,
+    pub cpu_s_per_gbit: Option<f64>,
     pub machine_idle: f64,
-    /// Gbit/s per core of daemon CPU.
-    pub gbps_per_daemon_core: Option<f64>,
     pub retr_or_loss: f64,
     pub udp_rcvbuf_errors: u64,
     pub tun_drops: u64,
+}
+
+/// The headline: tunmesh against the newer wireguard-go on one TCP stream.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Headline {
+    Measured(Spread),
+    /// Why there is no figure (a missing peer, a test not run).
+    NotAvailable {
+        why: String,
+    },
+}
+
+impl Headline {
+    /// The line the bench ends with.
+    pub fn line(&self) -> String {
+        match self {
+            Headline::Measured(s) => format!(
+                "bench: tunmesh/wireguard-go = {:.2} ({HEADLINE_TEST} median of {} per-repetition ratios against the newer wireguard-go, min {:.2}, max {:.2})",
+                s.median, s.n, s.min, s.max
+            ),
+            Headline::NotAvailable { why } => format!("bench: tunmesh/wireguard-go = n/a ({why})"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub rows: Vec<Row>,
     pub summaries: Vec<Summary>,
-    /// Configs that could not run, and why.
+    /// Configs that could not run (or not in every repetition), and why.
     pub missing: BTreeMap<String, String>,
-    pub tunmesh_vs_wireguard_go_tcp1: Option<f64>,
+    /// The configuration order of each repetition.
+    pub orders: Vec<Vec<String>>,
+    pub headline: Headline,
     pub versions: BTreeMap<String, String>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
 }
 
 struct Testbed {
@@ -363,11 +432,13 @@ fn test_args(test: &str) -> Result<&'static [&'static str]> {
     })
 }
 
-fn version(bin: &Path, arg: &str) -> String {
-    std::process::Command::new(bin)
-        .arg(arg)
+/// The first line a command prints, or "" if it cannot run.
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
         .output()
         .ok()
+        .filter(|o| o.status.success())
         .map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()
@@ -379,39 +450,184 @@ fn version(bin: &Path, arg: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Runs the benchmark. Progress goes to stderr.
-pub fn run(opts: &BenchOptions) -> Result<Report> {
-    let mut bed = Testbed::new()?;
-    let mut missing = BTreeMap::new();
-    let mut versions = BTreeMap::new();
-    let bins: BTreeMap<&str, PathBuf> = [
+/// The installed Debian package's version (`dpkg-query`), or "".
+fn deb_version(package: &str) -> String {
+    first_line("dpkg-query", &["-W", "-f", "${Version}", package])
+}
+
+/// What to say about each peer's version: the package a binary came from,
+/// not what it prints of itself (wireguard-go says v0.0.20230223 for code
+/// of 2023-12).
+fn versions(anchors: &Path, bins: &BTreeMap<&str, PathBuf>) -> BTreeMap<String, String> {
+    let mut v = BTreeMap::new();
+    let or_unknown = |s: String, what: &str| {
+        if s.is_empty() {
+            format!("unknown ({what})")
+        } else {
+            s
+        }
+    };
+    v.insert(
+        "iperf3".into(),
+        or_unknown(
+            format!(
+                "Debian package {} ({})",
+                deb_version("iperf3"),
+                first_line("iperf3", &["--version"])
+            ),
+            "iperf3",
+        ),
+    );
+    v.insert(
+        "wggo".into(),
+        match deb_version("wireguard-go") {
+            s if s.is_empty() => "unknown (no Debian package wireguard-go)".into(),
+            s => format!("Debian package wireguard-go {s}"),
+        },
+    );
+    if bins.get("wggo_new").is_some_and(|b| b.exists()) {
+        let recorded =
+            std::fs::read_to_string(anchors.join("wireguard-go-new.version")).unwrap_or_default();
+        v.insert(
+            "wggo_new".into(),
+            match recorded.trim() {
+                "" => format!(
+                    "unknown (no {}; reinstall with {INSTALL_COMMAND})",
+                    anchors.join("wireguard-go-new.version").display()
+                ),
+                s => format!("Debian package wireguard-go {s} (trixie)"),
+            },
+        );
+    }
+    if bins.get("boringtun").is_some_and(|b| b.exists()) {
+        // cargo install's own record of what it installed.
+        let crates =
+            std::fs::read_to_string(anchors.join("boringtun/.crates.toml")).unwrap_or_default();
+        let crate_version = crates
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("\"boringtun-cli "))
+            .and_then(|r| r.split_whitespace().next())
+            .map(|s| format!("crate boringtun-cli {s}"));
+        v.insert(
+            "boringtun".into(),
+            crate_version.unwrap_or_else(|| "unknown (no cargo install record)".into()),
+        );
+    }
+    v.insert(
+        "tunmesh".into(),
+        format!("tunmesh-router {}", env!("CARGO_PKG_VERSION")),
+    );
+    v
+}
+
+/// The peers' binaries, by config.
+fn peer_bins(anchors: &Path) -> BTreeMap<&'static str, PathBuf> {
+    [
         ("wggo", PathBuf::from("/usr/bin/wireguard-go")),
-        ("wggo_new", opts.anchors.join("wireguard-go-new")),
-        ("boringtun", opts.anchors.join("boringtun-cli")),
+        ("wggo_new", anchors.join("wireguard-go-new")),
+        ("boringtun", anchors.join("boringtun-cli")),
     ]
     .into_iter()
-    .collect();
-    for (cfg, bin) in &bins {
-        if opts.configs.iter().any(|c| c == cfg) {
-            if bin.exists() {
-                versions.insert(cfg.to_string(), version(bin, "--version"));
-            } else {
-                missing.insert(
-                    cfg.to_string(),
-                    format!(
-                        "{} not found (scripts/install-anchors.sh installs it)",
-                        bin.display()
-                    ),
+    .collect()
+}
+
+/// The requested peers whose binaries are not there.
+fn absent<'a>(configs: &'a [String], bins: &BTreeMap<&str, PathBuf>) -> Vec<&'a str> {
+    configs
+        .iter()
+        .map(String::as_str)
+        .filter(|c| bins.get(c).is_some_and(|b| !b.exists()))
+        .collect()
+}
+
+/// The checkout's install script, if this binary was built from one.
+fn install_script() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .join(INSTALL_COMMAND);
+    p.is_file().then_some(p)
+}
+
+/// Installs missing peers with the checkout's script (when asked and it is
+/// there); what is still missing afterwards is returned with why.
+fn resolve_peers(opts: &BenchOptions) -> BTreeMap<String, String> {
+    let bins = peer_bins(&opts.anchors);
+    let mut need = absent(&opts.configs, &bins);
+    if !need.is_empty() && opts.install {
+        match install_script() {
+            Some(script) => {
+                eprintln!(
+                    "bench: {} missing; installing with {}",
+                    need.join(", "),
+                    script.display()
                 );
+                let ok = std::process::Command::new(&script)
+                    .env("TUNMESH_ANCHORS", &opts.anchors)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    eprintln!("bench: {} failed", script.display());
+                }
             }
+            None => eprintln!(
+                "bench: {} missing and no checkout to install from: run {INSTALL_COMMAND} from a tunmesh checkout (as root)",
+                need.join(", ")
+            ),
         }
+        need = absent(&opts.configs, &bins);
     }
-    versions.insert("iperf3".into(), version(Path::new("iperf3"), "--version"));
+    need.into_iter()
+        .map(|c| {
+            (
+                c.to_string(),
+                format!(
+                    "{} not found; install with `{INSTALL_COMMAND}` (as root, from the tunmesh checkout){}",
+                    bins[c].display(),
+                    if opts.install { "" } else { ", or drop --no-install" }
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The configuration order of repetition `rep` (1-based): `configs`
+/// rotated left by `rep - 1`, so no configuration always follows another.
+pub fn order(configs: &[String], rep: u32) -> Vec<String> {
+    let mut o = configs.to_vec();
+    if !o.is_empty() {
+        let k = (rep.saturating_sub(1) as usize) % o.len();
+        o.rotate_left(k);
+    }
+    o
+}
+
+/// Runs the benchmark. Progress goes to stderr.
+pub fn run(opts: &BenchOptions) -> Result<Report> {
+    for t in &opts.tests {
+        test_args(t)?;
+    }
+    if let Some(bad) = opts
+        .configs
+        .iter()
+        .find(|c| !ALL_CONFIGS.contains(&c.as_str()))
+    {
+        bail!("unknown config {bad} (have: {})", ALL_CONFIGS.join(", "));
+    }
+    let mut missing = resolve_peers(opts);
+    for (cfg, why) in &missing {
+        eprintln!("bench: {cfg} missing: {why}");
+    }
+    let bins = peer_bins(&opts.anchors);
+    let versions = versions(&opts.anchors, &bins);
+    let mut bed = Testbed::new()?;
     let hz = clk_tck();
     let mut rows: Vec<Row> = Vec::new();
+    let mut orders = Vec::new();
     for rep in 1..=opts.reps {
-        for cfg in &opts.configs {
-            if missing.contains_key(cfg) {
+        let order = order(&opts.configs, rep);
+        orders.push(order.clone());
+        for (position, cfg) in order.iter().enumerate() {
+            if missing.contains_key(cfg) && bins.get(cfg.as_str()).is_some_and(|b| !b.exists()) {
                 continue;
             }
             let tunnel = match cfg.as_str() {
@@ -426,16 +642,15 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                     &bins["boringtun"],
                     &["-f", "--disable-drop-privileges", "-t", "1"],
                 ),
-                other => Err(anyhow::anyhow!(
-                    "unknown config {other} (have: {})",
-                    ALL_CONFIGS.join(", ")
-                )),
+                other => Err(anyhow::anyhow!("unknown config {other}")),
             };
             let tunnel = match tunnel {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!("bench: {cfg} unavailable: {e:#}");
-                    missing.insert(cfg.clone(), format!("{e:#}"));
+                    eprintln!("bench: rep {rep}: {cfg} did not start: {e:#}");
+                    missing
+                        .entry(cfg.clone())
+                        .or_insert_with(|| format!("rep {rep}: did not start: {e:#}"));
                     continue;
                 }
             };
@@ -457,113 +672,177 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 let (t1, d1) = (cpu_ticks(&pids), bed.drops(&tunnel.tuns));
                 let idle = idle_percent(m0, machine_ticks());
                 match res {
-                    Ok(crate::checks::Iperf { gbps, retr_or_loss }) => {
+                    Ok(r) => {
+                        let cpu_s = t1.saturating_sub(t0) as f64 / hz;
+                        let gbit = r.received_bytes as f64 * 8.0 / 1e9;
                         let row = Row {
                             rep,
+                            position,
                             config: cfg.clone(),
                             test: test.clone(),
-                            gbps,
+                            gbps: r.gbps,
+                            sent_gbps: r.sent_gbps,
                             ratio: None,
-                            daemon_cpu: 100.0 * (t1.saturating_sub(t0)) as f64 / hz / secs,
+                            vs_wggo_new: None,
+                            daemon_cpu: 100.0 * cpu_s / secs,
+                            cpu_s_per_gbit: (!pids.is_empty() && gbit > 0.0).then(|| cpu_s / gbit),
                             machine_idle: idle,
-                            retr_or_loss,
+                            retr_or_loss: r.retr_or_loss,
                             udp_rcvbuf_errors: d1.0.saturating_sub(d0.0),
                             tun_drops: d1.1.saturating_sub(d0.1),
                         };
                         eprintln!(
-                            "rep {rep} {cfg:9} {test:5} {gbps:7.2} Gbit/s  daemons {:4.0}%  idle {:3.0}%  rcvbuf {}  tundrop {}",
-                            row.daemon_cpu, row.machine_idle, row.udp_rcvbuf_errors, row.tun_drops
+                            "rep {rep} {cfg:9} {test:5} {:7.2} Gbit/s arrived ({:.2} sent)  daemons {:4.0}%  idle {:3.0}%  rcvbuf {}  tundrop {}",
+                            row.gbps, row.sent_gbps, row.daemon_cpu, row.machine_idle, row.udp_rcvbuf_errors, row.tun_drops
                         );
                         rows.push(row);
                     }
-                    Err(e) => eprintln!("rep {rep} {cfg} {test}: {e:#}"),
+                    Err(e) => {
+                        eprintln!("bench: rep {rep} {cfg} {test}: {e:#}");
+                        missing
+                            .entry(cfg.clone())
+                            .or_insert_with(|| format!("rep {rep} {test}: {e:#}"));
+                    }
                 }
             }
             stop(tunnel);
         }
     }
-    // Ratios against raw of the same rep and test.
-    let raw: BTreeMap<(u32, String), f64> = rows
-        .iter()
-        .filter(|r| r.config == "raw")
-        .map(|r| ((r.rep, r.test.clone()), r.gbps))
-        .collect();
+    drop(bed);
+    Ok(report(
+        rows,
+        missing,
+        orders,
+        versions,
+        &opts.configs,
+        &opts.tests,
+    ))
+}
+
+/// Ratios inside each repetition, summaries over them, and the headline.
+pub fn report(
+    mut rows: Vec<Row>,
+    missing: BTreeMap<String, String>,
+    orders: Vec<Vec<String>>,
+    versions: BTreeMap<String, String>,
+    configs: &[String],
+    tests: &[String],
+) -> Report {
+    let of = |rows: &[Row], cfg: &str| -> BTreeMap<(u32, String), f64> {
+        rows.iter()
+            .filter(|r| r.config == cfg && r.gbps > 0.0)
+            .map(|r| ((r.rep, r.test.clone()), r.gbps))
+            .collect()
+    };
+    let raw = of(&rows, "raw");
+    let wggo_new = of(&rows, HEADLINE_PEER);
     for r in &mut rows {
-        r.ratio = raw
-            .get(&(r.rep, r.test.clone()))
-            .filter(|v| **v > 0.0)
-            .map(|v| r.gbps / v);
+        let key = (r.rep, r.test.clone());
+        r.ratio = raw.get(&key).map(|v| r.gbps / v);
+        r.vs_wggo_new = wggo_new.get(&key).map(|v| r.gbps / v);
     }
     let mut summaries = Vec::new();
-    for test in &opts.tests {
-        for cfg in &opts.configs {
+    for test in tests {
+        for cfg in configs {
             let rs: Vec<&Row> = rows
                 .iter()
                 .filter(|r| &r.config == cfg && &r.test == test)
                 .collect();
-            if rs.is_empty() {
+            let Some(gbps) = Spread::of(&rs.iter().map(|r| r.gbps).collect::<Vec<_>>()) else {
                 continue;
-            }
-            let med = |f: &dyn Fn(&Row) -> f64| median(rs.iter().map(|r| f(r)).collect());
-            let ratios: Vec<f64> = rs.iter().filter_map(|r| r.ratio).collect();
-            let cpu = med(&|r| r.daemon_cpu);
-            let gbps = med(&|r| r.gbps);
+            };
+            let med = |f: &dyn Fn(&Row) -> f64| {
+                Spread::of(&rs.iter().map(|r| f(r)).collect::<Vec<_>>())
+                    .map(|s| s.median)
+                    .unwrap_or(0.0)
+            };
+            let opt = |f: &dyn Fn(&Row) -> Option<f64>| {
+                Spread::of(&rs.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+            };
             summaries.push(Summary {
                 config: cfg.clone(),
                 test: test.clone(),
                 reps: rs.len(),
                 gbps,
-                ratio: (!ratios.is_empty()).then(|| median(ratios)),
-                daemon_cpu: cpu,
+                ratio: opt(&|r| r.ratio),
+                vs_wggo_new: opt(&|r| r.vs_wggo_new),
+                daemon_cpu: med(&|r| r.daemon_cpu),
+                cpu_s_per_gbit: opt(&|r| r.cpu_s_per_gbit).map(|s| s.median),
                 machine_idle: med(&|r| r.machine_idle),
-                gbps_per_daemon_core: (cpu > 1.0).then(|| gbps / (cpu / 100.0)),
                 retr_or_loss: med(&|r| r.retr_or_loss),
                 udp_rcvbuf_errors: med(&|r| r.udp_rcvbuf_errors as f64) as u64,
                 tun_drops: med(&|r| r.tun_drops as f64) as u64,
             });
         }
     }
-    let tcp1 = |cfg: &str| {
-        summaries
-            .iter()
-            .find(|s| s.config == cfg && s.test == "tcp1")
-            .map(|s| s.gbps)
-    };
-    let best_wggo = [tcp1("wggo"), tcp1("wggo_new")]
-        .into_iter()
-        .flatten()
-        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
-    let vs = match (tcp1("tunmesh"), best_wggo) {
-        (Some(t), Some(w)) if w > 0.0 => Some(t / w),
-        _ => None,
-    };
-    drop(bed);
-    Ok(Report {
+    let headline = headline(&summaries, &missing, configs, tests);
+    Report {
         rows,
         summaries,
         missing,
-        tunmesh_vs_wireguard_go_tcp1: vs,
+        orders,
+        headline,
         versions,
-    })
+    }
+}
+
+/// tunmesh against the newer wireguard-go on tcp1, or why not.
+fn headline(
+    summaries: &[Summary],
+    missing: &BTreeMap<String, String>,
+    configs: &[String],
+    tests: &[String],
+) -> Headline {
+    let na = |why: &str| Headline::NotAvailable { why: why.into() };
+    if !tests.iter().any(|t| t == HEADLINE_TEST) {
+        return na(&format!("{HEADLINE_TEST} not measured"));
+    }
+    for (cfg, name) in [
+        (HEADLINE_PEER, "newer wireguard-go"),
+        ("tunmesh", "tunmesh"),
+    ] {
+        if !configs.iter().any(|c| c == cfg) {
+            return na(&format!("{name} not measured"));
+        }
+        let measured = summaries
+            .iter()
+            .any(|s| s.config == cfg && s.test == HEADLINE_TEST);
+        if missing.contains_key(cfg) && !measured {
+            return na(&format!("{name} missing"));
+        }
+    }
+    summaries
+        .iter()
+        .find(|s| s.config == "tunmesh" && s.test == HEADLINE_TEST)
+        .and_then(|s| s.vs_wggo_new)
+        .map(Headline::Measured)
+        .unwrap_or_else(|| na("no repetition measured both tunmesh and the newer wireguard-go"))
 }
 
 /// The readable table.
 pub fn table(r: &Report) -> String {
     let mut s = String::from(
-        "medians over repetitions; ratio = Gbit/s / raw veth of the same repetition and test\n",
+        "Gbit/s = receiver goodput (UDP too), median over repetitions\n\
+         ratio = Gbit/s / raw veth, and vs wggo_new = Gbit/s / the newer wireguard-go, each taken inside one\n\
+         repetition: median [min-max] of those per-repetition ratios; configuration order rotated every repetition\n\
+         daemons = both tunnel daemons' CPU, % of one core; CPU s/Gbit = daemon CPU seconds per Gbit that arrived\n\
+         idle = the machine's idle CPU during the test, % of all its CPUs\n\
+         retr|loss = TCP retransmits or UDP loss % at the receiver; rcvbuf = UDP receive-buffer errors; tundrop = TUN tx_dropped\n\n",
     );
-    s += "daemons = both tunnel daemons' CPU, % of one core; Gb/core = Gbit/s per daemon core\n";
-    s += "idle = the machine's idle CPU during the test, % of all its CPUs\n";
-    s += "retr|loss = TCP retransmits or UDP loss %; rcvbuf = UDP receive-buffer errors; tundrop = TUN tx_dropped\n\n";
+    let spread = |x: Option<Spread>| {
+        x.map(|v| format!("{:.3} [{:.3}-{:.3}]", v.median, v.min, v.max))
+            .unwrap_or_else(|| "-".into())
+    };
     s += &format!(
-        "{:10} {:5} {:>4} {:>8} {:>7} {:>8} {:>8} {:>5} {:>10} {:>7} {:>8}\n",
+        "{:10} {:5} {:>4} {:>8} {:>21} {:>21} {:>8} {:>10} {:>5} {:>10} {:>7} {:>8}\n",
         "config",
         "test",
         "reps",
         "Gbit/s",
         "ratio",
+        "vs wggo_new",
         "daemons",
-        "Gb/core",
+        "CPU s/Gbit",
         "idle",
         "retr|loss",
         "rcvbuf",
@@ -576,17 +855,16 @@ pub fn table(r: &Report) -> String {
         }
         last = x.test.clone();
         s += &format!(
-            "{:10} {:5} {:>4} {:>8.2} {:>7} {:>7.0}% {:>8} {:>4.0}% {:>10.1} {:>7} {:>8}\n",
+            "{:10} {:5} {:>4} {:>8.2} {:>21} {:>21} {:>7.0}% {:>10} {:>4.0}% {:>10.1} {:>7} {:>8}\n",
             x.config,
             x.test,
             x.reps,
-            x.gbps,
-            x.ratio
-                .map(|v| format!("{v:.3}"))
-                .unwrap_or_else(|| "-".into()),
+            x.gbps.median,
+            spread(x.ratio),
+            spread(x.vs_wggo_new),
             x.daemon_cpu,
-            x.gbps_per_daemon_core
-                .map(|v| format!("{v:.2}"))
+            x.cpu_s_per_gbit
+                .map(|v| format!("{v:.3}"))
                 .unwrap_or_else(|| "-".into()),
             x.machine_idle,
             x.retr_or_loss,
@@ -600,11 +878,18 @@ pub fn table(r: &Report) -> String {
     if !r.missing.is_empty() {
         s += "\n";
     }
+    s += "\norders: ";
+    s += &r
+        .orders
+        .iter()
+        .map(|o| o.join(","))
+        .collect::<Vec<_>>()
+        .join(" | ");
     s += "\nversions: ";
     s += &r
         .versions
         .iter()
-        .map(|(k, v)| format!("{k} {v}"))
+        .map(|(k, v)| format!("{k}: {v}"))
         .collect::<Vec<_>>()
         .join("; ");
     s += "\n";
@@ -629,5 +914,114 @@ mod tests {
             total > 0 && idle <= total,
             "read /proc/stat: {idle}/{total}"
         );
+    }
+
+    fn row(rep: u32, config: &str, test: &str, gbps: f64) -> Row {
+        Row {
+            rep,
+            position: 0,
+            config: config.into(),
+            test: test.into(),
+            gbps,
+            sent_gbps: gbps,
+            ratio: None,
+            vs_wggo_new: None,
+            daemon_cpu: 150.0,
+            cpu_s_per_gbit: Some(0.3),
+            machine_idle: 10.0,
+            retr_or_loss: 0.0,
+            udp_rcvbuf_errors: 0,
+            tun_drops: 0,
+        }
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// The headline is the median of ratios taken inside each repetition,
+    /// not a ratio of medians: here the machine was twice as fast in rep 2
+    /// for both, and tunmesh was 2x in every repetition.
+    #[test]
+    fn ratios_are_taken_inside_each_repetition() {
+        let rows = vec![
+            row(1, "raw", "tcp1", 10.0),
+            row(1, "tunmesh", "tcp1", 4.0),
+            row(1, "wggo_new", "tcp1", 2.0),
+            row(2, "raw", "tcp1", 20.0),
+            row(2, "tunmesh", "tcp1", 8.0),
+            row(2, "wggo_new", "tcp1", 4.0),
+            row(3, "raw", "tcp1", 10.0),
+            row(3, "tunmesh", "tcp1", 3.0),
+            row(3, "wggo_new", "tcp1", 1.0),
+        ];
+        let configs = strings(&["raw", "tunmesh", "wggo_new"]);
+        let r = report(
+            rows,
+            BTreeMap::new(),
+            vec![],
+            BTreeMap::new(),
+            &configs,
+            &strings(&["tcp1"]),
+        );
+        let h = match &r.headline {
+            Headline::Measured(s) => *s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((h.median, h.min, h.max, h.n), (2.0, 2.0, 3.0, 3));
+        let t = r.summaries.iter().find(|s| s.config == "tunmesh").unwrap();
+        assert_eq!(t.ratio.unwrap().median, 0.4);
+        assert!(r
+            .headline
+            .line()
+            .starts_with("bench: tunmesh/wireguard-go = 2.00 (tcp1 median of 3"));
+        assert!(table(&r).contains("2.000 [2.000-3.000]"), "{}", table(&r));
+    }
+
+    #[test]
+    fn a_missing_newer_wireguard_go_is_never_replaced_by_another() {
+        let rows = vec![
+            row(1, "raw", "tcp1", 10.0),
+            row(1, "tunmesh", "tcp1", 4.0),
+            row(1, "wggo", "tcp1", 0.5),
+        ];
+        let missing: BTreeMap<String, String> =
+            [("wggo_new".to_string(), "not found".to_string())].into();
+        let configs = strings(&["raw", "tunmesh", "wggo", "wggo_new"]);
+        let r = report(
+            rows,
+            missing,
+            vec![],
+            BTreeMap::new(),
+            &configs,
+            &strings(&["tcp1"]),
+        );
+        assert_eq!(
+            r.headline.line(),
+            "bench: tunmesh/wireguard-go = n/a (newer wireguard-go missing)"
+        );
+        assert!(table(&r).contains("missing: wggo_new: not found"));
+        // Not asked for at all is not "missing", but still no figure.
+        let r = report(
+            vec![],
+            BTreeMap::new(),
+            vec![],
+            BTreeMap::new(),
+            &strings(&["raw", "tunmesh"]),
+            &strings(&["tcp1"]),
+        );
+        assert_eq!(
+            r.headline.line(),
+            "bench: tunmesh/wireguard-go = n/a (newer wireguard-go not measured)"
+        );
+    }
+
+    #[test]
+    fn the_order_rotates_every_repetition() {
+        let c = strings(&["raw", "tunmesh", "wggo"]);
+        assert_eq!(order(&c, 1), c);
+        assert_eq!(order(&c, 2), strings(&["tunmesh", "wggo", "raw"]));
+        assert_eq!(order(&c, 3), strings(&["wggo", "raw", "tunmesh"]));
+        assert_eq!(order(&c, 4), c);
     }
 }

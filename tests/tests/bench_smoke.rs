@@ -1,44 +1,126 @@
-//! `tunmesh-lab bench` end to end, briefly: raw veth, tunmesh and Debian's
-//! wireguard-go for one second each; the table, the JSON and the last line
-//! are checked, figures are not (speed is for the benchmark, not tests).
-//! Needs root, iperf3 and wireguard-go; CI has them.
+//! `tunmesh-lab bench` end to end, briefly: raw veth, tunmesh and the newer
+//! wireguard-go for one second each. Speed is for the benchmark, not for
+//! tests: what is checked is the bench's own arithmetic and honesty (the
+//! headline is the median of the per-repetition ratios its rows give, UDP
+//! goodput is what arrived, a missing peer makes the headline n/a and the
+//! exit status 1). Needs root, iperf3 and the peers `scripts/test.sh`
+//! installs (scripts/install-anchors.sh).
 
-use std::process::Command;
+use std::process::{Command, Output};
 
-#[test]
-fn bench_runs_and_reports_the_ratio() {
-    if !tunmesh_lab::require_root("bench_runs_and_reports_the_ratio") {
-        return;
-    }
-    let json =
-        std::env::temp_dir().join(format!("tunmesh-bench-smoke-{}.json", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_tunmesh-lab"))
+use serde_json::Value;
+
+fn bench(json: &std::path::Path, configs: &str, tests: &str, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tunmesh-lab"))
         .args([
             "bench",
             "--seconds",
             "1",
             "--reps",
-            "1",
+            "2",
             "--configs",
-            "raw,tunmesh,wggo",
+            configs,
             "--tests",
-            "tcp1,udp",
+            tests,
             "--json",
         ])
-        .arg(&json)
+        .arg(json)
+        .args(extra)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+#[test]
+fn bench_reports_per_repetition_ratios_and_receiver_goodput() {
+    if !tunmesh_lab::require_root("bench_reports_per_repetition_ratios_and_receiver_goodput") {
+        return;
+    }
+    let json =
+        std::env::temp_dir().join(format!("tunmesh-bench-smoke-{}.json", std::process::id()));
+    let out = bench(&json, "raw,tunmesh,wggo_new", "tcp1,udp", &["--no-install"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "bench failed (is the newer wireguard-go installed? scripts/install-anchors.sh):\n{stdout}\n{stderr}"
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 12, "3 configs x 2 tests x 2 reps");
+
+    // The order rotated between the two repetitions.
+    let orders = report["orders"].as_array().unwrap();
+    assert_eq!(orders.len(), 2);
+    assert_ne!(orders[0], orders[1], "order rotates: {orders:?}");
+
+    // Recompute the headline from the rows: tunmesh / wggo_new inside each
+    // repetition, then the median.
+    let gbps = |rep: u64, cfg: &str, test: &str| {
+        rows.iter()
+            .find(|r| r["rep"] == rep && r["config"] == cfg && r["test"] == test)
+            .and_then(|r| r["gbps"].as_f64())
+            .unwrap_or_else(|| panic!("no row rep {rep} {cfg} {test}"))
+    };
+    let ratios: Vec<f64> = (1..=2)
+        .map(|rep| gbps(rep, "tunmesh", "tcp1") / gbps(rep, "wggo_new", "tcp1"))
+        .collect();
+    let want = median(ratios.clone());
+    let h = &report["headline"];
+    assert_eq!(h["result"], "measured", "{h}");
+    assert!(
+        (h["median"].as_f64().unwrap() - want).abs() < 1e-9,
+        "headline {h} is not the median of {ratios:?}"
+    );
     let last = stdout.lines().last().unwrap_or("");
-    let ratio: f64 = last
-        .strip_prefix("bench: tunmesh/wireguard-go = ")
-        .and_then(|r| r.strip_suffix(" (tcp1 median)"))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("last line {last:?}"));
-    assert!(ratio > 0.0);
-    for cfg in ["raw", "tunmesh", "wggo"] {
+    assert!(
+        last.starts_with(&format!(
+            "bench: tunmesh/wireguard-go = {want:.2} (tcp1 median of 2"
+        )),
+        "last line {last:?}, expected {want:.2}"
+    );
+    for r in rows {
+        let (cfg, rep, test) = (
+            r["config"].as_str().unwrap(),
+            r["rep"].as_u64().unwrap(),
+            r["test"].as_str().unwrap(),
+        );
+        let raw = gbps(rep, "raw", test);
+        let ratio = r["ratio"].as_f64().unwrap();
+        assert!(
+            (ratio - r["gbps"].as_f64().unwrap() / raw).abs() < 1e-9,
+            "{r}: ratio to raw of its own repetition"
+        );
+        if cfg != "raw" {
+            assert!(
+                r["cpu_s_per_gbit"].as_f64().is_some_and(|c| c > 0.0),
+                "{r}: a tunnel's daemons use CPU"
+            );
+        }
+        // UDP goodput is what arrived: with loss, less than what was sent.
+        let (got, sent, loss) = (
+            r["gbps"].as_f64().unwrap(),
+            r["sent_gbps"].as_f64().unwrap(),
+            r["retr_or_loss"].as_f64().unwrap(),
+        );
+        if test == "udp" && loss > 1.0 {
+            assert!(
+                got < sent * (1.0 - loss / 200.0),
+                "{r}: UDP goodput {got} with {loss}% loss must be below the {sent} sent"
+            );
+        }
+    }
+    for cfg in ["raw", "tunmesh", "wggo_new"] {
         assert!(
             stdout
                 .lines()
@@ -46,20 +128,11 @@ fn bench_runs_and_reports_the_ratio() {
             "{cfg} row missing:\n{stdout}"
         );
     }
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    std::fs::remove_file(&json).unwrap();
-    let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 6, "3 configs x 2 tests");
     assert!(
-        rows.iter().all(|r| r["ratio"].as_f64().is_some()),
-        "every row has a ratio to raw of its rep"
+        stdout.contains("wggo_new: Debian package wireguard-go"),
+        "the newer wireguard-go's package version:\n{stdout}"
     );
-    assert!(
-        rows.iter().all(|r| r["machine_idle"]
-            .as_f64()
-            .is_some_and(|v| (0.0..=100.0).contains(&v))),
-        "every row has the machine's idle share"
-    );
+
     // Nothing left behind.
     let left = std::fs::read_dir("/run/netns")
         .map(|d| {
@@ -69,4 +142,52 @@ fn bench_runs_and_reports_the_ratio() {
         })
         .unwrap_or(0);
     assert_eq!(left, 0, "bench namespaces removed");
+}
+
+#[test]
+fn a_missing_peer_makes_the_headline_na_and_the_bench_fail() {
+    if !tunmesh_lab::require_root("a_missing_peer_makes_the_headline_na_and_the_bench_fail") {
+        return;
+    }
+    let json =
+        std::env::temp_dir().join(format!("tunmesh-bench-missing-{}.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_tunmesh-lab"))
+        .args([
+            "bench",
+            "--seconds",
+            "1",
+            "--reps",
+            "1",
+            "--configs",
+            "raw,tunmesh,wggo,wggo_new",
+            "--tests",
+            "tcp1",
+            "--no-install",
+            "--anchors",
+            "/nonexistent/tunmesh-anchors",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some("bench: tunmesh/wireguard-go = n/a (newer wireguard-go missing)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("missing: wggo_new: /nonexistent/tunmesh-anchors/wireguard-go-new not found; install with `scripts/install-anchors.sh`"),
+        "{stdout}"
+    );
+    // The old wireguard-go was there and measured: it is in the table, and
+    // it did not stand in for the missing one.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("wggo ") && l.contains("tcp1")),
+        "{stdout}"
+    );
 }
