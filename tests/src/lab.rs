@@ -453,7 +453,14 @@ impl Lab {
 
     /// Starts node `i`'s router with `extra` arguments instead of the lab's.
     pub fn start_router_with(&mut self, i: usize, extra: &[String]) -> Result<()> {
-        let (args, env) = self.router_invocation(i, extra)?;
+        let invocation = self.router_invocation(i, extra)?;
+        self.spawn_router(i, &invocation)
+    }
+
+    /// Starts node `i`'s router with an invocation made beforehand by
+    /// `router_invocation` (a restart measured from a fault spawns at once,
+    /// without reading the ConfigMap first).
+    pub fn spawn_router(&mut self, i: usize, (args, env): &(Vec<String>, Env)) -> Result<()> {
         let n = &self.state.nodes[i];
         // A previous run's status would look like this one's.
         let _ = std::fs::remove_file(n.state_dir.join(tunmesh_router::status::STATUS_FILE));

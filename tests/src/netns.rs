@@ -196,29 +196,51 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
-/// Stops a process we started: SIGTERM, then SIGKILL after `grace`.
+/// Stops a process we started: SIGTERM, then SIGKILL after `grace`; returns
+/// once it has exited completely (see `exited`).
 pub fn stop_pid(pid: u32, grace: Duration) {
-    let pid = pid as libc::pid_t;
-    // SAFETY: kill with a PID we started; signal 0 only probes.
-    let alive = || is_running(pid as u32);
-    if !alive() {
+    if exited(pid) {
         return;
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    if wait_for(grace, || (!alive()).then_some(())).is_none() {
+    // SAFETY: kill with a PID we started.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    if wait_exit(pid, grace).is_none() {
         // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let _ = wait_for(Duration::from_secs(2), || (!alive()).then_some(()));
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        let _ = wait_exit(pid, Duration::from_secs(2));
     }
-    reap(pid as u32);
 }
 
-/// Reaps `pid` if it is our exited child (no-op otherwise).
-pub fn reap(pid: u32) {
+/// Whether `pid` has exited completely. Our own child is reaped here: wait
+/// reports a thread-group leader only once every one of its threads is
+/// gone, and with them its sockets and devices (a SIGKILLed process's
+/// leader shows as a zombie while its other threads still hold them).
+/// Another process counts as exited once it no longer runs.
+pub fn exited(pid: u32) -> bool {
     let mut status = 0;
     // SAFETY: waitpid with WNOHANG on a specific pid.
-    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    match r {
+        r if r == pid as libc::pid_t => true,
+        0 => false,
+        // ECHILD: not our child, or reaped already.
+        _ => !is_running(pid),
+    }
+}
+
+/// Waits up to `timeout` for `pid` to exit completely; the moment it was
+/// seen gone.
+pub fn wait_exit(pid: u32, timeout: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if exited(pid) {
+            return Some(Instant::now());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// True when `pid` exists but has exited (zombie).
