@@ -3,9 +3,13 @@
 //! are applied by a UDP relay that two nodes' WireGuard traffic is steered
 //! through (with `tunmesh.io/force-endpoint`). Node A talks to the relay's
 //! port `a_side`, which forwards to B from port `b_side`, and back.
+//!
+//! The relay counts what it did (`counts()`), so a test can assert that
+//! the impairment it asked for happened to its traffic, and that its
+//! traffic went through the relay at all.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,8 +37,85 @@ pub struct Relay {
     pub a_side: SocketAddr,
     pub b_side: SocketAddr,
     pub setting: Arc<Mutex<Impairment>>,
+    counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// What the relay did, both directions together.
+#[derive(Debug, Default)]
+struct Counters {
+    received: AtomicU64,
+    forwarded: AtomicU64,
+    dropped_loss: AtomicU64,
+    dropped_down: AtomicU64,
+    duplicated: AtomicU64,
+    delayed: AtomicU64,
+    reordered: AtomicU64,
+    held_us: AtomicU64,
+    /// Datagrams handed to the sender and not yet sent on.
+    in_flight: AtomicU64,
+}
+
+/// A copy of the relay's counters; subtract two for what happened between.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Datagrams that arrived at the relay.
+    pub received: u64,
+    /// Datagrams sent on (duplicates included).
+    pub forwarded: u64,
+    /// Dropped by the loss setting.
+    pub dropped_loss: u64,
+    /// Dropped because the link was down.
+    pub dropped_down: u64,
+    /// Extra copies sent.
+    pub duplicated: u64,
+    /// Sent on at least a millisecond after they arrived.
+    pub delayed: u64,
+    /// Sent on after a datagram of the same direction that arrived later.
+    pub reordered: u64,
+    /// Time datagrams were held in all, microseconds.
+    pub held_us: u64,
+}
+
+impl Counts {
+    /// Mean time a forwarded datagram was held.
+    pub fn mean_hold(&self) -> Duration {
+        Duration::from_micros(self.held_us / self.forwarded.max(1))
+    }
+}
+
+impl std::ops::Sub for Counts {
+    type Output = Counts;
+    fn sub(self, o: Counts) -> Counts {
+        Counts {
+            received: self.received - o.received,
+            forwarded: self.forwarded - o.forwarded,
+            dropped_loss: self.dropped_loss - o.dropped_loss,
+            dropped_down: self.dropped_down - o.dropped_down,
+            duplicated: self.duplicated - o.duplicated,
+            delayed: self.delayed - o.delayed,
+            reordered: self.reordered - o.reordered,
+            held_us: self.held_us - o.held_us,
+        }
+    }
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "relay: {} in, {} out, {} lost, {} dropped while down, {} duplicated, {} delayed (mean hold {:.1} ms), {} reordered",
+            self.received,
+            self.forwarded,
+            self.dropped_loss,
+            self.dropped_down,
+            self.duplicated,
+            self.delayed,
+            self.mean_hold().as_secs_f64() * 1000.0,
+            self.reordered
+        )
+    }
 }
 
 /// xorshift64*: enough randomness for dropping and delaying datagrams.
@@ -51,6 +132,9 @@ impl Rng {
 
 struct Job {
     due: Instant,
+    arrived: Instant,
+    /// Arrival order within its direction (duplicates share it).
+    seq: u64,
     data: Vec<u8>,
     to_b: bool,
 }
@@ -66,6 +150,7 @@ impl Relay {
             s.set_read_timeout(Some(Duration::from_millis(50)))?;
         }
         let setting = Arc::new(Mutex::new(Impairment::default()));
+        let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<Job>();
         let mut threads = Vec::new();
@@ -74,26 +159,46 @@ impl Relay {
             (sock_a.try_clone()?, true, 0x9e37_79b9_7f4a_7c15u64),
             (sock_b.try_clone()?, false, 0xd1b5_4a32_d192_ed03),
         ] {
-            let (setting, stop, tx) = (Arc::clone(&setting), Arc::clone(&stop), tx.clone());
+            let (setting, stop, tx, c) = (
+                Arc::clone(&setting),
+                Arc::clone(&stop),
+                tx.clone(),
+                Arc::clone(&counters),
+            );
             threads.push(std::thread::spawn(move || {
                 let mut rng = Rng(seed);
                 let mut buf = vec![0u8; 65536];
+                let mut seq = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((n, _)) = sock.recv_from(&mut buf) else {
                         continue;
                     };
+                    let arrived = Instant::now();
+                    c.received.fetch_add(1, Ordering::Relaxed);
+                    seq += 1;
                     let s = setting.lock().map(|s| *s).unwrap_or_default();
-                    if s.down || rng.unit() < s.loss {
+                    if s.down {
+                        c.dropped_down.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if rng.unit() < s.loss {
+                        c.dropped_loss.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     let copies = if rng.unit() < s.duplicate { 2 } else { 1 };
                     for _ in 0..copies {
                         let extra = s.jitter.mul_f64(rng.unit());
+                        c.in_flight.fetch_add(1, Ordering::Relaxed);
                         let _ = tx.send(Job {
-                            due: Instant::now() + s.delay + extra,
+                            due: arrived + s.delay + extra,
+                            arrived,
+                            seq,
                             data: buf[..n].to_vec(),
                             to_b,
                         });
+                    }
+                    if copies > 1 {
+                        c.duplicated.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }));
@@ -101,9 +206,11 @@ impl Relay {
         drop(tx);
         // Sender: releases datagrams when they are due (a heap by due time).
         {
-            let stop = Arc::clone(&stop);
+            let (stop, c) = (Arc::clone(&stop), Arc::clone(&counters));
             threads.push(std::thread::spawn(move || {
                 let mut queue: Vec<Job> = Vec::new();
+                // The latest arrival sent on so far, per direction (to A, to B).
+                let mut latest = [0u64; 2];
                 while !stop.load(Ordering::Relaxed) {
                     let wait = queue
                         .iter()
@@ -116,15 +223,32 @@ impl Relay {
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
                     let now = Instant::now();
-                    let (due, later): (Vec<Job>, Vec<Job>) =
+                    let (mut due, later): (Vec<Job>, Vec<Job>) =
                         queue.drain(..).partition(|j| j.due <= now);
                     queue = later;
+                    due.sort_by_key(|j| j.due);
                     for j in due {
-                        let _ = if j.to_b {
+                        let sent = if j.to_b {
                             sock_b.send_to(&j.data, b)
                         } else {
                             sock_a.send_to(&j.data, a)
                         };
+                        c.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        if sent.is_err() {
+                            continue;
+                        }
+                        let held = Instant::now() - j.arrived;
+                        c.forwarded.fetch_add(1, Ordering::Relaxed);
+                        c.held_us
+                            .fetch_add(held.as_micros() as u64, Ordering::Relaxed);
+                        if held >= Duration::from_millis(1) {
+                            c.delayed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let last = &mut latest[usize::from(j.to_b)];
+                        if j.seq < *last {
+                            c.reordered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        *last = (*last).max(j.seq);
                     }
                 }
             }));
@@ -133,9 +257,35 @@ impl Relay {
             a_side,
             b_side,
             setting,
+            counters,
             stop,
             threads,
         })
+    }
+
+    /// What the relay has done so far.
+    pub fn counts(&self) -> Counts {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counts {
+            received: l(&c.received),
+            forwarded: l(&c.forwarded),
+            dropped_loss: l(&c.dropped_loss),
+            dropped_down: l(&c.dropped_down),
+            duplicated: l(&c.duplicated),
+            delayed: l(&c.delayed),
+            reordered: l(&c.reordered),
+            held_us: l(&c.held_us),
+        }
+    }
+
+    /// Waits (up to `timeout`) until the relay holds no datagram, so that
+    /// what it does next is counted apart from what it was still delaying.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        crate::netns::wait_for(timeout, || {
+            (self.counters.in_flight.load(Ordering::Relaxed) == 0).then_some(())
+        })
+        .is_some()
     }
 
     pub fn set(&self, s: Impairment) {

@@ -3,25 +3,35 @@
 //! `netem`, so the two routers' WireGuard traffic is steered (with
 //! `tunmesh.io/force-endpoint`) through a userspace impairment relay on the
 //! underlay (`tunmesh_lab::impair`). Each phase moves 2 MiB through the
-//! mesh and compares hashes, and prints how long it took. Root only.
+//! mesh and compares hashes, asserts from the relay's own counters that the
+//! traffic went through it and that the impairment happened, and prints
+//! how long it took. Root only.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tunmesh_lab::checks::{self, ping};
-use tunmesh_lab::impair::{Impairment, Relay};
+use tunmesh_lab::impair::{Counts, Impairment, Relay};
 use tunmesh_lab::lab::Lab;
 use tunmesh_lab::netns::ip;
 use tunmesh_lab::require_root;
 
 const BYTES: usize = 2 << 20;
 
-fn transfer(lab: &Lab, what: &str, seed: u64) {
+/// Moves 2 MiB from node-1's pod to node-2's through the relay and checks
+/// the bytes; returns what the relay did meanwhile.
+fn transfer(lab: &Lab, relay: &Relay, what: &str, seed: u64) -> Counts {
     let (a, b) = (
         lab.pod("node-1-pod-1").unwrap(),
         lab.pod("node-2-pod-1").unwrap(),
     );
     let data = checks::pattern(BYTES, seed);
+    // What the previous phase still held is not this phase's.
+    assert!(
+        relay.wait_idle(Duration::from_secs(5)),
+        "{what}: the relay never drained"
+    );
+    let before = relay.counts();
     let t0 = Instant::now();
     let got = checks::tcp_transfer(
         &a.ns,
@@ -33,11 +43,23 @@ fn transfer(lab: &Lab, what: &str, seed: u64) {
     .unwrap_or_else(|e| panic!("{what}: transfer failed: {e:#}"));
     assert_eq!(got, checks::sha256(&data), "{what}: bytes differ");
     let s = t0.elapsed().as_secs_f64();
+    let d = relay.counts() - before;
     eprintln!(
-        "{what}: 2 MiB intact in {s:.2} s ({:.2} Mbit/s)",
+        "{what}: 2 MiB intact in {s:.2} s ({:.2} Mbit/s); {d}",
         BYTES as f64 * 8.0 / s / 1e6
     );
+    // 2 MiB in datagrams of at most 1420 inner bytes: at least ~1500 of
+    // them crossed the relay (the data; the ACKs come on top).
+    assert!(
+        d.forwarded >= (BYTES / 1420) as u64,
+        "{what}: the transfer did not go through the relay: {d}"
+    );
+    d
 }
+
+/// An impairment phase: its name, the setting, and how the relay's counts
+/// show it happened.
+type Phase = (&'static str, Impairment, fn(&Counts) -> bool);
 
 #[test]
 fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
@@ -91,15 +113,25 @@ fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
         ping(&a.ns, b.ipv4.into(), 10),
         "no traffic through the relay"
     );
-    transfer(&lab, "through the relay, no impairment", 1);
+    let clean = transfer(&lab, &relay, "through the relay, no impairment", 1);
+    assert_eq!(
+        (clean.dropped_loss, clean.duplicated, clean.reordered),
+        (0, 0, 0),
+        "an unimpaired relay impairs nothing: {clean}"
+    );
 
     let ms = Duration::from_millis;
-    for (what, imp) in [
+    let phases: [Phase; 5] = [
         (
             "5% loss",
             Impairment {
                 loss: 0.05,
                 ..Default::default()
+            },
+            // 5% of at least 1500 datagrams: dozens lost; allow 2-10%.
+            |d| {
+                let share = d.dropped_loss as f64 / d.received.max(1) as f64;
+                (0.02..0.10).contains(&share)
             },
         ),
         (
@@ -108,6 +140,7 @@ fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
                 delay: ms(100),
                 ..Default::default()
             },
+            |d| d.delayed == d.forwarded && d.mean_hold() >= Duration::from_millis(100),
         ),
         (
             "reordering (0-20 ms jitter)",
@@ -115,12 +148,17 @@ fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
                 jitter: ms(20),
                 ..Default::default()
             },
+            |d| d.reordered > 0 && d.delayed > 0,
         ),
         (
             "20% duplication",
             Impairment {
                 duplicate: 0.2,
                 ..Default::default()
+            },
+            |d| {
+                let share = d.duplicated as f64 / d.received.max(1) as f64;
+                (0.10..0.30).contains(&share)
             },
         ),
         (
@@ -132,10 +170,21 @@ fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
                 duplicate: 0.05,
                 down: false,
             },
+            |d| {
+                d.dropped_loss > 0
+                    && d.duplicated > 0
+                    && d.reordered > 0
+                    && d.mean_hold() >= Duration::from_millis(20)
+            },
         ),
-    ] {
+    ];
+    for (what, imp, happened) in phases {
         relay.set(imp);
-        transfer(&lab, what, what.len() as u64);
+        let d = transfer(&lab, &relay, what, what.len() as u64);
+        assert!(
+            happened(&d),
+            "{what}: the relay did not impair as asked: {d}"
+        );
     }
     relay.set(Impairment::default());
 
@@ -151,9 +200,17 @@ fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
     lab.start_router(1).unwrap();
     lab.wait_router(1).unwrap();
     lab.wait_node_ready(1).unwrap();
+    // Nothing crosses a link that is down, and the relay says it dropped
+    // what was tried (the pings or the handshakes before them).
+    let tried = relay.counts();
     assert!(
         !ping(&a.ns, b.ipv4.into(), 2),
         "traffic crossed a link that is down"
+    );
+    let d = relay.counts() - tried;
+    assert!(
+        d.dropped_down > 0 && d.forwarded == 0,
+        "the failed ping must be the relay's doing: {d}"
     );
     while down.elapsed() < Duration::from_secs(8) {
         std::thread::sleep(ms(100));
@@ -178,7 +235,7 @@ fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
         "link down 8 s during a re-handshake: traffic back {:.2} s after the link came up",
         up.elapsed().as_secs_f64()
     );
-    transfer(&lab, "after the outage", 7);
+    transfer(&lab, &relay, "after the outage", 7);
     drop(relay);
     lab.down().unwrap();
 }
