@@ -128,13 +128,27 @@ impl Node {
         }
     }
 
+    /// The plugin's allocations, from its store on disk. A missing or
+    /// unreadable store fails the test: "everything freed" must be read
+    /// from a store that is there.
     fn allocations(&self) -> Value {
         let path = self.dir.join("data/tunmesh/allocations.json");
-        std::fs::read(&path)
-            .ok()
-            .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
-            .map(|v| v["allocations"].clone())
-            .unwrap_or(json!({}))
+        let text = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("the allocation store {}: {e}", path.display()));
+        let v: Value = serde_json::from_slice(&text).unwrap_or_else(|e| {
+            panic!(
+                "the allocation store {} is not JSON: {e}: {}",
+                path.display(),
+                String::from_utf8_lossy(&text)
+            )
+        });
+        let a = &v["allocations"];
+        assert!(
+            a.is_object(),
+            "the allocation store {} has no allocations object: {v}",
+            path.display()
+        );
+        a.clone()
     }
 
     fn host_links(&self) -> Vec<String> {

@@ -272,16 +272,36 @@ fn the_image_runs_as_the_daemonset_runs_it() {
 
     // Without the host's /proc/sys/net the router runs, and says what it
     // could not set and why.
-    exec_output(&n1.ns, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=0"]).unwrap();
+    // Each of the three settings it needs is off beforehand (the new TUN
+    // takes the default strict rp_filter), so it must name exactly these.
+    for off in [
+        "net.ipv4.ip_forward=0",
+        "net.ipv6.conf.all.forwarding=0",
+        "net.ipv4.conf.default.rp_filter=1",
+    ] {
+        exec_output(&n1.ns, "sysctl", &["-q", "-w", off]).unwrap();
+    }
+    let expected = [
+        "net.ipv4.ip_forward".to_string(),
+        "net.ipv6.conf.all.forwarding".to_string(),
+        rp.clone(),
+    ];
     run("router-no-proc", false);
     let status = wait_status(&podman, "router-no-proc", &n1.state_dir, |s| {
         !s.pod_cidrs.is_empty()
     });
     let problems = status.host_problems.join("\n");
-    assert!(
-        problems.contains("net.ipv4.ip_forward") && problems.contains("read-only"),
-        "{problems}"
+    assert_eq!(
+        status.host_problems.len(),
+        expected.len(),
+        "one problem per setting it could not make:\n{problems}"
     );
+    for (key, line) in expected.iter().zip(&status.host_problems) {
+        assert!(
+            line.contains(key.as_str()) && line.contains("read-only"),
+            "{key} named, with the reason: {line}"
+        );
+    }
     let ctl = podman.ok(&[
         "exec",
         "router-no-proc",
@@ -298,10 +318,9 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         checks::http_get(&n1.ns, "127.0.0.1:9475".parse().ok()?, "/metrics").ok()
     })
     .expect("the router's /metrics on port 9475 (the ConfigMap's address)");
-    // Forwarding and the new TUN's strict rp_filter, at least; the gauge
-    // counts what the status lists.
-    assert!(status.host_problems.len() >= 2, "{problems}");
-    let gauge = format!("tunmesh_host_problems {}", status.host_problems.len());
+    // The gauge says three: the settings that were off, not the length of
+    // the list it is computed from.
+    let gauge = format!("tunmesh_host_problems {}", expected.len());
     assert!(
         metrics.1.lines().any(|l| l == gauge),
         "{gauge}?\n{}",

@@ -224,11 +224,23 @@ fn nodes_join_leave_rekey_and_move_endpoints() {
             "{n} still routes {cidr4}:\n{routes}"
         );
     }
+    // node-4's pods are unreachable, and because node-1's router dropped
+    // the pings as `no_peer` (the cluster CIDR still routes into the TUN),
+    // not because of anything else.
+    let no_peer = |s: &Status| s.counters.drops.get("no_peer").copied().unwrap_or(0);
+    let before = no_peer(&lab.router_status("node-1").unwrap());
     assert!(!ping(
         &pod_ns(&lab, "node-1-pod-1"),
         pod_v4(&lab, "node-4-pod-1"),
         2
     ));
+    let counted = lab.wait_status("node-1", Duration::from_secs(5), |s| {
+        no_peer(s) >= before + 2
+    });
+    assert!(
+        counted.is_some(),
+        "the pings to the deleted node's pod were not dropped as no_peer by node-1 (before: {before})"
+    );
     lab.down().unwrap();
 }
 

@@ -315,6 +315,26 @@ fn secrets_replays_floods_and_no_plaintext() {
         !pcap::contains(&cap, marker.as_bytes()),
         "the marker crossed the underlay in clear"
     );
+    // The capture was recording while the marker flowed: the stream to
+    // node-3 is in it, encrypted (a marker round every 5 ms, both phases).
+    let wireguard = pcap::frames(&cap)
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            matches!(
+                f,
+                pcap::Frame::Udp {
+                    src_port: 51820,
+                    dst_port: 51820,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(
+        wireguard >= 100,
+        "the capture holds only {wireguard} WireGuard datagrams: it did not see the stream"
+    );
     assert!(
         no_peer > 0,
         "traffic to the removed peer must be dropped by the router, not routed elsewhere"
