@@ -9,7 +9,10 @@
 #
 # Example: build main into /tmp/a, the change into /tmp/b, then
 #   scripts/ab-routers.sh /tmp/a/tunmesh-router /tmp/b/tunmesh-router 6 5 -- -P 4
-# Prints every run's Gbit/s and the median per build. Environment given to
+# Prints every run's Gbit/s (receiver goodput), the ratio B/A of each round
+# (both runs of a round are back to back, so they share the machine's
+# load), and the median of those ratios with min-max: the figure to trust.
+# Environment given to
 # this script (TUNMESH_QUEUES=1, say) reaches both routers. Needs root,
 # iperf3 and wg (for keys). Namespaces are named after this run and removed
 # on exit, failure or Ctrl-C.
@@ -101,20 +104,28 @@ run() {
     stop_routers
 }
 
-median() { tr ' ' '\n' | grep . | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-RA="" RB=""
+# The median of the numbers on stdin (the mean of the middle two for an even count).
+median() {
+    tr ' ' '\n' | grep -v '^nan$' | grep . | sort -n |
+        awk '{v[NR]=$1} END {if (NR % 2) print v[(NR+1)/2]; else printf "%.3f\n", (v[NR/2]+v[NR/2+1])/2}'
+}
+RA="" RB="" RATIOS=""
 # Rounds alternate the order (AB, BA, ...) so that neither build always
 # runs first. Two identical builds gave medians 12% apart over 4 rounds
-# here: take 6 or more, and trust only differences well beyond that.
+# here: take 6 or more, and trust only differences well beyond the spread.
 for r in $(seq "$ROUNDS"); do
     if [ $((r % 2)) = 1 ]; then
-        RA="$RA $(run "$A" "$@")"
-        RB="$RB $(run "$B" "$@")"
+        a=$(run "$A" "$@"); b=$(run "$B" "$@")
     else
-        RB="$RB $(run "$B" "$@")"
-        RA="$RA $(run "$A" "$@")"
+        b=$(run "$B" "$@"); a=$(run "$A" "$@")
     fi
-    echo "round $r: A $(echo "$RA" | awk '{print $NF}')  B $(echo "$RB" | awk '{print $NF}')" >&2
+    RA="$RA $a" RB="$RB $b"
+    ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "nan" }')
+    RATIOS="$RATIOS $ratio"
+    echo "round $r: A $a  B $b  B/A $ratio" >&2
 done
 echo "A $A:$RA  median $(echo "$RA" | median)"
 echo "B $B:$RB  median $(echo "$RB" | median)"
+sorted=$(echo "$RATIOS" | tr ' ' '\n' | grep -v '^nan$' | grep . | sort -n)
+echo "B/A per round:$RATIOS"
+echo "B/A = $(echo "$RATIOS" | median) (median of $(echo "$sorted" | wc -l) paired rounds, min $(echo "$sorted" | head -1), max $(echo "$sorted" | tail -1))"
