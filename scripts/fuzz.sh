@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (fuzz/, cargo fuzz with libFuzzer on nightly) for a
 # bounded time, growing its corpus in fuzz/corpus/<target>/ (commit what it
-# adds; router/tests/fuzz_corpus.rs replays every corpus file on stable). A
+# adds; fuzz/tests/corpus_replay.rs replays every corpus file on stable). A
 # crash stops the run with the reproducer in fuzz/artifacts/<target>/: copy
 # it into the target's corpus, fix the code, and it is a regression test.
 #
@@ -17,7 +17,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cd fuzz
 for t in $(cargo +nightly fuzz list); do
     echo "fuzz: $t for ${secs} s" >&2
-    cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 \
+    cargo +nightly fuzz run --features fuzzing "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 \
         | grep -E '^(#[0-9]+.*(DONE|pulse)|Done|INFO: seed|==[0-9]+==|SUMMARY|.*panicked)' || true
     if [ -n "$(ls -A "artifacts/$t" 2>/dev/null)" ]; then
         echo "fuzz: $t found a crash: $(ls "artifacts/$t")" >&2

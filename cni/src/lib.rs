@@ -13,13 +13,15 @@
 //! - `store`: the persistent, locked address allocation store;
 //! - `net`: links, addresses and routes over netlink, on both sides;
 //! - `plugin`: the commands;
-//! - `nodestate`: what the router writes for the plugin (shared with it).
+//!
+//! What the router writes for the plugin (node.json, the conflist) is the
+//! `tunmesh-contract` crate's, shared with the router.
 
 pub mod net;
-pub mod nodestate;
 pub mod plugin;
 pub mod request;
 pub mod spec;
 pub mod store;
 
-pub use nodestate::{NodeState, PluginSettings};
+pub use tunmesh_contract::nodestate;
+pub use tunmesh_contract::{NodeState, PluginSettings};

@@ -10,10 +10,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::net::{self, Setup, V6_GATEWAY};
-use crate::nodestate::NodeState;
 use crate::request::{Command, Env, NetConf};
 use crate::spec::{self, code, AddResult, CniError, Interface, IpConfig, Route};
 use crate::store::{self, Store};
+use tunmesh_contract::NodeState;
 
 /// The node-side interface name of an attachment: stable for a container
 /// and interface (so DEL and GC find it without any other state), unique
@@ -28,11 +28,11 @@ fn temp_ifname(host_if: &str) -> String {
     format!("tp{}", &host_if[2..])
 }
 
-fn not_ready(e: String) -> CniError {
+fn not_ready(e: tunmesh_contract::NodeStateError) -> CniError {
     CniError::with(
         code::TRY_AGAIN_LATER,
         "the tunmesh router on this node is not ready (no pod CIDR yet); try again later",
-        e,
+        e.to_string(),
     )
 }
 
@@ -68,7 +68,7 @@ pub async fn run(env: &Env, conf: &NetConf) -> Result<Option<Value>, CniError> {
                 CniError::with(
                     code::NOT_AVAILABLE,
                     "tunmesh is not ready on this node: the router has not written its node state",
-                    e,
+                    e.to_string(),
                 )
             }),
         Command::Gc => gc(conf).await.map(|_| None),

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::nodestate::PluginSettings;
 use crate::spec::{self, code, CniError};
+use tunmesh_contract::PluginSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {

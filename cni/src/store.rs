@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-use crate::nodestate::write_atomic;
 use crate::spec::{code, CniError};
+use tunmesh_contract::nodestate::write_atomic;
 
 const FILE: &str = "allocations.json";
 /// How many IPv6 candidates one ADD looks at before calling the range full

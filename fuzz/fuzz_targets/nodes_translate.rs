@@ -1,4 +1,4 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| tunmesh_router::fuzz::nodes_translate(data));
+fuzz_target!(|data: &[u8]| tunmesh_fuzz::nodes_translate(data));

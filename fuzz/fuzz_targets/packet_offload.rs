@@ -1,4 +1,4 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| tunmesh_router::fuzz::packet_offload(data));
+fuzz_target!(|data: &[u8]| tunmesh_fuzz::packet_offload(data));

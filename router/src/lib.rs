@@ -5,12 +5,11 @@
 //! Layout (see DESIGN.md): `model` (plain domain types), `source` (where the
 //! desired mesh comes from), `dataplane` (the packet path), `hostnet`
 //! (addresses, routes, sysctls), `status` (what the router reports).
-//! What the CNI plugin reads (node.json, the conflist) is defined in the
-//! `tunmesh-cni` crate, which the router shares.
+//! What the CNI plugin reads (node.json, the conflist) and what counts as a
+//! valid key, endpoint and CIDR are the `tunmesh-contract` crate's, shared
+//! with the plugin.
 
 pub mod dataplane;
-#[doc(hidden)]
-pub mod fuzz;
 pub mod hostnet;
 pub mod metrics;
 pub mod model;

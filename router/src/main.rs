@@ -19,14 +19,15 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
-use tunmesh_cni::{NodeState, PluginSettings};
+use tunmesh_contract::validate::first_host;
+use tunmesh_contract::{NodeState, PluginSettings};
 use tunmesh_router::dataplane::tun::TunDevice;
 use tunmesh_router::dataplane::udp::UdpSocket;
 use tunmesh_router::dataplane::{Dataplane, Queue, TunIo, UdpIo};
 use tunmesh_router::hostnet::{self, HostNet};
 use tunmesh_router::metrics::{self, Health};
 use tunmesh_router::model::{Nets, Snapshot};
-use tunmesh_router::source::file::{self, first_host, NodeSettings};
+use tunmesh_router::source::file::{self, NodeSettings};
 use tunmesh_router::source::kube::{self as kube_source, KubeSettings, KubeStatus};
 use tunmesh_router::status::{self, QueueStatus, ReloadStatus, Status};
 use tunmesh_router::uapi;
@@ -295,7 +296,7 @@ impl Node {
                     log_file: None,
                 };
                 Some(
-                    tunmesh_cni::nodestate::write_conflist(&self.args.cni_conf_dir, &settings)
+                    tunmesh_contract::nodestate::write_conflist(&self.args.cni_conf_dir, &settings)
                         .with_context(|| {
                             format!(
                                 "writing the CNI conflist in {}",

@@ -121,7 +121,7 @@ pub fn peers(dp: &Dataplane) -> Vec<PeerStatus> {
 /// Writes `contents` to `path` through a temporary file and a rename, so a
 /// reader never sees a half-written file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    tunmesh_cni::nodestate::write_atomic(path, contents)
+    tunmesh_contract::nodestate::write_atomic(path, contents)
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 

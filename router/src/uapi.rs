@@ -10,17 +10,16 @@
 //! belong to the router's configuration and the Node's annotations.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ipnetwork::IpNetwork;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
+use tunmesh_contract::validate;
 
 use crate::dataplane::Dataplane;
 use crate::model::{DesiredMesh, PeerSpec};
@@ -129,9 +128,9 @@ async fn handle(
                         }
                         0
                     }
-                    Err((errno, why)) => {
-                        warn!(errno, "wg set refused: {why}");
-                        errno
+                    Err(e) => {
+                        warn!(errno = e.errno, "wg set refused: {}", e.message);
+                        e.errno
                     }
                 };
                 format!("errno={errno}\n\n")
@@ -198,8 +197,19 @@ pub fn get(dp: &Dataplane, port: u16) -> String {
     s
 }
 
-/// Applies a `set`. Returns whether anything changed.
-fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, (i32, String)> {
+/// A `set` the router refuses: the errno the protocol answers with, and why
+/// (logged; `wg` only shows the errno).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (errno {errno})")]
+pub struct Refused {
+    pub errno: i32,
+    pub message: String,
+}
+
+/// Applies a `set` request's lines. Returns whether anything changed.
+/// Keys, endpoints and allowed IPs get the verdicts every other source
+/// gives them (`tunmesh_contract::validate`).
+pub fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, Refused> {
     let table = dp.table();
     let mut peers: Vec<PeerSpec> = table
         .peers
@@ -215,13 +225,16 @@ fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, (i32, String
         .collect();
     let mut cur: Option<usize> = None;
     let mut remove: Vec<PublicKey> = Vec::new();
-    let bad = |line: &str| (EINVAL, format!("bad line {line:?}"));
+    let refuse = |errno: i32, message: String| Refused { errno, message };
+    let bad = |line: &str| refuse(EINVAL, format!("bad line {line:?}"));
+    // The same verdicts as every other source (tunmesh_contract::validate).
+    let refused = |key: &str, e: validate::Invalid| refuse(EINVAL, format!("{key}: {e}"));
     for line in lines {
         let (k, v) = line.split_once('=').ok_or_else(|| bad(line))?;
         match (k, cur) {
             ("private_key", _) => {
                 if unhex(v) != Some(dp.private_key_bytes()) {
-                    return Err((
+                    return Err(refuse(
                         EPERM,
                         "the private key belongs to the router (its state directory); not changed"
                             .into(),
@@ -230,7 +243,7 @@ fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, (i32, String
             }
             ("listen_port", _) => {
                 if v.parse::<u16>().ok() != Some(port) {
-                    return Err((
+                    return Err(refuse(
                         EPERM,
                         format!("the listen port is the router's setting ({port}); not changed"),
                     ));
@@ -239,7 +252,7 @@ fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, (i32, String
             ("fwmark", _) if v == "0" || v.is_empty() => {}
             ("replace_peers", _) if v == "true" => peers.clear(),
             ("public_key", _) => {
-                let key = PublicKey::from_bytes(unhex(v).ok_or_else(|| bad(line))?);
+                let key = validate::public_key_hex(v).map_err(|e| refused(k, e))?;
                 cur = Some(match peers.iter().position(|p| p.public_key == key) {
                     Some(i) => i,
                     None => {
@@ -259,7 +272,7 @@ fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, (i32, String
             ("update_only", Some(_)) | ("protocol_version", Some(_)) => {}
             ("preshared_key", Some(_)) if v.chars().all(|c| c == '0') => {}
             ("endpoint", Some(i)) => {
-                peers[i].endpoint = Some(v.parse::<SocketAddr>().map_err(|_| bad(line))?);
+                peers[i].endpoint = Some(validate::endpoint(v).map_err(|e| refused(k, e))?);
             }
             ("persistent_keepalive_interval", Some(i)) => {
                 let s: u16 = v.parse().map_err(|_| bad(line))?;
@@ -267,12 +280,12 @@ fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, (i32, String
             }
             ("replace_allowed_ips", Some(i)) if v == "true" => peers[i].allowed_ips.clear(),
             ("allowed_ip", Some(i)) => {
-                let n: IpNetwork = v.parse().map_err(|_| bad(line))?;
+                let n = validate::cidr(v).map_err(|e| refused(k, e))?;
                 if !peers[i].allowed_ips.contains(&n) {
                     peers[i].allowed_ips.push(n);
                 }
             }
-            _ => return Err((EINVAL, format!("unsupported: {line:?}"))),
+            _ => return Err(refuse(EINVAL, format!("unsupported: {line:?}"))),
         }
     }
     peers.retain(|p| !remove.contains(&p.public_key));

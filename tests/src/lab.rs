@@ -395,7 +395,7 @@ impl Lab {
     pub fn wait_node_ready(&mut self, i: usize) -> Result<()> {
         let n = self.state.nodes[i].clone();
         let key = netns::wait_for(Duration::from_secs(60), || {
-            let st = tunmesh_cni::NodeState::read(&n.state_dir).ok()?;
+            let st = tunmesh_contract::NodeState::read(&n.state_dir).ok()?;
             if !st.pod_cidrs.iter().any(|c| c.to_string() == n.pod_cidr_v4) {
                 return None;
             }
@@ -685,7 +685,7 @@ impl Lab {
         let path = node
             .state_dir
             .with_file_name("cni-conf")
-            .join(tunmesh_cni::nodestate::CONFLIST_FILE);
+            .join(tunmesh_contract::nodestate::CONFLIST_FILE);
         let text = std::fs::read(&path).with_context(|| {
             format!(
                 "reading {} (the router writes it once it has a pod CIDR)",

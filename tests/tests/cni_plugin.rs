@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Output;
 
 use serde_json::{json, Value};
-use tunmesh_cni::nodestate::{write_conflist, NodeState, PluginSettings, CONFLIST_FILE};
+use tunmesh_contract::nodestate::{write_conflist, NodeState, PluginSettings, CONFLIST_FILE};
 use tunmesh_lab::lab::find_binary;
 use tunmesh_lab::netns::{self, add_netns, exec, ip, run_cni, Cleanup};
 use tunmesh_lab::require_root;
@@ -53,7 +53,7 @@ impl Node {
             mtu: 1420,
             gateways: pod_cidrs
                 .iter()
-                .map(|c| tunmesh_router::source::file::first_host(*c))
+                .map(|c| tunmesh_contract::validate::first_host(*c))
                 .collect(),
             pod_cidrs,
             cluster_cidrs: vec![],

@@ -18,7 +18,7 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
 use socket2::{Domain, Protocol, Socket, Type};
-use tunmesh_router::source::file::first_host;
+use tunmesh_contract::validate::first_host;
 use tunmesh_router::source::nodes::{ANN_ENDPOINT, ANN_FORCE_ENDPOINT, ANN_PUBLIC_KEY};
 use tunmesh_router::status::{unix_now, PeerStatus, Status};
 
@@ -517,11 +517,11 @@ fn uninstall(
         _ => println!("no interface {interface}"),
     }
     remove(
-        &conf_dir.join(tunmesh_cni::nodestate::CONFLIST_FILE),
+        &conf_dir.join(tunmesh_contract::nodestate::CONFLIST_FILE),
         "CNI conflist",
     )?;
     remove(
-        &bin_dir.join(tunmesh_cni::nodestate::PLUGIN_TYPE),
+        &bin_dir.join(tunmesh_contract::nodestate::PLUGIN_TYPE),
         "CNI plugin",
     )?;
     let rt = tokio::runtime::Builder::new_current_thread()

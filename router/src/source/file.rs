@@ -22,14 +22,15 @@
 //! the file, the peer and the field, so an operator fixes the file in one go.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
 
+use tunmesh_contract::validate::{self, overlaps};
+
 use crate::model::{DesiredMesh, PeerSpec};
-use crate::PublicKey;
 
 /// What is wrong with a mesh file: its path and one line per problem.
 #[derive(Debug, thiserror::Error)]
@@ -52,16 +53,10 @@ pub struct NodeSettings {
 impl NodeSettings {
     /// Gateway addresses: the first host address of each pod CIDR.
     pub fn gateways(&self) -> Vec<IpAddr> {
-        self.pod_cidrs.iter().map(|c| first_host(*c)).collect()
-    }
-}
-
-/// First usable address of a prefix (network + 1; the address itself for /32 and /128).
-pub fn first_host(net: IpNetwork) -> IpAddr {
-    match net {
-        IpNetwork::V4(n) if n.prefix() < 32 => IpAddr::V4((u32::from(n.network()) + 1).into()),
-        IpNetwork::V6(n) if n.prefix() < 128 => IpAddr::V6((u128::from(n.network()) + 1).into()),
-        other => other.ip(),
+        self.pod_cidrs
+            .iter()
+            .map(|c| validate::first_host(*c))
+            .collect()
     }
 }
 
@@ -104,51 +99,10 @@ struct RawPeer {
     persistent_keepalive: Option<i64>,
 }
 
-/// Parses a CIDR and insists on a clean network address, so that a typo such
-/// as `10.244.2.1/24` is caught instead of silently meaning `10.244.2.0/24`.
-pub fn parse_cidr(text: &str) -> Result<IpNetwork, String> {
-    let net: IpNetwork = text
-        .trim()
-        .parse()
-        .map_err(|e| format!("{text:?} is not a CIDR ({e})"))?;
-    if !text.contains('/') {
-        return Err(format!(
-            "{text:?} has no prefix length (write {text}/{})",
-            net.prefix()
-        ));
-    }
-    let clean = IpNetwork::new(net.network(), net.prefix()).map_err(|e| e.to_string())?;
-    if clean.ip() != net.ip() {
-        return Err(format!(
-            "{text:?} has host bits set (did you mean {clean}?)"
-        ));
-    }
-    Ok(clean)
-}
-
-/// Parses an endpoint: an IP literal and a port (`1.2.3.4:51820`, `[fd00::1]:51820`).
-pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
-    let ep: SocketAddr = text.trim().parse().map_err(|_| {
-        format!("{text:?} is not IP:PORT (host names are not resolved; IPv6 as [addr]:port)")
-    })?;
-    if ep.port() == 0 {
-        return Err(format!("{text:?} has port 0"));
-    }
-    if ep.ip().is_unspecified() || ep.ip().is_multicast() {
-        return Err(format!("{text:?} is not a unicast address"));
-    }
-    Ok(ep)
-}
-
-/// Two prefixes overlap when one contains the other's network address.
-pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
-    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
-}
-
 fn cidr_list(raw: &[String], what: &str, problems: &mut Vec<String>) -> Vec<IpNetwork> {
     raw.iter()
         .enumerate()
-        .filter_map(|(i, t)| match parse_cidr(t) {
+        .filter_map(|(i, t)| match validate::cidr(t) {
             Ok(n) => Some(n),
             Err(e) => {
                 problems.push(format!("{what}[{i}]: {e}"));
@@ -208,14 +162,14 @@ pub fn parse(text: &str, path: &Path) -> Result<MeshFile, MeshFileError> {
             None => format!("peer[{i}]"),
         };
         let before = problems.len();
-        let key = match PublicKey::from_base64(&p.public_key) {
+        let key = match validate::public_key(&p.public_key) {
             Ok(k) => Some(k),
             Err(e) => {
                 problems.push(format!("{label}.public_key: {e}"));
                 None
             }
         };
-        let endpoint = match p.endpoint.as_deref().map(parse_endpoint).transpose() {
+        let endpoint = match p.endpoint.as_deref().map(validate::endpoint).transpose() {
             Ok(ep) => ep,
             Err(e) => {
                 problems.push(format!("{label}.endpoint: {e}"));

@@ -25,6 +25,8 @@ use std::net::{IpAddr, SocketAddr};
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 
+use tunmesh_contract::validate::{self, overlaps};
+
 use crate::model::{DesiredMesh, PeerSpec};
 use crate::PublicKey;
 
@@ -90,41 +92,6 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 
 fn ann_field(key: &str) -> String {
     format!("metadata.annotations[{key}]")
-}
-
-/// Parses `ip:port` (IPv6 as `[addr]:port`), refusing port 0 and the
-/// unspecified address.
-pub fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
-    let a: SocketAddr = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not IP:port (IPv6 as [addr]:port)"))?;
-    if a.port() == 0 {
-        return Err(format!("{s:?} has port 0"));
-    }
-    if a.ip().is_unspecified() {
-        return Err(format!("{s:?} is the unspecified address"));
-    }
-    Ok(a)
-}
-
-/// Parses a CIDR that must be a network address (no host bits set).
-pub fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
-    let n: IpNetwork = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a CIDR"))?;
-    if n.ip() != n.network() {
-        return Err(format!(
-            "{s:?} has host bits set (the network is {}/{})",
-            n.network(),
-            n.prefix()
-        ));
-    }
-    Ok(n)
-}
-
-fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
-    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
 }
 
 /// The pod CIDRs a Node declares, with the field each came from.
@@ -217,8 +184,8 @@ pub fn translate<'n>(
 
         let mut cidrs = Vec::new();
         for (field, text) in declared_cidrs(node) {
-            match parse_cidr(&text) {
-                Err(m) => problem(field, "InvalidPodCIDR", m),
+            match validate::cidr(&text) {
+                Err(m) => problem(field, "InvalidPodCIDR", m.to_string()),
                 Ok(c) => match taken_cidrs.iter().find(|(t, _)| overlaps(t, &c)) {
                     Some((t, other)) => problem(
                         field,
@@ -235,7 +202,7 @@ pub fn translate<'n>(
 
         let force = match annotation(node, ANN_FORCE_ENDPOINT) {
             None | Some("") => None,
-            Some(v) => match parse_endpoint(v) {
+            Some(v) => match validate::endpoint(v) {
                 Ok(a) => Some(a),
                 Err(m) => {
                     problem(
@@ -264,14 +231,10 @@ pub fn translate<'n>(
                 out.pending.push((name, "no tunmesh.io/public-key yet"));
                 continue;
             }
-            Some(v) => match PublicKey::from_base64(v) {
+            Some(v) => match validate::public_key(v) {
                 Ok(k) => k,
                 Err(e) => {
-                    problem(
-                        ann_field(ANN_PUBLIC_KEY),
-                        "InvalidPublicKey",
-                        format!("{v:?}: {e}"),
-                    );
+                    problem(ann_field(ANN_PUBLIC_KEY), "InvalidPublicKey", e.to_string());
                     continue;
                 }
             },
@@ -296,10 +259,10 @@ pub fn translate<'n>(
                     out.pending.push((name, "no tunmesh.io/endpoint yet"));
                     continue;
                 }
-                Some(v) => match parse_endpoint(v) {
+                Some(v) => match validate::endpoint(v) {
                     Ok(a) => a,
                     Err(m) => {
-                        problem(ann_field(ANN_ENDPOINT), "InvalidEndpoint", m);
+                        problem(ann_field(ANN_ENDPOINT), "InvalidEndpoint", m.to_string());
                         continue;
                     }
                 },

@@ -27,12 +27,40 @@ pub struct NodeState {
     pub interface: String,
     /// MTU for pod interfaces: the TUN MTU, so nothing fragments.
     pub mtu: u16,
-    /// The node's pod CIDRs, at most one per family; pods get addresses here.
+    /// The node's pod CIDRs, at most one per family; pods get addresses
+    /// here. Read with the same validator as every other input.
+    #[serde(deserialize_with = "pod_cidrs")]
     pub pod_cidrs: Vec<IpNetwork>,
     /// The gateway of each pod CIDR (its first host), in the same order.
     pub gateways: Vec<IpAddr>,
     /// The whole cluster's pod networks.
+    #[serde(deserialize_with = "cluster_cidrs")]
     pub cluster_cidrs: Vec<IpNetwork>,
+}
+
+/// CIDRs as text, each through `validate::cidr` (a CIDR with host bits set
+/// or no prefix is refused here as it is everywhere else), named by field.
+fn cidrs<'de, D: serde::Deserializer<'de>>(
+    field: &str,
+    d: D,
+) -> Result<Vec<IpNetwork>, D::Error> {
+    let texts: Vec<String> = Vec::deserialize(d)?;
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            crate::validate::cidr(t)
+                .map_err(|e| serde::de::Error::custom(format_args!("{field}[{i}]: {e}")))
+        })
+        .collect()
+}
+
+fn pod_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNetwork>, D::Error> {
+    cidrs("pod_cidrs", d)
+}
+
+fn cluster_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNetwork>, D::Error> {
+    cidrs("cluster_cidrs", d)
 }
 
 /// Writes `contents` to `path` through a temporary file in the same
@@ -50,20 +78,56 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     })
 }
 
+/// What is wrong with the node state or the conflist, and which file.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeStateError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
 impl NodeState {
-    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        write_atomic(&dir.join(NODE_STATE_FILE), &json)
+    pub fn write(&self, dir: &Path) -> Result<(), NodeStateError> {
+        let path = dir.join(NODE_STATE_FILE);
+        // NB: a struct of plain fields always encodes.
+        let json = serde_json::to_vec_pretty(self).unwrap_or_default();
+        write_atomic(&path, &json).map_err(|source| NodeStateError::Io {
+            action: "writing",
+            path,
+            source,
+        })
     }
 
-    /// Reads and checks the file: pod CIDRs and gateways must pair up.
-    pub fn read(dir: &Path) -> Result<NodeState, String> {
+    /// Reads and checks the file: at least one pod CIDR (each a valid CIDR,
+    /// by the same rule as every other input), each with its gateway.
+    pub fn read(dir: &Path) -> Result<NodeState, NodeStateError> {
         let path = dir.join(NODE_STATE_FILE);
-        let text = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let st: NodeState = serde_json::from_slice(&text)
-            .map_err(|e| format!("parsing {}: {e}", path.display()))?;
+        let text = std::fs::read(&path).map_err(|source| NodeStateError::Io {
+            action: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        let st: NodeState =
+            serde_json::from_slice(&text).map_err(|source| NodeStateError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        let invalid = |problem: String| NodeStateError::Invalid {
+            path: path.clone(),
+            problem,
+        };
         if st.pod_cidrs.is_empty() {
-            return Err(format!("{}: no pod CIDR yet", path.display()));
+            return Err(invalid("no pod CIDR yet".into()));
         }
         if st.gateways.len() != st.pod_cidrs.len()
             || st
@@ -72,12 +136,10 @@ impl NodeState {
                 .zip(&st.gateways)
                 .any(|(c, g)| !c.contains(*g))
         {
-            return Err(format!(
-                "{}: gateways {:?} do not match pod CIDRs {:?}",
-                path.display(),
-                st.gateways,
-                st.pod_cidrs
-            ));
+            return Err(invalid(format!(
+                "gateways {:?} do not match pod CIDRs {:?}",
+                st.gateways, st.pod_cidrs
+            )));
         }
         Ok(st)
     }
@@ -114,11 +176,23 @@ pub fn conflist(settings: &PluginSettings) -> serde_json::Value {
 }
 
 /// Writes the conflist into `conf_dir` atomically (creating the directory).
-pub fn write_conflist(conf_dir: &Path, settings: &PluginSettings) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(conf_dir)?;
+pub fn write_conflist(
+    conf_dir: &Path,
+    settings: &PluginSettings,
+) -> Result<PathBuf, NodeStateError> {
     let path = conf_dir.join(CONFLIST_FILE);
-    let json = serde_json::to_vec_pretty(&conflist(settings)).map_err(std::io::Error::other)?;
-    write_atomic(&path, &json)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| NodeStateError::Io {
+            action: "writing",
+            path,
+            source,
+        }
+    };
+    std::fs::create_dir_all(conf_dir).map_err(io(conf_dir))?;
+    // NB: a `Value` always encodes.
+    let json = serde_json::to_vec_pretty(&conflist(settings)).unwrap_or_default();
+    write_atomic(&path, &json).map_err(io(&path))?;
     Ok(path)
 }
 
@@ -145,9 +219,23 @@ mod tests {
         assert_eq!(NodeState::read(&dir).unwrap(), s);
         s.gateways[0] = "10.9.9.9".parse().unwrap();
         s.write(&dir).unwrap();
-        assert!(NodeState::read(&dir).unwrap_err().contains("do not match"));
+        assert!(NodeState::read(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("do not match"));
+        s.gateways[0] = "10.244.1.1".parse().unwrap();
+        s.pod_cidrs[0] = "10.244.1.7/24".parse().unwrap();
+        s.write(&dir).unwrap();
+        let e = NodeState::read(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("pod_cidrs") && e.contains("has host bits set"),
+            "{e}"
+        );
         std::fs::write(dir.join(NODE_STATE_FILE), "{").unwrap();
-        assert!(NodeState::read(&dir).unwrap_err().contains("parsing"));
+        assert!(NodeState::read(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("parsing"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,16 +1,17 @@
-//! Entry points for the fuzz targets in `fuzz/` (cargo fuzz, nightly) and
-//! for the corpus replay test that runs their corpora on stable, so every
-//! input the fuzzer kept, and every crash turned into a corpus file, is a
-//! regression test in CI.
+//! The fuzz targets' bodies, for the libFuzzer binaries in `fuzz_targets/`
+//! (cargo fuzz, nightly, `--features fuzzing`) and for the corpus replay
+//! test that runs their corpora on stable (`tests/corpus_replay.rs`), so
+//! every input the fuzzer kept, and every crash turned into a corpus file,
+//! is a regression test in CI.
 
 use k8s_openapi::api::core::v1::Node;
 
-use crate::dataplane::offload::{self, Coalescer, Gso, VnetHdr};
-use crate::dataplane::packet;
-use crate::source::nodes::{translate, TranslateSettings};
-use crate::PrivateKey;
 use tunmesh_cni::request::{parse_conf, parse_env, Command};
 use tunmesh_cni::spec::AddResult;
+use tunmesh_keygen::PrivateKey;
+use tunmesh_router::dataplane::offload::{self, Coalescer, Gso, VnetHdr};
+use tunmesh_router::dataplane::packet;
+use tunmesh_router::source::nodes::{translate, TranslateSettings};
 
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
@@ -113,6 +114,6 @@ pub fn cni_request(data: &[u8]) {
 /// Mesh files: any text gives a mesh or an error naming the problem.
 pub fn mesh_file(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = crate::source::file::parse(text, std::path::Path::new("fuzz.toml"));
+        let _ = tunmesh_router::source::file::parse(text, std::path::Path::new("fuzz.toml"));
     }
 }

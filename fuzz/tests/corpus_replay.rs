@@ -4,9 +4,9 @@
 
 #[test]
 fn fuzz_corpora_replay_without_panics() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let mut total = 0;
-    for (name, run) in tunmesh_router::fuzz::TARGETS {
+    for (name, run) in tunmesh_fuzz::TARGETS {
         let dir = root.join(name);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             panic!("no corpus for {name} in {}", dir.display());
