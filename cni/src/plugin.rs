@@ -185,7 +185,8 @@ async fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
             "CHECK needs prevResult (the result of the ADD)",
         )
     })?;
-    let prev = AddResult::from_json(prev).map_err(|e| CniError::new(code::INVALID_CONFIG, e))?;
+    let prev = AddResult::from_json(prev)
+        .map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?;
     let store = Store::open(&conf.settings.data_dir, &conf.name)?;
     let key = store::key(&env.container_id, &env.ifname);
     let allocated = store

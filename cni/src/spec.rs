@@ -180,7 +180,7 @@ impl AddResult {
     }
 
     /// Reads a `prevResult` (any supported version) back, for CHECK.
-    pub fn from_json(v: &Value) -> Result<AddResult, String> {
+    pub fn from_json(v: &Value) -> Result<AddResult, BadPrevResult> {
         let interfaces = v["interfaces"]
             .as_array()
             .map(|a| {
@@ -199,12 +199,13 @@ impl AddResult {
             let address = ip["address"]
                 .as_str()
                 .and_then(|a| a.parse().ok())
-                .ok_or_else(|| format!("prevResult.ips[{n}].address missing or not a CIDR"))?;
+                .ok_or_else(|| {
+                    BadPrevResult(format!("prevResult.ips[{n}].address missing or not a CIDR"))
+                })?;
             let gateway = match ip["gateway"].as_str() {
-                Some(g) => Some(
-                    g.parse()
-                        .map_err(|_| format!("prevResult.ips[{n}].gateway {g:?} is not an IP"))?,
-                ),
+                Some(g) => Some(g.parse().map_err(|_| {
+                    BadPrevResult(format!("prevResult.ips[{n}].gateway {g:?} is not an IP"))
+                })?),
                 None => None,
             };
             ips.push(IpConfig {
@@ -218,7 +219,9 @@ impl AddResult {
             let dst = r["dst"]
                 .as_str()
                 .and_then(|d| d.parse().ok())
-                .ok_or_else(|| format!("prevResult.routes[{n}].dst missing or not a CIDR"))?;
+                .ok_or_else(|| {
+                    BadPrevResult(format!("prevResult.routes[{n}].dst missing or not a CIDR"))
+                })?;
             routes.push(Route {
                 dst,
                 gw: r["gw"].as_str().and_then(|g| g.parse().ok()),
@@ -231,6 +234,11 @@ impl AddResult {
         })
     }
 }
+
+/// A `prevResult` that cannot be read back: which field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadPrevResult(pub String);
 
 #[cfg(test)]
 mod tests {

@@ -195,6 +195,27 @@ impl HostNet {
     }
 }
 
+/// The TUN device as the reconciler sees it: its routes and addresses,
+/// through `HostNet`.
+pub struct TunLink {
+    pub host: HostNet,
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+}
+
+impl crate::reconcile::HostApplier for TunLink {
+    async fn sync_routes(&self, routes: &[IpNetwork]) -> Result<RouteDiff> {
+        self.host.sync_routes(self.index, routes).await
+    }
+
+    async fn configure_link(&self, gateways: &[IpAddr]) -> Result<()> {
+        self.host
+            .configure_link(self.index, &self.name, self.mtu, gateways)
+            .await
+    }
+}
+
 fn is_link_local(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => a.is_link_local(),

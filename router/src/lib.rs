@@ -9,10 +9,12 @@
 //! valid key, endpoint and CIDR are the `tunmesh-contract` crate's, shared
 //! with the plugin.
 
+pub mod daemon;
 pub mod dataplane;
 pub mod hostnet;
 pub mod metrics;
 pub mod model;
+pub mod reconcile;
 pub mod source;
 pub mod status;
 pub mod uapi;
@@ -34,6 +36,13 @@ pub enum Error {
     },
     #[error("netlink: {context}: {message}")]
     Netlink { context: String, message: String },
+    #[error("{context}: {source}")]
+    Json {
+        context: String,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Kube(#[from] source::kube::ClientError),
 }
 
 impl Error {

@@ -26,7 +26,7 @@ use prometheus_client::registry::Registry;
 use tracing::{debug, warn};
 
 use crate::dataplane::Dataplane;
-use crate::source::kube::KubeStatus;
+use crate::source::SharedStatus;
 
 /// What the endpoints report, shared with the router's main loop.
 pub struct Health {
@@ -38,7 +38,8 @@ pub struct Health {
     /// Meshes applied, and applies that failed.
     pub reconciles: AtomicU64,
     pub reconcile_errors: AtomicU64,
-    pub kube: Option<Arc<Mutex<KubeStatus>>>,
+    /// The peer source's status (the Kubernetes gauges come from it).
+    pub source: SharedStatus,
     /// Per data-plane queue, as of the main loop's last tick.
     pub queues: Mutex<Vec<crate::status::QueueStatus>>,
     /// Host settings the router needs and could not make (status.json has
@@ -56,14 +57,14 @@ fn label(k: &str, v: &str) -> Labels {
 }
 
 impl Health {
-    pub fn new(dp: Arc<Dataplane>, kube: Option<Arc<Mutex<KubeStatus>>>) -> Arc<Health> {
+    pub fn new(dp: Arc<Dataplane>, source: SharedStatus) -> Arc<Health> {
         Arc::new(Health {
             dp,
             ready: AtomicBool::new(false),
             last_tick: AtomicU64::new(crate::status::unix_now()),
             reconciles: AtomicU64::new(0),
             reconcile_errors: AtomicU64::new(0),
-            kube,
+            source,
             queues: Mutex::new(Vec::new()),
             host_problems: AtomicU64::new(0),
         })
@@ -244,11 +245,8 @@ impl Health {
             "1 once the TUN device, routes and first mesh are in place",
             i64::from(self.ready.load(Ordering::Relaxed)),
         );
-        if let Some(k) = self
-            .kube
-            .as_ref()
-            .and_then(|k| k.lock().ok().map(|s| s.clone()))
-        {
+        let kube = self.source.lock().ok().and_then(|s| s.kubernetes.clone());
+        if let Some(k) = kube {
             gauge(
                 &mut reg,
                 "kubernetes_connected",

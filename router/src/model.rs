@@ -1,9 +1,12 @@
-//! Plain domain types shared by every peer source and the data plane. Nothing
-//! here knows about files, Kubernetes or sockets.
+//! Plain domain types shared by every peer source, the reconciler, the
+//! data plane and what the router reports. Nothing here knows about files,
+//! Kubernetes or sockets.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
 
 use crate::PublicKey;
 
@@ -75,4 +78,58 @@ impl std::fmt::Display for Nets<'_> {
         }
         Ok(())
     }
+}
+
+/// What a peer source reports about itself: for status.json, `tunmesh-ctl
+/// status` and metrics. Each source fills in its part; the router reads it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceStatus {
+    /// The Kubernetes source's state (absent with a mesh file).
+    pub kubernetes: Option<KubeStatus>,
+    /// Mesh-file reloads asked for (SIGHUP), and how the last one went.
+    pub reloads: u64,
+    pub last_reload: Option<ReloadStatus>,
+}
+
+/// One problem found on a Node, as status.json shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProblemStatus {
+    pub node: String,
+    pub field: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The Kubernetes source's state: is the API reachable, when was the mesh
+/// last rebuilt, what is wrong and what is waiting.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct KubeStatus {
+    pub node_name: String,
+    pub connected: bool,
+    /// The last error talking to the API server (cleared on success).
+    pub last_error: Option<String>,
+    /// Unix time of the last rebuild from a complete listing.
+    pub last_sync_unix: Option<u64>,
+    pub nodes: usize,
+    pub problems: Vec<ProblemStatus>,
+    /// Nodes that are not peers yet, with why (joining).
+    pub pending: Vec<String>,
+    /// The endpoint this router last published on its Node.
+    pub published_endpoint: Option<String>,
+}
+
+/// How the last mesh-file reload went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReloadStatus {
+    pub at_unix: u64,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

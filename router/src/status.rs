@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataplane::counters::CountersSnapshot;
 use crate::dataplane::Dataplane;
+pub use crate::model::{unix_now, ReloadStatus};
 use crate::{Error, Result};
 
 /// File name of the snapshot inside the state directory.
@@ -43,13 +44,6 @@ pub struct QueueStatus {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ReloadStatus {
-    pub at_unix: u64,
-    pub ok: bool,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub interface: String,
     pub public_key: String,
@@ -66,7 +60,7 @@ pub struct Status {
     pub last_reload: Option<ReloadStatus>,
     /// The Kubernetes source's state (absent with a mesh file).
     #[serde(default)]
-    pub kubernetes: Option<crate::source::kube::KubeStatus>,
+    pub kubernetes: Option<crate::model::KubeStatus>,
     /// This node's pod CIDRs as last applied (empty while none is assigned).
     #[serde(default)]
     pub pod_cidrs: Vec<String>,
@@ -78,13 +72,6 @@ pub struct Status {
     /// carries why it ended, and makes `/healthz` fail.
     #[serde(default)]
     pub workers: Vec<crate::dataplane::WorkerSlot>,
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Peer statuses from the data plane's current table.
@@ -118,6 +105,58 @@ pub fn peers(dp: &Dataplane) -> Vec<PeerStatus> {
         .collect()
 }
 
+/// One real data-plane queue: its TUN queue and UDP socket.
+pub type RealQueue = (
+    std::sync::Arc<crate::dataplane::tun::TunDevice>,
+    std::sync::Arc<crate::dataplane::udp::UdpSocket>,
+);
+
+/// What each queue carried.
+pub fn queues(q: &[RealQueue]) -> Vec<QueueStatus> {
+    q.iter()
+        .map(|(tun, udp)| {
+            let (read, written) = tun.packet_counts();
+            QueueStatus {
+                tun_packets_read: read,
+                tun_packets_written: written,
+                udp_datagrams_received: udp.datagrams_received(),
+            }
+        })
+        .collect()
+}
+
+/// Everything the status snapshot says that is not the data plane's own.
+pub struct Context<'a> {
+    pub interface: &'a str,
+    pub listen_port: u16,
+    pub offload: crate::dataplane::tun::OffloadStats,
+    pub queues: Vec<QueueStatus>,
+    pub source: crate::model::SourceStatus,
+    pub pod_cidrs: &'a [ipnetwork::IpNetwork],
+    pub host_problems: &'a [String],
+}
+
+impl Status {
+    /// The snapshot of the data plane `dp` and `c`.
+    pub fn collect(dp: &Dataplane, c: Context<'_>) -> Status {
+        Status {
+            interface: c.interface.to_string(),
+            public_key: dp.public_key().to_base64(),
+            listen_port: c.listen_port,
+            peers: peers(dp),
+            counters: dp.counters.snapshot(),
+            offload: c.offload,
+            queues: c.queues,
+            reloads: c.source.reloads,
+            last_reload: c.source.last_reload,
+            kubernetes: c.source.kubernetes,
+            pod_cidrs: c.pod_cidrs.iter().map(|p| p.to_string()).collect(),
+            host_problems: c.host_problems.to_vec(),
+            workers: dp.workers(),
+        }
+    }
+}
+
 /// Writes `contents` to `path` through a temporary file and a rename, so a
 /// reader never sees a half-written file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
@@ -127,8 +166,10 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
 
 impl Status {
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let json =
-            serde_json::to_vec_pretty(self).map_err(|e| Error::io("encoding status", e.into()))?;
+        let json = serde_json::to_vec_pretty(self).map_err(|source| Error::Json {
+            context: "encoding status".into(),
+            source,
+        })?;
         write_atomic(&dir.join(STATUS_FILE), &json)
     }
 
@@ -136,7 +177,9 @@ impl Status {
         let path = dir.join(STATUS_FILE);
         let text = std::fs::read(&path)
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        serde_json::from_slice(&text)
-            .map_err(|e| Error::io(format!("parsing {}", path.display()), e.into()))
+        serde_json::from_slice(&text).map_err(|source| Error::Json {
+            context: format!("parsing {}", path.display()),
+            source,
+        })
     }
 }

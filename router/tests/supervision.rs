@@ -77,7 +77,7 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
     let stop = Arc::new(AtomicBool::new(false));
     let handles = dp.spawn(&queues, Arc::clone(&stop)).unwrap();
 
-    let health = Health::new(Arc::clone(&dp), None);
+    let health = Health::new(Arc::clone(&dp), Default::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

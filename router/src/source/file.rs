@@ -30,7 +30,11 @@ use serde::Deserialize;
 
 use tunmesh_contract::validate::{self, overlaps};
 
-use crate::model::{DesiredMesh, PeerSpec};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::{publish, set_status, PeerSource, Request, SharedStatus, SourceTask, Updates};
+use crate::model::{unix_now, DesiredMesh, PeerSpec, ReloadStatus, Snapshot};
 
 /// What is wrong with a mesh file: its path and one line per problem.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +114,86 @@ fn cidr_list(raw: &[String], what: &str, problems: &mut Vec<String>) -> Vec<IpNe
             }
         })
         .collect()
+}
+
+/// The mesh file as a peer source: the snapshot read at start, then a
+/// fresh read on every reload request (SIGHUP). A bad file at a reload is
+/// refused, logged and recorded in the status; the last good mesh stays.
+/// `[node]` settings take effect at start only.
+pub struct FileSource {
+    path: PathBuf,
+    file: MeshFile,
+}
+
+impl FileSource {
+    /// Reads and validates the file; a bad one is an error (a router must
+    /// not come up on a file it cannot use).
+    pub fn open(path: &Path) -> Result<FileSource, MeshFileError> {
+        Ok(FileSource {
+            path: path.to_path_buf(),
+            file: load(path)?,
+        })
+    }
+
+    /// This node's settings from `[node]`, as read at start.
+    pub fn node(&self) -> &NodeSettings {
+        &self.file.node
+    }
+
+    fn snapshot(&self, mesh: DesiredMesh) -> Snapshot {
+        Snapshot {
+            mesh,
+            pod_cidrs: self.file.node.pod_cidrs.clone(),
+        }
+    }
+
+    /// One reload: the new snapshot, or why the file was refused.
+    fn reload(&self) -> Result<(Snapshot, String), MeshFileError> {
+        let f = load(&self.path)?;
+        if f.node != self.file.node {
+            warn!(file = %self.path.display(), "[node] settings changed; they take effect on restart (peers are applied now)");
+        }
+        let n = f.mesh.peers.len();
+        Ok((self.snapshot(f.mesh), format!("{n} peers read")))
+    }
+}
+
+impl PeerSource for FileSource {
+    fn kind(&self) -> &'static str {
+        "mesh file"
+    }
+
+    fn run(
+        self: Box<Self>,
+        updates: Updates,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        status: SharedStatus,
+    ) -> SourceTask {
+        Box::pin(async move {
+            publish(&updates, self.snapshot(self.file.mesh.clone()));
+            while let Some(Request::Reload) = requests.recv().await {
+                let (ok, message) = match self.reload() {
+                    Ok((snap, message)) => {
+                        info!(file = %self.path.display(), result = %message, "mesh file reloaded");
+                        publish(&updates, snap);
+                        (true, message)
+                    }
+                    Err(e) => {
+                        error!(error = %e, "reload refused; keeping the last good mesh");
+                        (false, e.to_string())
+                    }
+                };
+                set_status(&status, |s| {
+                    s.reloads += 1;
+                    s.last_reload = Some(ReloadStatus {
+                        at_unix: unix_now(),
+                        ok,
+                        message,
+                    });
+                });
+            }
+        })
+    }
 }
 
 /// Reads and validates a mesh file.

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -32,14 +32,13 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Config};
-use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::nodes::{self, Problem, TranslateSettings, ANN_ENDPOINT, ANN_PUBLIC_KEY};
-use crate::model::{Nets, Snapshot};
-use crate::status::unix_now;
+use super::{publish, set_status, PeerSource, Request, SharedStatus, SourceTask, Updates};
+use crate::model::{unix_now, KubeStatus, Nets, ProblemStatus, Snapshot};
 use crate::PublicKey;
 
 /// Namespace Events about (cluster-scoped) Nodes go to, as kubelet does.
@@ -70,51 +69,42 @@ pub struct KubeSettings {
     pub resync: Duration,
 }
 
-/// One problem as status.json shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ProblemStatus {
-    pub node: String,
-    pub field: String,
-    pub reason: String,
-    pub message: String,
-}
-
-/// The Kubernetes source's state, for status.json: is the API reachable,
-/// when was the mesh last rebuilt, what is wrong and what is waiting.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct KubeStatus {
-    pub node_name: String,
-    pub connected: bool,
-    /// The last error talking to the API server (cleared on success).
-    pub last_error: Option<String>,
-    /// Unix time of the last rebuild from a complete listing.
-    pub last_sync_unix: Option<u64>,
-    pub nodes: usize,
-    pub problems: Vec<ProblemStatus>,
-    /// Nodes that are not peers yet, with why (joining).
-    pub pending: Vec<String>,
-    /// The endpoint this router last published on its Node.
-    pub published_endpoint: Option<String>,
+/// Why no Kubernetes client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Read {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("kubeconfig {path}: {source}")]
+    Config {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no Kubernetes configuration (in-cluster or KUBECONFIG): {0}")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("building the Kubernetes client: {0}")]
+    Build(#[source] kube::Error),
 }
 
 /// A client from `kubeconfig`, else from `$KUBECONFIG`/`~/.kube/config`,
 /// else the in-cluster ServiceAccount.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     let mut config = match kubeconfig {
         Some(path) => {
+            let p = || path.display().to_string();
             let kc = Kubeconfig::read_from(path)
-                .map_err(|e| format!("reading kubeconfig {}: {e}", path.display()))?;
+                .map_err(|source| ClientError::Read { path: p(), source })?;
             Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+                .map_err(|source| ClientError::Config { path: p(), source })?
         }
-        None => Config::infer()
-            .await
-            .map_err(|e| format!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?,
+        None => Config::infer().await.map_err(ClientError::Infer)?,
     };
     config.connect_timeout = Some(CONNECT_TIMEOUT);
     config.read_timeout = Some(READ_TIMEOUT);
-    Client::try_from(config).map_err(|e| format!("building the Kubernetes client: {e}"))
+    Client::try_from(config).map_err(ClientError::Build)
 }
 
 /// An API error with what an operator needs to act on it: a missing verb
@@ -156,14 +146,49 @@ fn explain_watch(e: &watcher::Error) -> String {
     }
 }
 
-/// Runs the source until the channel's receiver is gone. Never returns an
-/// error: every failure is logged, shown in `status`, and retried.
-pub async fn run(
+/// Node objects as a peer source.
+pub struct KubeSource {
     client: Client,
     settings: KubeSettings,
     key: PublicKey,
-    tx: watch::Sender<Option<Snapshot>>,
-    status: Arc<Mutex<KubeStatus>>,
+}
+
+impl KubeSource {
+    /// A source for this router (its public key is published on its Node).
+    pub fn new(client: Client, settings: KubeSettings, key: PublicKey) -> Self {
+        KubeSource {
+            client,
+            settings,
+            key,
+        }
+    }
+}
+
+impl PeerSource for KubeSource {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn run(
+        self: Box<Self>,
+        updates: Updates,
+        requests: mpsc::UnboundedReceiver<Request>,
+        status: SharedStatus,
+    ) -> SourceTask {
+        let s = *self;
+        Box::pin(run(s.client, s.settings, s.key, updates, requests, status))
+    }
+}
+
+/// Runs the source until the router is gone. Never returns an error: every
+/// failure is logged, shown in `status`, and retried.
+async fn run(
+    client: Client,
+    settings: KubeSettings,
+    key: PublicKey,
+    tx: Updates,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+    status: SharedStatus,
 ) {
     let nodes_api: Api<Node> = Api::all(client.clone());
     let events_api: Api<Event> = Api::namespaced(client, EVENT_NAMESPACE);
@@ -191,9 +216,8 @@ pub async fn run(
         said_no_cidr: false,
         status,
     };
-    if let Ok(mut s) = st.status.lock() {
-        s.node_name = st.settings.node_name.clone();
-    }
+    let name = st.settings.node_name.clone();
+    st.set_status(|s| s.node_name = name);
     let mut ready = false;
     let mut failing = false;
     loop {
@@ -237,6 +261,14 @@ pub async fn run(
             },
             _ = resync.tick() => ready,
             _ = sleep_until(retry) => ready,
+            req = requests.recv() => match req {
+                Some(Request::Reload) => {
+                    info!("reload asked for: nothing to reload (Node objects are watched continuously)");
+                    false
+                }
+                // The router is gone.
+                None => return,
+            },
         };
         if rebuild {
             st.rebuild(&store, &tx).await;
@@ -270,17 +302,17 @@ struct SourceState {
     last_patch: Option<(BTreeMap<&'static str, String>, Instant)>,
     said_missing: bool,
     said_no_cidr: bool,
-    status: Arc<Mutex<KubeStatus>>,
+    status: SharedStatus,
 }
 
 impl SourceState {
     fn set_status(&self, f: impl FnOnce(&mut KubeStatus)) {
-        if let Ok(mut s) = self.status.lock() {
-            f(&mut s);
-        }
+        set_status(&self.status, |s| {
+            f(s.kubernetes.get_or_insert_with(Default::default))
+        });
     }
 
-    async fn rebuild(&mut self, store: &Store<Node>, tx: &watch::Sender<Option<Snapshot>>) {
+    async fn rebuild(&mut self, store: &Store<Node>, tx: &Updates) {
         let all = store.state();
         let t = nodes::translate(
             all.iter().map(|n| n.as_ref()),
@@ -361,14 +393,7 @@ impl SourceState {
             mesh: t.mesh.clone(),
             pod_cidrs,
         };
-        tx.send_if_modified(|cur| {
-            if cur.as_ref() == Some(&snap) {
-                false
-            } else {
-                *cur = Some(snap);
-                true
-            }
-        });
+        publish(tx, snap);
         // After the mesh is handed over: a slow or failing API call here
         // never delays it.
         if let Some(own) = &t.own {

@@ -1,0 +1,211 @@
+//! The router's main loop. It selects on three kinds of thing only: the
+//! peer source's snapshot channel, signals, and timers.
+//!
+//! - a snapshot: the reconciler applies it (on failure: again in 2 s);
+//! - SIGHUP: passed to the source as a reload request; SIGTERM/SIGINT: stop;
+//! - a `wg set` through the WireGuard API: the source's mesh is applied
+//!   again one resync later (until then the change stands);
+//! - every resync: forwarding and the TUN's rp_filter checked and set back;
+//! - every second: the status snapshot written and the health tick.
+//!
+//! On stop it removes the API socket, stops the data-plane workers and
+//! waits for them.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::dataplane::Dataplane;
+use crate::hostnet;
+use crate::metrics::Health;
+use crate::model::unix_now;
+use crate::reconcile::{CniFiles, HostApplier, Reconciler};
+use crate::source::{PeerSource, Request, SharedStatus};
+use crate::status::{self, RealQueue, Status};
+
+/// How often the status snapshot is rewritten and the health tick given.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long after a failed apply the last snapshot is applied again.
+pub const RETRY: Duration = Duration::from_secs(2);
+
+/// What the loop needs besides the reconciler.
+pub struct Settings {
+    pub interface: String,
+    pub listen_port: u16,
+    pub state_dir: PathBuf,
+    /// Where the host's /proc/sys is (sysctls).
+    pub proc_sys: PathBuf,
+    /// How often host settings are checked again (and the source resyncs).
+    pub resync: Duration,
+    /// The WireGuard API socket to remove on stop, if one was made.
+    pub uapi_socket: Option<PathBuf>,
+}
+
+/// Why the loop ended other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("installing the {0} handler: {1}")]
+    Signal(&'static str, #[source] std::io::Error),
+    #[error("the {0} source stopped")]
+    SourceStopped(&'static str),
+}
+
+pub struct Daemon<H, C> {
+    pub dp: Arc<Dataplane>,
+    pub reconciler: Reconciler<Arc<Dataplane>, H, C>,
+    pub health: Arc<Health>,
+    pub source_status: SharedStatus,
+    pub queues: Vec<RealQueue>,
+    pub settings: Settings,
+    /// Fires after each `wg set` that changed something.
+    pub uapi_changes: mpsc::UnboundedReceiver<()>,
+    /// Host settings the router could not make (forwarding, rp_filter).
+    pub host_problems: Vec<String>,
+    /// Set to stop the data-plane workers, which are joined on stop.
+    pub stop: Arc<AtomicBool>,
+    pub workers: Vec<JoinHandle<()>>,
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
+    /// Runs `source` and the loop until SIGTERM or SIGINT, then stops the
+    /// data plane.
+    pub async fn run(mut self, source: Box<dyn PeerSource>) -> Result<(), DaemonError> {
+        let kind = source.kind();
+        let (updates, mut snapshots) = watch::channel(None);
+        let (requests, source_requests) = mpsc::unbounded_channel();
+        tokio::spawn(source.run(updates, source_requests, Arc::clone(&self.source_status)));
+        let sig = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|e| DaemonError::Signal(name, e))
+        };
+        let mut hup = sig(SignalKind::hangup(), "SIGHUP")?;
+        let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
+        let mut tick = tokio::time::interval(STATUS_INTERVAL);
+        let resync = self.settings.resync;
+        let mut host_check = tokio::time::interval_at(Instant::now() + resync, resync);
+        let mut status_failing = false;
+        // After a failed apply, the latest snapshot is applied again then.
+        let mut retry_at: Option<Instant> = None;
+        // After a `wg set`, the source's mesh is applied again then.
+        let mut reapply_at: Option<Instant> = None;
+        let result = loop {
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break Err(DaemonError::SourceStopped(kind));
+                    }
+                    let snap = snapshots.borrow_and_update().clone();
+                    if let Some(snap) = snap {
+                        retry_at = self.apply(&snap, kind).await;
+                    }
+                }
+                _ = sleep_until(retry_at) => {
+                    retry_at = self.apply_last(kind).await;
+                }
+                _ = hup.recv() => {
+                    let _ = requests.send(Request::Reload);
+                }
+                _ = term.recv() => break Ok(()),
+                _ = int.recv() => break Ok(()),
+                Some(()) = self.uapi_changes.recv() => {
+                    reapply_at.get_or_insert_with(|| Instant::now() + resync);
+                }
+                _ = sleep_until(reapply_at) => {
+                    reapply_at = None;
+                    info!("re-applying the source's mesh over `wg set` changes");
+                    retry_at = self.apply_last(kind).await;
+                }
+                _ = host_check.tick() => {
+                    self.host_problems = hostnet::prepare_sysctls(
+                        &self.settings.proc_sys, &self.settings.interface, true);
+                    self.health.host_problems.store(self.host_problems.len() as u64, Ordering::Relaxed);
+                }
+                _ = tick.tick() => self.report(&mut status_failing),
+            }
+        };
+        self.shutdown();
+        result
+    }
+
+    /// Applies `snap`; on failure says so and returns when to try again.
+    async fn apply(&mut self, snap: &crate::model::Snapshot, kind: &str) -> Option<Instant> {
+        match self.reconciler.apply(snap).await {
+            Ok(_) => {
+                self.health.ready.store(true, Ordering::Relaxed);
+                self.health.reconciles.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(e) => {
+                self.health.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+                error!(source = kind, error = %e, "applying the mesh failed; retrying in 2 s");
+                Some(Instant::now() + RETRY)
+            }
+        }
+    }
+
+    async fn apply_last(&mut self, kind: &str) -> Option<Instant> {
+        match self.reconciler.last().cloned() {
+            Some(snap) => self.apply(&snap, kind).await,
+            None => None,
+        }
+    }
+
+    /// The health tick and the status snapshot.
+    fn report(&mut self, failing: &mut bool) {
+        self.health.last_tick.store(unix_now(), Ordering::Relaxed);
+        let queues = status::queues(&self.queues);
+        if let Ok(mut q) = self.health.queues.lock() {
+            q.clone_from(&queues);
+        }
+        let source = self
+            .source_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let s = Status::collect(
+            &self.dp,
+            status::Context {
+                interface: &self.settings.interface,
+                listen_port: self.settings.listen_port,
+                offload: self.queues.iter().map(|(t, _)| t.offload_stats()).sum(),
+                queues,
+                source,
+                pod_cidrs: self.reconciler.pod_cidrs(),
+                host_problems: &self.host_problems,
+            },
+        );
+        match s.write(&self.settings.state_dir) {
+            Ok(()) => *failing = false,
+            Err(e) if !*failing => {
+                warn!(error = %e, "writing status");
+                *failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn shutdown(&mut self) {
+        info!("stopping");
+        if let Some(sock) = &self.settings.uapi_socket {
+            let _ = std::fs::remove_file(sock);
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
