@@ -1,32 +1,37 @@
-//! The packet path: the I/O shell around boringtun's `noise::Tunn`.
-//!
-//! One worker thread per queue (a TUN queue and its UDP socket) runs both
-//! directions to completion, plus one timer thread; each owns the batches it
-//! fills (allocated once at start, reused for every batch; nothing on this
-//! path allocates per packet except boringtun queueing a packet while a
-//! handshake is in flight):
+//! The packet path's protocol steps: the engine around boringtun's
+//! `noise::Tunn`. Every step here is I/O-free: it takes a batch in and fills
+//! batches out (what to write to the TUN device, what to send on the UDP
+//! side), counting drops by reason and per-peer traffic as it goes; the
+//! workers (`worker`) do the system calls around it. So two engines can be
+//! driven against each other packet by packet in a test.
 //!
 //! ```text
-//! outbound  TUN recv_batch ─ dst → peer (longest prefix over allowed IPs)
-//!           ─ Tunn::encapsulate into `udp_out` ─ UDP send_batch to the peer's endpoint
-//! inbound   UDP recv_batch ─ MAC + load check (cookie reply when under load)
-//!           ─ peer by receiver index, or by static key for a handshake initiation
-//!           ─ Tunn::decapsulate into `tun_out` ─ inner source in that peer's
-//!             allowed IPs? ─ TUN send_batch;  handshake replies ─ UDP send_batch
-//! timers    every TICK: Tunn::update_timers per peer (rekey, keepalive,
-//!           handshake retries) ─ UDP send; rate limiter reset every second
+//! seal            TUN packets ─ dst → peer (longest prefix over allowed IPs)
+//!                 ─ Tunn::encapsulate ─ datagrams to peers' endpoints
+//! open            datagrams ─ MAC + load check (cookie reply when under load)
+//!                 ─ peer by receiver index, or by static key for an initiation
+//!                 ─ Tunn::decapsulate ─ inner source in that peer's allowed
+//!                 IPs? ─ TUN packets;  handshake replies ─ datagrams
+//! flush_waiting   after a handshake: the packets that waited for it, sealed
+//! tick            Tunn::update_timers per peer (rekey, keepalive, retries)
 //! ```
 //!
+//! Buffers: every output batch is the caller's, allocated once per worker
+//! and reused; a step writes into its slots in place. Nothing here
+//! allocates per packet, except boringtun keeping a packet while a
+//! handshake is in flight. A step never needs more output slots than it
+//! was given packets (one datagram per packet, at most one reply or TUN
+//! packet per datagram); what a handshake releases comes out of
+//! `flush_waiting`, as many batches as it takes.
+//!
 //! The peer table is an immutable snapshot behind `ArcSwap`, loaded once per
-//! batch; reconciles swap in a new one. Every dropped packet is counted with
-//! its reason in `Counters`; per-packet trouble is logged at debug level only.
+//! batch; reconciles swap in a new one. Per-packet trouble is logged at
+//! debug level only.
 
-use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use boringtun::noise::errors::WireGuardError;
@@ -34,10 +39,10 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, warn};
 
 use super::counters::{Counters, Drop};
-use super::io::{Batch, Queue, TunIo, UdpIo, BATCH};
+use super::io::Batch;
 use super::packet;
 use super::peers::{Peer, PeerState, PeerTable};
 use crate::model::DesiredMesh;
@@ -46,10 +51,6 @@ use crate::{PrivateKey, PublicKey};
 /// How often WireGuard timers are ticked. The protocol's finest timer is
 /// REKEY_TIMEOUT (5 s) with jitter; boringtun expects ticks well below that.
 pub const TICK: Duration = Duration::from_millis(100);
-/// How long a worker waits for I/O before checking whether to stop.
-pub const POLL: Duration = Duration::from_millis(200);
-/// How long a worker over in-memory fakes (no descriptor to poll) idles.
-const FAKE_IDLE: Duration = Duration::from_micros(200);
 /// Handshakes per second before the rate limiter answers with cookies.
 pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// WireGuard's data-message overhead: header, counter and tag.
@@ -88,13 +89,13 @@ pub struct Dataplane {
     table: ArcSwap<PeerTable>,
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
-    rate_limiter: Arc<RateLimiter>,
+    pub(super) rate_limiter: Arc<RateLimiter>,
     pub counters: Counters,
     next_index: AtomicU32,
     apply_lock: Mutex<()>,
     buf_size: usize,
     /// The worker threads `spawn` started, and how each ended if it did.
-    workers: Mutex<Vec<WorkerSlot>>,
+    pub(super) workers: Mutex<Vec<WorkerSlot>>,
 }
 
 /// One supervised data-plane thread.
@@ -149,6 +150,11 @@ impl Dataplane {
     /// The current peer table.
     pub fn table(&self) -> Arc<PeerTable> {
         self.table.load_full()
+    }
+
+    /// The current peer table, for one batch (cheaper than `table`).
+    pub fn batch_table(&self) -> arc_swap::Guard<Arc<PeerTable>> {
+        self.table.load()
     }
 
     /// Buffer size every batch of this data plane uses.
@@ -217,72 +223,16 @@ impl Dataplane {
         diff
     }
 
-    /// Sends and empties `out`, counting refused datagrams.
-    fn flush_udp(&self, out: &mut Batch, udp: &dyn UdpIo) {
-        let sent = Self::flush(out, |b| udp.send_batch(b));
-        self.account(sent, &self.counters.udp_tx_datagrams, Drop::SendFailed);
-    }
-
-    /// Writes and empties `out` to the TUN device, counting refused packets.
-    fn flush_tun(&self, out: &mut Batch, tun: &dyn TunIo) {
-        let sent = Self::flush(out, |b| tun.send_batch(b));
-        self.account(sent, &self.counters.tun_tx_packets, Drop::TunWriteFailed);
-    }
-
-    /// Hands `out` to `send` and empties it; returns (sent, refused).
-    fn flush(out: &mut Batch, send: impl FnOnce(&mut Batch) -> io::Result<usize>) -> (u64, u64) {
-        if out.n == 0 {
-            return (0, 0);
-        }
-        let sent = match send(out) {
-            Ok(sent) => sent.min(out.n),
-            Err(e) => {
-                debug!(error = %e, "batch send failed");
-                0
-            }
-        };
-        let refused = out.n - sent;
-        out.n = 0;
-        (sent as u64, refused as u64)
-    }
-
-    fn account(&self, (sent, refused): (u64, u64), ok: &std::sync::atomic::AtomicU64, why: Drop) {
-        ok.fetch_add(sent, Ordering::Relaxed);
-        self.counters.drop_n(why, refused);
-    }
-
-    /// Copies `data` into the next slot of `out` addressed to `to`, flushing first if full.
-    fn queue_udp(&self, out: &mut Batch, udp: &dyn UdpIo, data: &[u8], to: SocketAddr) {
-        if out.is_full() {
-            self.flush_udp(out, udp);
-        }
-        match out
-            .bufs
-            .get_mut(out.n)
-            .and_then(|b| b.get_mut(..data.len()))
-        {
-            Some(dst) => {
-                dst.copy_from_slice(data);
-                out.commit(data.len(), to);
-            }
-            None => self.counters.drop(Drop::QueueFull),
-        }
-    }
-
-    /// Outbound: encrypts packets `0..input.n` read from the TUN into `out`
-    /// and sends them (flushing `out` whenever it fills, and at the end).
-    pub fn process_outbound(
-        &self,
-        table: &PeerTable,
-        input: &Batch,
-        out: &mut Batch,
-        udp: &dyn UdpIo,
-    ) {
+    /// Seal: encrypts packets `0..input.n` read from the TUN into `out`
+    /// (datagrams addressed to their peers' endpoints). `out` needs room
+    /// for `input.n` more; a packet that finds none is dropped as
+    /// `queue_full`.
+    pub fn seal(&self, table: &PeerTable, input: &Batch, out: &mut Batch) {
         self.counters
             .tun_rx_packets
             .fetch_add(input.n as u64, Ordering::Relaxed);
         // The peer's lock is held across a run of packets to the same peer
-        // (one lock per run, not per packet) and released before a send.
+        // (one lock per run, not per packet).
         let mut held: Option<(&Arc<Peer>, MutexGuard<'_, PeerState>)> = None;
         for i in 0..input.n {
             let pkt = input.packet(i);
@@ -300,10 +250,6 @@ impl Dataplane {
                 self.counters.drop(Drop::NoPeer);
                 continue;
             };
-            if out.is_full() {
-                held = None;
-                self.flush_udp(out, udp);
-            }
             let Some(buf) = out.bufs.get_mut(out.n) else {
                 self.counters.drop(Drop::QueueFull);
                 continue;
@@ -359,54 +305,60 @@ impl Dataplane {
                 }
             }
         }
-        drop(held);
-        self.flush_udp(out, udp);
     }
 
-    /// Inbound: authenticates and decrypts datagrams `0..input.n`, writes
-    /// allowed packets to the TUN and protocol replies to the network.
-    pub fn process_inbound(
+    /// Open: authenticates and decrypts datagrams `0..input.n`; packets for
+    /// this node go to `tun_out`, protocol replies (handshake responses,
+    /// cookies, the keepalive that completes a handshake) to `udp_out`.
+    /// Each needs room for `input.n` more. Returns true when a handshake
+    /// completed: then `flush_waiting` has packets to send.
+    pub fn open(
         &self,
         table: &PeerTable,
         input: &Batch,
         tun_out: &mut Batch,
         udp_out: &mut Batch,
-        tun: &dyn TunIo,
-        udp: &dyn UdpIo,
-    ) {
+    ) -> bool {
         self.counters
             .udp_rx_datagrams
             .fetch_add(input.n as u64, Ordering::Relaxed);
-        let mut cookie = [0u8; 64];
-        // As outbound: one lock per run of datagrams from the same peer.
+        let mut handshakes = false;
+        // As in seal: one lock per run of datagrams from the same peer.
         let mut held: Option<(&Arc<Peer>, MutexGuard<'_, PeerState>)> = None;
         for i in 0..input.n {
             let datagram = input.packet(i);
             let src = input.addrs.get(i).copied().unwrap_or(UNSPECIFIED);
             // MACs and load are checked before any Diffie-Hellman work, so a
             // flood of initiations from unknown keys costs little.
-            let parsed =
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(src.ip()), datagram, &mut cookie)
-                {
-                    Ok(p) => p,
-                    Err(TunnResult::WriteToNetwork(reply)) => {
-                        self.counters.cookie_replies.fetch_add(1, Ordering::Relaxed);
-                        let len = reply.len();
-                        self.queue_udp(udp_out, udp, &cookie[..len], src);
-                        continue;
+            let parsed = match udp_out.bufs.get_mut(udp_out.n) {
+                None => {
+                    self.counters.drop(Drop::QueueFull);
+                    continue;
+                }
+                Some(reply) => {
+                    match self
+                        .rate_limiter
+                        .verify_packet(Some(src.ip()), datagram, reply)
+                    {
+                        Ok(p) => p,
+                        Err(TunnResult::WriteToNetwork(cookie)) => {
+                            let len = cookie.len();
+                            self.counters.cookie_replies.fetch_add(1, Ordering::Relaxed);
+                            udp_out.commit(len, src);
+                            continue;
+                        }
+                        Err(TunnResult::Err(WireGuardError::InvalidMac))
+                        | Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                            self.counters.drop(Drop::HandshakeRejected);
+                            continue;
+                        }
+                        Err(_) => {
+                            self.counters.drop(Drop::Malformed);
+                            continue;
+                        }
                     }
-                    Err(TunnResult::Err(WireGuardError::InvalidMac))
-                    | Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
-                        self.counters.drop(Drop::HandshakeRejected);
-                        continue;
-                    }
-                    Err(_) => {
-                        self.counters.drop(Drop::Malformed);
-                        continue;
-                    }
-                };
+                }
+            };
             let (peer, is_data) = match &parsed {
                 Packet::HandshakeInit(h) => {
                     match parse_handshake_anon(&self.secret, &self.public, h) {
@@ -430,14 +382,6 @@ impl Dataplane {
                 });
                 continue;
             };
-            if tun_out.is_full() {
-                held = None;
-                self.flush_tun(tun_out, tun);
-            }
-            let Some(buf) = tun_out.bufs.get_mut(tun_out.n) else {
-                self.counters.drop(Drop::QueueFull);
-                continue;
-            };
             if !held.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, peer)) {
                 drop(held.take());
                 held = Some((peer, peer.lock()));
@@ -445,28 +389,32 @@ impl Dataplane {
             let Some((_, st)) = held.as_mut() else {
                 continue;
             };
+            // A datagram yields a TUN packet or a reply, never both: the
+            // reply is written straight into `udp_out`'s next slot, a
+            // packet into `tun_out`'s.
+            let (Some(pkt_buf), Some(reply_buf)) = (
+                tun_out.bufs.get_mut(tun_out.n),
+                udp_out.bufs.get_mut(udp_out.n),
+            ) else {
+                self.counters.drop(Drop::QueueFull);
+                continue;
+            };
+            let buf = if is_data { pkt_buf } else { reply_buf };
             match st.tunn.decapsulate(Some(src.ip()), datagram, buf) {
                 TunnResult::Done => st.endpoint = Some(src),
                 TunnResult::WriteToNetwork(reply) => {
                     st.endpoint = Some(src);
-                    self.queue_udp(udp_out, udp, reply, src);
-                    // Packets that waited for the handshake follow the
-                    // reply, sealed now: they count as sent here (their
-                    // inner bytes from boringtun's own running total).
-                    let before = st.tunn.stats().1;
-                    let mut flushed = 0u16;
-                    while let TunnResult::WriteToNetwork(more) = st.tunn.decapsulate(None, &[], buf)
-                    {
-                        if more.first() == Some(&MESSAGE_DATA) {
-                            flushed = flushed.saturating_add(1);
-                        }
-                        self.queue_udp(udp_out, udp, more, src);
+                    let len = reply.len();
+                    // A data datagram cannot answer with a reply; if boringtun
+                    // ever did, it was written into the TUN batch's slot.
+                    if is_data {
+                        self.counters.drop(Drop::Malformed);
+                    } else {
+                        udp_out.commit(len, src);
                     }
-                    if flushed > 0 {
-                        let bytes = st.tunn.stats().1.saturating_sub(before);
-                        peer.counters.tx_n(u64::from(flushed), bytes as u64);
-                        st.waiting = st.waiting.saturating_sub(flushed);
-                    }
+                    // Packets that waited for the handshake follow.
+                    st.flush = true;
+                    handshakes = true;
                 }
                 TunnResult::WriteToTunnelV4(inner, addr) => {
                     st.endpoint = Some(src);
@@ -488,9 +436,7 @@ impl Dataplane {
                 }
             }
         }
-        drop(held);
-        self.flush_tun(tun_out, tun);
-        self.flush_udp(udp_out, udp);
+        handshakes
     }
 
     /// Keeps a decrypted packet in `tun_out` only if its source belongs to
@@ -512,15 +458,58 @@ impl Dataplane {
         }
     }
 
-    /// Ticks every peer's timers and sends what they ask for.
-    pub fn tick(&self, out: &mut Batch, udp: &dyn UdpIo) {
-        let table = self.table.load();
+    /// After a handshake: seals into `out` the packets that waited for it
+    /// (they count as sent here, their inner bytes from boringtun's own
+    /// running total). Returns true when `out` filled before every peer's
+    /// queue was empty: call again with an empty batch.
+    pub fn flush_waiting(&self, table: &PeerTable, out: &mut Batch) -> bool {
         for peer in &table.peers {
-            if out.is_full() {
-                self.flush_udp(out, udp);
-            }
-            let Some(buf) = out.bufs.get_mut(out.n) else {
+            let mut st = peer.lock();
+            if !st.flush {
                 continue;
+            }
+            let Some(to) = st.endpoint else {
+                st.flush = false;
+                continue;
+            };
+            let before = st.tunn.stats().1;
+            let mut flushed = 0u16;
+            let mut full = false;
+            loop {
+                let Some(buf) = out.bufs.get_mut(out.n) else {
+                    full = true;
+                    break;
+                };
+                let TunnResult::WriteToNetwork(b) = st.tunn.decapsulate(None, &[], buf) else {
+                    break;
+                };
+                if b.first() == Some(&MESSAGE_DATA) {
+                    flushed = flushed.saturating_add(1);
+                }
+                let len = b.len();
+                out.commit(len, to);
+            }
+            if flushed > 0 {
+                let bytes = st.tunn.stats().1.saturating_sub(before);
+                peer.counters.tx_n(u64::from(flushed), bytes as u64);
+                st.waiting = st.waiting.saturating_sub(flushed);
+            }
+            if full {
+                return true;
+            }
+            st.flush = false;
+        }
+        false
+    }
+
+    /// Ticks the timers of the peers from index `from` on, filling `out`
+    /// with what they ask to send (initiations, retries, keepalives).
+    /// Returns where to resume when `out` filled first.
+    pub fn tick(&self, out: &mut Batch, from: usize) -> Option<usize> {
+        let table = self.table.load();
+        for (i, peer) in table.peers.iter().enumerate().skip(from) {
+            let Some(buf) = out.bufs.get_mut(out.n) else {
+                return Some(i);
             };
             let mut st = peer.lock();
             let endpoint = st.endpoint;
@@ -548,212 +537,12 @@ impl Dataplane {
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
             }
         }
-        self.flush_udp(out, udp);
+        None
     }
 
-    /// Starts one worker thread per queue (a TUN queue and the UDP socket
-    /// paired with it, both directions: see `queue_loop`) and one timer
-    /// thread. They run until `stop` is set (checked at least every `POLL`).
-    ///
-    /// The kernel keeps a peer's datagrams on one socket (by its address and
-    /// port) and a flow on one TUN queue (the queue its incoming packets were
-    /// written to), so no flow is reordered and a peer's traffic stays on
-    /// one worker: queues spread peers over cores; workers share no lock but
-    /// a peer's own.
-    pub fn spawn(
-        self: &Arc<Self>,
-        queues: &[Queue],
-        stop: Arc<AtomicBool>,
-    ) -> io::Result<Vec<JoinHandle<()>>> {
-        let Some((_, first_udp)) = queues.first() else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the data plane needs at least one queue",
-            ));
-        };
-        let mut handles = Vec::new();
-        for (q, (tun, udp)) in queues.iter().enumerate() {
-            let (dp, tun, udp, run) = (
-                Arc::clone(self),
-                Arc::clone(tun),
-                Arc::clone(udp),
-                Arc::clone(&stop),
-            );
-            handles.push(self.supervised(format!("queue-{q}"), &stop, move || {
-                dp.queue_loop(&*tun, &*udp, &run)
-            })?);
-        }
-        {
-            let (dp, udp, run) = (Arc::clone(self), Arc::clone(first_udp), Arc::clone(&stop));
-            handles.push(self.supervised("timers".into(), &stop, move || {
-                let mut out = Batch::new(BATCH, dp.buf_size);
-                let mut last_reset = Instant::now();
-                while !run.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
-                    dp.tick(&mut out, &*udp);
-                    if last_reset.elapsed() >= Duration::from_secs(1) {
-                        dp.rate_limiter.reset_count();
-                        last_reset = Instant::now();
-                    }
-                }
-            })?);
-        }
-        info!(public_key = %self.public_key(), queues = queues.len(), "data plane running");
-        Ok(handles)
-    }
-
-    /// Starts `body` on a thread named `tm-<name>` and records, in the
-    /// worker list `workers()` reports, if it ends (returns or panics)
-    /// while `stop` is not set: a router with a dead queue is not healthy,
-    /// and `/healthz` says so, so that it gets restarted.
-    fn supervised(
-        self: &Arc<Self>,
-        name: String,
-        stop: &Arc<AtomicBool>,
-        body: impl FnOnce() + Send + 'static,
-    ) -> io::Result<JoinHandle<()>> {
-        let slot = {
-            let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-            w.push(WorkerSlot {
-                name: name.clone(),
-                failure: None,
-            });
-            w.len() - 1
-        };
-        let (dp, stop) = (Arc::clone(self), Arc::clone(stop));
-        std::thread::Builder::new()
-            .name(format!("tm-{name}"))
-            .spawn(move || {
-                let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let why = match ended {
-                    Ok(()) => "its loop returned".to_string(),
-                    Err(p) => format!("panicked: {}", panic_message(p.as_ref())),
-                };
-                error!(worker = %name, reason = %why, "data-plane worker died; /healthz fails from now on so that the router is restarted");
-                let mut w = dp.workers.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(s) = w.get_mut(slot) {
-                    s.failure = Some(why);
-                }
-            })
-    }
-
-    /// The data-plane threads and how each is doing.
-    pub fn workers(&self) -> Vec<WorkerSlot> {
-        self.workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// The workers that died, `name: reason` each.
-    pub fn dead_workers(&self) -> Vec<String> {
-        self.workers()
-            .into_iter()
-            .filter_map(|w| Some(format!("{}: {}", w.name, w.failure?)))
-            .collect()
-    }
-
-    /// One queue's worker, both directions, run to completion: datagrams
-    /// from the socket are decrypted and written to the TUN queue, then
-    /// packets waiting on the TUN queue are encrypted and sent, until both
-    /// are empty; only then does it sleep in `poll` on both. What a TUN write
-    /// sets off in the kernel (the receiving TCP stack's ACK, the sending
-    /// stack's next segments) lands on this same queue and is picked up by
-    /// this thread on its next turn, without waking another.
-    fn queue_loop(&self, tun: &dyn TunIo, udp: &dyn UdpIo, stop: &AtomicBool) {
-        let mut from_tun = Batch::new(BATCH, self.buf_size);
-        let mut to_udp = Batch::new(BATCH, self.buf_size);
-        let mut from_udp = Batch::new(BATCH, self.buf_size);
-        let mut to_tun = Batch::new(BATCH, self.buf_size);
-        let mut replies = Batch::new(BATCH, self.buf_size);
-        let mut tun_errors = ErrorLog::new("reading the TUN device");
-        let mut udp_errors = ErrorLog::new("receiving UDP");
-        let mut poll_errors = ErrorLog::new("waiting for packets");
-        let fds = tun.raw_fd().zip(udp.raw_fd());
-        while !stop.load(Ordering::Relaxed) {
-            let mut busy = false;
-            let got = udp.recv_batch(&mut from_udp, Duration::ZERO);
-            self.counters.drop_n(Drop::Malformed, udp.take_malformed());
-            if arrived(got, &mut udp_errors) {
-                busy = true;
-                let table = self.table.load();
-                self.process_inbound(&table, &from_udp, &mut to_tun, &mut replies, tun, udp);
-            }
-            let got = tun.recv_batch(&mut from_tun, Duration::ZERO);
-            self.counters.drop_n(Drop::Malformed, tun.take_malformed());
-            if arrived(got, &mut tun_errors) {
-                busy = true;
-                let table = self.table.load();
-                self.process_outbound(&table, &from_tun, &mut to_udp, udp);
-            }
-            if busy {
-                continue;
-            }
-            let waited = match fds {
-                Some((t, u)) => super::poll_any([t, u], POLL).map(|_| ()),
-                // In-memory fakes have nothing to poll: look again shortly.
-                None => {
-                    std::thread::sleep(FAKE_IDLE);
-                    Ok(())
-                }
-            };
-            if let Err(e) = waited {
-                poll_errors.record(&e);
-            }
-        }
-    }
-}
-
-/// The text of a panic's payload (`panic!` with a literal or a format).
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
-}
-
-/// Whether a receive brought packets; an error is logged (rate-limited).
-fn arrived(got: io::Result<usize>, errors: &mut ErrorLog) -> bool {
-    match got {
-        Ok(n) => n > 0,
-        Err(e) => {
-            errors.record(&e);
-            false
-        }
-    }
-}
-
-/// Logs a repeating I/O error at most once per second with a count, and
-/// backs off briefly so a broken device does not spin a core.
-struct ErrorLog {
-    what: &'static str,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl ErrorLog {
-    fn new(what: &'static str) -> Self {
-        ErrorLog {
-            what,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    fn record(&mut self, e: &io::Error) {
-        if self
-            .last
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        {
-            warn!(error = %e, repeated = self.suppressed, "{}", self.what);
-            self.last = Some(Instant::now());
-            self.suppressed = 0;
-        } else {
-            self.suppressed += 1;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    /// The load limiter's per-second count starts over (the timer thread
+    /// calls this every second).
+    pub fn reset_rate_limiter(&self) {
+        self.rate_limiter.reset_count();
     }
 }

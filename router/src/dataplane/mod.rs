@@ -1,5 +1,7 @@
-//! The data plane: peers and their allowed-IPs table, the batch I/O seams
-//! (real TUN and UDP, in-memory fakes), and the loops between them.
+//! The data plane: peers and their allowed-IPs table (`peers`, `table`),
+//! the engine's I/O-free steps (`engine`), the threads that do the I/O
+//! around them (`worker`), the batch I/O seams (`io`: real `tun` and `udp`,
+//! in-memory `mem`), and the TUN offloads (`offload`).
 
 pub mod counters;
 pub mod engine;
@@ -11,6 +13,7 @@ pub mod peers;
 pub mod table;
 pub mod tun;
 pub mod udp;
+pub mod worker;
 
 pub use counters::{Counters, Drop};
 pub use engine::{Dataplane, MeshDiff, WorkerSlot};

@@ -33,6 +33,9 @@ pub struct PeerState {
     /// queue for the handshake (as far as the engine can tell: boringtun
     /// does not say). Lets the engine count the ones boringtun discards.
     pub waiting: u16,
+    /// A handshake completed: the packets that waited for it are to be
+    /// sealed and sent (`Dataplane::flush_waiting`).
+    pub flush: bool,
 }
 
 /// One peer in a table.
@@ -66,6 +69,7 @@ impl Peer {
                 endpoint: spec.endpoint,
                 initiate: spec.endpoint.is_some(),
                 waiting: 0,
+                flush: false,
             })),
             counters: Arc::default(),
         }

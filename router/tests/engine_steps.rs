@@ -1,0 +1,346 @@
+//! Two engines driven against each other packet by packet, with no thread,
+//! socket or timer: each step is called by hand and what it puts in its
+//! output batches is carried to the other side. Deterministic, no root.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use tunmesh_router::dataplane::packet::icmpv4_echo;
+use tunmesh_router::dataplane::{Batch, Dataplane, Drop, BATCH};
+use tunmesh_router::model::{DesiredMesh, PeerSpec};
+use tunmesh_router::PrivateKey;
+
+const A_EP: &str = "192.0.2.1:51820";
+const B_EP: &str = "192.0.2.2:51820";
+
+/// One side: its engine and where it is on the (imaginary) underlay.
+struct Side {
+    dp: Arc<Dataplane>,
+    at: SocketAddr,
+}
+
+/// What a step put out, copied: (packets for the TUN, datagrams with
+/// their destination).
+#[derive(Default, Debug)]
+struct Out {
+    tun: Vec<Vec<u8>>,
+    udp: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+fn batch(dp: &Dataplane) -> Batch {
+    Batch::new(BATCH, dp.buf_size())
+}
+
+fn drain(b: &mut Batch) -> Vec<Vec<u8>> {
+    let v = (0..b.n).map(|i| b.packet(i).to_vec()).collect();
+    b.n = 0;
+    v
+}
+
+fn drain_udp(b: &mut Batch) -> Vec<(SocketAddr, Vec<u8>)> {
+    let v = (0..b.n)
+        .map(|i| (b.addrs[i], b.packet(i).to_vec()))
+        .collect();
+    b.n = 0;
+    v
+}
+
+fn fill(b: &mut Batch, items: &[(SocketAddr, Vec<u8>)]) {
+    b.n = 0;
+    for (from, data) in items {
+        b.bufs[b.n][..data.len()].copy_from_slice(data);
+        assert!(b.commit(data.len(), *from));
+    }
+}
+
+impl Side {
+    fn new(key: &PrivateKey, at: &str) -> Side {
+        Side {
+            dp: Dataplane::new(key, 1420),
+            at: at.parse().unwrap(),
+        }
+    }
+
+    fn peers(&self, peers: Vec<PeerSpec>) {
+        self.dp.apply(&DesiredMesh {
+            peers,
+            blackhole_cidrs: vec![],
+        });
+    }
+
+    /// Packets from the TUN: sealed.
+    fn seal(&self, packets: &[Vec<u8>]) -> Out {
+        let mut input = batch(&self.dp);
+        let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        fill(
+            &mut input,
+            &packets.iter().map(|p| (any, p.clone())).collect::<Vec<_>>(),
+        );
+        let mut out = batch(&self.dp);
+        self.dp.seal(&self.dp.table(), &input, &mut out);
+        Out {
+            tun: vec![],
+            udp: drain_udp(&mut out),
+        }
+    }
+
+    /// Datagrams from `from`: opened, and what waited for a handshake
+    /// flushed after it.
+    fn open(&self, from: SocketAddr, datagrams: &[Vec<u8>]) -> Out {
+        let mut input = batch(&self.dp);
+        fill(
+            &mut input,
+            &datagrams
+                .iter()
+                .map(|d| (from, d.clone()))
+                .collect::<Vec<_>>(),
+        );
+        let (mut tun, mut udp) = (batch(&self.dp), batch(&self.dp));
+        let table = self.dp.table();
+        let handshakes = self.dp.open(&table, &input, &mut tun, &mut udp);
+        let mut out = Out {
+            tun: drain(&mut tun),
+            udp: drain_udp(&mut udp),
+        };
+        if handshakes {
+            while self.dp.flush_waiting(&table, &mut udp) {
+                out.udp.extend(drain_udp(&mut udp));
+            }
+            out.udp.extend(drain_udp(&mut udp));
+        }
+        out
+    }
+
+    /// One timer tick.
+    fn tick(&self) -> Out {
+        let mut out = batch(&self.dp);
+        assert_eq!(self.dp.tick(&mut out, 0), None);
+        Out {
+            tun: vec![],
+            udp: drain_udp(&mut out),
+        }
+    }
+
+    fn drops(&self, why: Drop) -> u64 {
+        self.dp.counters.drops(why)
+    }
+
+    fn tx(&self) -> (u64, u64) {
+        let c = &self.dp.table().peers[0].counters;
+        (c.tx_packets.load(Relaxed), c.tx_bytes.load(Relaxed))
+    }
+
+    fn rx_packets(&self) -> u64 {
+        self.dp.table().peers[0].counters.rx_packets.load(Relaxed)
+    }
+}
+
+/// Carries datagrams from `a` (to `b`) and back until neither has
+/// anything to send; returns what `a`'s TUN got and what `b`'s got.
+fn exchange(
+    a: &Side,
+    b: &Side,
+    mut from_a: Vec<(SocketAddr, Vec<u8>)>,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let (mut to_a_tun, mut to_b_tun) = (vec![], vec![]);
+    let mut from_b: Vec<(SocketAddr, Vec<u8>)> = vec![];
+    for _ in 0..16 {
+        if from_a.is_empty() && from_b.is_empty() {
+            return (to_a_tun, to_b_tun);
+        }
+        for (to, _) in &from_a {
+            assert_eq!(*to, b.at, "A sends to B's endpoint");
+        }
+        let datagrams: Vec<Vec<u8>> = from_a.drain(..).map(|(_, d)| d).collect();
+        let out = b.open(a.at, &datagrams);
+        to_b_tun.extend(out.tun);
+        from_b.extend(out.udp);
+        let datagrams: Vec<Vec<u8>> = from_b.drain(..).map(|(_, d)| d).collect();
+        let out = a.open(b.at, &datagrams);
+        to_a_tun.extend(out.tun);
+        from_a.extend(out.udp);
+    }
+    panic!("the two engines never went quiet");
+}
+
+fn ping(src: [u8; 4], dst: [u8; 4], seq: u16) -> Vec<u8> {
+    let mut b = vec![0u8; 200];
+    let n = icmpv4_echo(
+        &mut b,
+        Ipv4Addr::from(src),
+        Ipv4Addr::from(dst),
+        9,
+        seq,
+        b"engine steps",
+    )
+    .unwrap();
+    b.truncate(n);
+    b
+}
+
+fn spec(name: &str, key: &PrivateKey, ep: &str, cidr: &str) -> PeerSpec {
+    PeerSpec {
+        name: name.into(),
+        public_key: key.public_key(),
+        endpoint: Some(ep.parse().unwrap()),
+        allowed_ips: vec![cidr.parse().unwrap()],
+        node_addresses: vec![],
+        persistent_keepalive: None,
+    }
+}
+
+/// A and B, each knowing the other, no session yet.
+fn pair() -> (Side, Side, PrivateKey, PrivateKey) {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let (a, b) = (Side::new(&ka, A_EP), Side::new(&kb, B_EP));
+    a.peers(vec![spec("b", &kb, B_EP, "10.244.2.0/24")]);
+    b.peers(vec![spec("a", &ka, A_EP, "10.244.1.0/24")]);
+    (a, b, ka, kb)
+}
+
+fn a_to_b(seq: u16) -> Vec<u8> {
+    ping([10, 244, 1, 5], [10, 244, 2, 5], seq)
+}
+
+fn b_to_a(seq: u16) -> Vec<u8> {
+    ping([10, 244, 2, 5], [10, 244, 1, 5], seq)
+}
+
+/// The receiver index of a WireGuard data message (which session sealed it).
+fn receiver_index(datagram: &[u8]) -> u32 {
+    assert_eq!(datagram[0], 4, "a data message");
+    u32::from_le_bytes(datagram[4..8].try_into().unwrap())
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let (a, b, _, _) = pair();
+    let p = a_to_b(1);
+    let out = a.seal(std::slice::from_ref(&p));
+    assert_eq!(out.udp.len(), 1, "the initiation");
+    assert_eq!(out.udp[0].1[0], 1, "handshake initiation message");
+    let (_, at_b) = exchange(&a, &b, out.udp);
+    assert_eq!(
+        at_b,
+        vec![p.clone()],
+        "the packet that waited arrives whole"
+    );
+    let back = b_to_a(2);
+    let out = b.seal(std::slice::from_ref(&back));
+    assert_eq!(out.udp.len(), 1, "sealed at once: the session exists");
+    let (_, at_a) = exchange(&b, &a, out.udp);
+    assert_eq!(at_a, vec![back.clone()]);
+    assert_eq!(a.tx(), (1, p.len() as u64));
+    assert_eq!(b.tx(), (1, back.len() as u64));
+    assert_eq!((a.rx_packets(), b.rx_packets()), (1, 1));
+}
+
+#[test]
+fn packets_queued_before_the_handshake_are_sent_and_counted_after_it() {
+    let (a, b, _, _) = pair();
+    let packets: Vec<Vec<u8>> = (1..=3).map(a_to_b).collect();
+    let out = a.seal(&packets);
+    assert_eq!(out.udp.len(), 1, "one initiation for three packets");
+    assert_eq!(a.tx(), (0, 0), "nothing sealed yet");
+    let (_, at_b) = exchange(&a, &b, out.udp);
+    assert_eq!(at_b, packets, "all three, in order");
+    let bytes: usize = packets.iter().map(Vec::len).sum();
+    assert_eq!(a.tx(), (3, bytes as u64));
+    assert_eq!(b.rx_packets(), 3);
+}
+
+#[test]
+fn a_rekey_keeps_traffic_flowing_and_in_flight_packets_decrypt() {
+    let (a, b, _, _) = pair();
+    let (_, at_b) = exchange(&a, &b, a.seal(&[a_to_b(1)]).udp);
+    assert_eq!(at_b.len(), 1);
+    let old = a.seal(&[a_to_b(2)]).udp;
+    let old_index = receiver_index(&old[0].1);
+    // A new handshake on the live session (what REKEY_AFTER_TIME does).
+    a.dp.table().peers[0].lock().initiate = true;
+    let init = a.tick();
+    assert_eq!(init.udp.len(), 1);
+    assert_eq!(init.udp[0].1[0], 1, "a handshake initiation");
+    let (_, at_b) = exchange(&a, &b, init.udp);
+    assert!(at_b.is_empty());
+    // The packet sealed before the rekey, delivered after it, still opens.
+    let out = b.open(a.at, &[old[0].1.clone()]);
+    assert_eq!(out.tun, vec![a_to_b(2)], "sealed with the old session");
+    // New packets use the new session.
+    let new = a.seal(&[a_to_b(3)]).udp;
+    assert_ne!(receiver_index(&new[0].1), old_index, "a new session");
+    let out = b.open(a.at, &[new[0].1.clone()]);
+    assert_eq!(out.tun, vec![a_to_b(3)]);
+    assert_eq!(b.drops(Drop::DecryptFailed), 0);
+}
+
+#[test]
+fn a_peer_replaced_mid_stream_takes_over_and_the_old_one_is_refused() {
+    let (a, b, _, _) = pair();
+    let (_, at_b) = exchange(&a, &b, a.seal(&[a_to_b(1)]).udp);
+    assert_eq!(at_b.len(), 1);
+    let stale = b.seal(&[b_to_a(2)]).udp;
+    // Node b is reinstalled: a new key, same name and address.
+    let kb2 = PrivateKey::generate();
+    let b2 = Side::new(&kb2, B_EP);
+    b2.peers(vec![PeerSpec {
+        public_key: a.dp.public_key(),
+        ..spec("a", &kb2, A_EP, "10.244.1.0/24")
+    }]);
+    let diff = a.dp.apply(&DesiredMesh {
+        peers: vec![spec("b", &kb2, B_EP, "10.244.2.0/24")],
+        blackhole_cidrs: vec![],
+    });
+    assert_eq!(diff.replaced, vec!["b".to_string()]);
+    // The old incarnation's packet no longer opens: its session is gone.
+    let out = a.open(b.at, &[stale[0].1.clone()]);
+    assert!(out.tun.is_empty());
+    assert_eq!(a.drops(Drop::DecryptFailed), 1);
+    // The replaced peer starts a handshake at its next tick.
+    let init = a.tick();
+    assert_eq!(init.udp.len(), 1);
+    let (_, at_b2) = exchange(&a, &b2, init.udp);
+    assert!(at_b2.is_empty());
+    let (_, at_a) = exchange(&b2, &a, b2.seal(&[b_to_a(3)]).udp);
+    assert_eq!(at_a, vec![b_to_a(3)]);
+}
+
+#[test]
+fn replayed_and_garbage_datagrams_are_dropped_and_counted() {
+    let (a, b, _, _) = pair();
+    exchange(&a, &b, a.seal(&[a_to_b(1)]).udp);
+    let d = a.seal(&[a_to_b(2)]).udp;
+    assert_eq!(b.open(a.at, &[d[0].1.clone()]).tun, vec![a_to_b(2)]);
+    // The same datagram again: WireGuard's replay window refuses it.
+    let again = b.open(a.at, &[d[0].1.clone()]);
+    assert!(again.tun.is_empty() && again.udp.is_empty());
+    assert_eq!(b.drops(Drop::DecryptFailed), 1);
+    // Garbage: not WireGuard at all, and a data message for no session.
+    let before = b.drops(Drop::Malformed);
+    let out = b.open(a.at, &[vec![0xff; 40]]);
+    assert!(out.tun.is_empty() && out.udp.is_empty());
+    assert_eq!(b.drops(Drop::Malformed), before + 1);
+    let mut forged = vec![0u8; 48];
+    forged[0] = 4;
+    forged[4..8].copy_from_slice(&0x00ab_cd00u32.to_le_bytes());
+    let out = b.open(a.at, &[forged]);
+    assert!(out.tun.is_empty());
+    assert_eq!(b.drops(Drop::DecryptFailed), 2);
+    // The session still works.
+    let d = a.seal(&[a_to_b(3)]).udp;
+    assert_eq!(b.open(a.at, &[d[0].1.clone()]).tun, vec![a_to_b(3)]);
+}
+
+#[test]
+fn a_packet_from_outside_the_peers_allowed_ips_is_dropped() {
+    let (a, b, _, _) = pair();
+    exchange(&a, &b, a.seal(&[a_to_b(1)]).udp);
+    // B seals a packet claiming a source A does not route to B.
+    let spoofed = ping([10, 244, 9, 9], [10, 244, 1, 5], 4);
+    let d = b.seal(&[spoofed]).udp;
+    assert_eq!(d.len(), 1);
+    let out = a.open(b.at, &[d[0].1.clone()]);
+    assert!(out.tun.is_empty());
+    assert_eq!(a.drops(Drop::SourceNotAllowed), 1);
+}
