@@ -40,10 +40,7 @@ pub struct NodeState {
 
 /// CIDRs as text, each through `validate::cidr` (a CIDR with host bits set
 /// or no prefix is refused here as it is everywhere else), named by field.
-fn cidrs<'de, D: serde::Deserializer<'de>>(
-    field: &str,
-    d: D,
-) -> Result<Vec<IpNetwork>, D::Error> {
+fn cidrs<'de, D: serde::Deserializer<'de>>(field: &str, d: D) -> Result<Vec<IpNetwork>, D::Error> {
     let texts: Vec<String> = Vec::deserialize(d)?;
     texts
         .iter()
