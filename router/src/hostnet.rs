@@ -68,6 +68,28 @@ impl HostNet {
         }
     }
 
+    /// Deletes the link `name` (its routes go with it); false if there was
+    /// no such link.
+    pub async fn delete_link(&self, name: &str) -> Result<bool> {
+        let index = match self.link_index(name).await {
+            Ok(i) => i,
+            // An empty answer, or the kernel's ENODEV for the name.
+            Err(Error::Netlink { message, .. })
+                if message == "no such link" || message.contains("No such device") =>
+            {
+                return Ok(false)
+            }
+            Err(e) => return Err(e),
+        };
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(nl(format!("deleting link {name}")))?;
+        Ok(true)
+    }
+
     /// Sets the link's MTU, brings it up and makes its addresses exactly
     /// `gateways` (as /32 and /128: a gateway address, not a subnet, so no
     /// connected route competes with the per-pod routes).

@@ -333,6 +333,29 @@ fn wg_show_and_metrics_show_the_live_mesh() {
         "{out:?}"
     );
     lab.stop_router(1).unwrap();
+    // A device left behind under the router's name (a persistent one, or a
+    // crash mid-start), with a tunmesh route: uninstall removes both.
+    exec(
+        &n2.ns,
+        "ip",
+        &["tuntap", "add", "dev", &n2.interface, "mode", "tun"],
+    )
+    .unwrap();
+    exec(&n2.ns, "ip", &["link", "set", &n2.interface, "up"]).unwrap();
+    exec(
+        &n2.ns,
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.244.99.0/24",
+            "dev",
+            &n2.interface,
+            "proto",
+            "116",
+        ],
+    )
+    .unwrap();
     // status.json has to age past "running" first.
     let stopped = wait_for(Duration::from_secs(10), || {
         let out = uninstall(&n2);
@@ -341,7 +364,12 @@ fn wg_show_and_metrics_show_the_live_mesh() {
     .expect("uninstall after the router stopped");
     let text = String::from_utf8_lossy(&stopped.stdout);
     assert!(
-        text.contains("removed CNI conflist") && text.contains("removed CNI plugin"),
+        text.contains("removed CNI conflist")
+            && text.contains("removed CNI plugin")
+            && text.contains(&format!(
+                "removed interface {} and its routes",
+                n2.interface
+            )),
         "{text}"
     );
     assert!(!n2

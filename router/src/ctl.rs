@@ -1,0 +1,480 @@
+//! What `tunmesh-ctl` does, as library functions: the binary parses its
+//! arguments and prints what these return.
+//!
+//! - `render_status`: this node's key, endpoint, pod CIDRs, API connection
+//!   and problems, and each peer with endpoint, handshake age, traffic;
+//! - `graph_dot`: the mesh as Graphviz dot from the Node objects, links
+//!   from this node coloured by their handshake;
+//! - `check`: pings every peer's gateway through the tunnel and says which
+//!   links are broken and the likely reason;
+//! - `uninstall`: what tunmesh left on a node after its router stopped.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use socket2::{Domain, Protocol, Socket, Type};
+use tunmesh_contract::nodestate::{CONFLIST_FILE, PLUGIN_TYPE};
+use tunmesh_contract::validate::first_host;
+
+use crate::dataplane::offload::{fold, sum16};
+use crate::hostnet::HostNet;
+use crate::source::kube::{client, explain, ClientError};
+use crate::source::nodes::{ANN_ENDPOINT, ANN_FORCE_ENDPOINT, ANN_PUBLIC_KEY};
+use crate::status::{PeerStatus, Status, STATUS_FILE};
+
+/// A session older than this is dead (WireGuard's REJECT_AFTER_TIME).
+pub const STALE_AFTER: u64 = 180;
+
+/// What `tunmesh-ctl` could not do, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{doing}: {source}")]
+    Io {
+        doing: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{doing}: {message}")]
+    Api { doing: String, message: String },
+    #[error(transparent)]
+    Router(#[from] crate::Error),
+    #[error("this node has no peers (see `tunmesh-ctl status` for pending Nodes and problems)")]
+    NoPeers,
+    #[error("the router on this node is still running ({0} updated in the last 5 s); stop it first (kubectl delete -k deploy/)")]
+    RouterRunning(String),
+}
+
+/// up, stale or no handshake, with the age in seconds.
+pub fn peer_state(p: &PeerStatus, now: u64) -> (&'static str, Option<u64>) {
+    match p.latest_handshake_unix {
+        None => ("no handshake", None),
+        Some(t) => {
+            let age = now.saturating_sub(t);
+            (if age <= STALE_AFTER { "up" } else { "stale" }, Some(age))
+        }
+    }
+}
+
+/// A byte count for people: `1.5 MiB`.
+pub fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn dot_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// Every Node, from the API server.
+pub async fn list_nodes(kubeconfig: Option<&Path>) -> Result<Vec<Node>, CtlError> {
+    let api: Api<Node> = Api::all(client(kubeconfig).await?);
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| CtlError::Api {
+            doing: "listing Nodes".into(),
+            message: explain(&e),
+        })?;
+    Ok(list.items)
+}
+
+/// `tunmesh-ctl status` as text: this node, its source, problems, and a
+/// line per peer.
+pub fn render_status(s: &Status, now: u64) -> String {
+    let mut out = String::new();
+    let k = s.kubernetes.as_ref();
+    let _ = writeln!(
+        out,
+        "node:        {}",
+        k.map(|k| k.node_name.as_str()).unwrap_or("(mesh file)")
+    );
+    let _ = writeln!(out, "public key:  {}", s.public_key);
+    let _ = writeln!(
+        out,
+        "interface:   {} (UDP port {})",
+        s.interface, s.listen_port
+    );
+    if !s.queues.is_empty() {
+        let each: Vec<String> = s
+            .queues
+            .iter()
+            .map(|q| format!("{}/{}", q.tun_packets_read, q.udp_datagrams_received))
+            .collect();
+        let _ = writeln!(
+            out,
+            "queues:      {} (packets out/in per queue: {})",
+            s.queues.len(),
+            each.join(", ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "endpoint:    {}",
+        k.and_then(|k| k.published_endpoint.clone())
+            .unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(
+        out,
+        "pod CIDRs:   {}",
+        if s.pod_cidrs.is_empty() {
+            "none yet".to_string()
+        } else {
+            s.pod_cidrs.join(", ")
+        }
+    );
+    if let Some(k) = k {
+        let _ = writeln!(
+            out,
+            "kubernetes:  {}{}",
+            if k.connected {
+                "connected"
+            } else {
+                "DISCONNECTED (keeping the last mesh)"
+            },
+            k.last_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+        for p in &k.problems {
+            let _ = writeln!(
+                out,
+                "  problem:   Node {} {}: {} ({})",
+                p.node, p.field, p.message, p.reason
+            );
+        }
+        for p in &k.pending {
+            let _ = writeln!(out, "  pending:   {p}");
+        }
+    }
+    for p in &s.host_problems {
+        let _ = writeln!(out, "host:        PROBLEM: {p}");
+    }
+    for w in &s.workers {
+        if let Some(why) = &w.failure {
+            let _ = writeln!(out, "worker:      PROBLEM: {} DEAD ({why}); /healthz fails, so the DaemonSet's liveness probe restarts the router", w.name);
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<16} {:<24} {:<14} {:>10} {:>10}  state",
+        "peer", "endpoint", "handshake", "received", "sent"
+    );
+    for p in &s.peers {
+        let (state, age) = peer_state(p, now);
+        let _ = writeln!(
+            out,
+            "{:<16} {:<24} {:<14} {:>10} {:>10}  {state}",
+            p.name,
+            p.endpoint.as_deref().unwrap_or("(none)"),
+            age.map(|a| format!("{a} s ago"))
+                .unwrap_or_else(|| "never".into()),
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes),
+        );
+    }
+    let _ = writeln!(out, "\ndrops: {}", s.counters.drops_summary());
+    out
+}
+
+/// The mesh as Graphviz dot, from the Node objects; the links of this node
+/// (`local`, its status, if a router runs here) coloured by handshake.
+pub fn graph_dot(nodes: &[Node], local: Option<&Status>, now: u64) -> String {
+    let me = local.and_then(|s| s.kubernetes.as_ref().map(|k| k.node_name.clone()));
+    let mut out = String::from("graph tunmesh {\n  node [shape=box, fontname=\"monospace\"];\n");
+    let mut meshed = Vec::new();
+    for n in nodes {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let ann = n.metadata.annotations.clone().unwrap_or_default();
+        let cidrs = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidrs.clone())
+            .unwrap_or_default()
+            .join(", ");
+        let endpoint = ann
+            .get(ANN_FORCE_ENDPOINT)
+            .or_else(|| ann.get(ANN_ENDPOINT))
+            .cloned()
+            .unwrap_or_else(|| "no endpoint".into());
+        let has_key = ann.contains_key(ANN_PUBLIC_KEY);
+        out += &format!(
+            "  \"{}\" [label=\"{}\\n{}\\n{}\"{}];\n",
+            dot_escape(&name),
+            dot_escape(&name),
+            dot_escape(&cidrs),
+            dot_escape(&endpoint),
+            if has_key {
+                ""
+            } else {
+                ", style=dashed, color=gray"
+            }
+        );
+        if has_key {
+            meshed.push(name);
+        }
+    }
+    for (i, a) in meshed.iter().enumerate() {
+        for b in &meshed[i + 1..] {
+            let from_me = me.as_deref() == Some(a.as_str()) || me.as_deref() == Some(b.as_str());
+            let other = if me.as_deref() == Some(a.as_str()) {
+                b
+            } else {
+                a
+            };
+            let style = match (from_me, local) {
+                (true, Some(s)) => match s.peers.iter().find(|p| &p.name == other) {
+                    Some(p) => match peer_state(p, now) {
+                        ("up", Some(age)) => format!("color=green, label=\"{age}s\""),
+                        ("stale", Some(age)) => format!("color=orange, label=\"{age}s\""),
+                        _ => "color=red, label=\"no handshake\"".into(),
+                    },
+                    None => "color=red, label=\"not a peer\"".into(),
+                },
+                _ => "color=gray".into(),
+            };
+            out += &format!(
+                "  \"{}\" -- \"{}\" [{style}];\n",
+                dot_escape(a),
+                dot_escape(b)
+            );
+        }
+    }
+    out += "}\n";
+    out
+}
+
+/// One ICMP echo to `dst`; the round trip time if it answered.
+pub fn ping(dst: IpAddr, id: u16, timeout: Duration) -> Result<Option<Duration>, CtlError> {
+    let (domain, proto, req_type, reply_type) = match dst {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128u8, 129u8),
+    };
+    let sock = Socket::new(domain, Type::RAW, Some(proto)).map_err(|source| CtlError::Io {
+        doing: "opening a raw ICMP socket (needs root or CAP_NET_RAW)".into(),
+        source,
+    })?;
+    const PAYLOAD: &[u8] = b"tunmesh-ctl check";
+    let mut pkt = [0u8; 8 + PAYLOAD.len()];
+    pkt[0] = req_type;
+    pkt[4..6].copy_from_slice(&id.to_be_bytes());
+    pkt[6..8].copy_from_slice(&1u16.to_be_bytes());
+    pkt[8..].copy_from_slice(PAYLOAD);
+    if dst.is_ipv4() {
+        let c = !fold(sum16(&pkt, 0));
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+    } // ICMPv6: the kernel fills the checksum in.
+    let start = Instant::now();
+    sock.send_to(&pkt, &SocketAddr::new(dst, 0).into())
+        .map_err(|source| CtlError::Io {
+            doing: format!("sending an ICMP echo to {dst}"),
+            source,
+        })?;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+    while let Some(left) = timeout.checked_sub(start.elapsed()) {
+        let io = |source| CtlError::Io {
+            doing: format!("waiting for an ICMP echo reply from {dst}"),
+            source,
+        };
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(io)?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => return Err(io(e)),
+        };
+        // SAFETY: recv_from initialised the first n bytes.
+        let data: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        // IPv4 raw sockets include the IP header; IPv6 ones do not.
+        let icmp = match dst {
+            IpAddr::V4(_) => data.get(usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4..),
+            IpAddr::V6(_) => Some(&data[..]),
+        };
+        let from_ip = from.as_socket().map(|s| s.ip());
+        if let Some(icmp) = icmp {
+            if icmp.len() >= 8
+                && icmp[0] == reply_type
+                && icmp[4..6] == id.to_be_bytes()
+                && from_ip == Some(dst)
+            {
+                return Ok(Some(start.elapsed()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// One link checked: a peer's gateway pinged through the tunnel.
+#[derive(Debug, Clone)]
+pub struct LinkCheck {
+    pub peer: String,
+    pub gateway: IpAddr,
+    pub rtt: Option<Duration>,
+    /// `ok (1.2 ms)` or `BROKEN: ...` with the likely reason.
+    pub verdict: String,
+}
+
+/// Pings every peer's gateway (each of its pod CIDRs) through the tunnel
+/// and says, for each that does not answer, the likely reason.
+pub fn check(s: &Status, timeout: Duration, now: u64) -> Result<Vec<LinkCheck>, CtlError> {
+    if s.peers.is_empty() {
+        return Err(CtlError::NoPeers);
+    }
+    let mut links = Vec::new();
+    for (n, p) in s.peers.iter().enumerate() {
+        for cidr in &p.allowed_ips {
+            let Ok(net) = cidr.parse::<IpNetwork>() else {
+                continue;
+            };
+            let gw = first_host(net);
+            let id =
+                (std::process::id() as u16).wrapping_add(n as u16 * 2 + u16::from(gw.is_ipv6()));
+            let (rtt, verdict) = match ping(gw, id, timeout) {
+                Ok(rtt) => (rtt, None),
+                Err(e) => (
+                    None,
+                    Some(format!(
+                        "BROKEN: cannot send to {gw}: {e:#} (is there a route to it through {}?)",
+                        s.interface
+                    )),
+                ),
+            };
+            let verdict = match (rtt, p.endpoint.as_deref(), peer_state(p, now)) {
+                _ if verdict.is_some() => verdict.unwrap_or_default(),
+                (Some(rtt), _, _) => format!("ok ({:.1} ms)", rtt.as_secs_f64() * 1000.0),
+                (None, None, _) => "BROKEN: no endpoint (the peer published none and never reached this node)".into(),
+                (None, Some(ep), ("no handshake", _)) => format!(
+                    "BROKEN: no handshake with {ep}: UDP {} blocked between the nodes, or the peer's router is down or has another key",
+                    ep.rsplit(':').next().unwrap_or("port")
+                ),
+                (None, Some(ep), ("stale", Some(age))) => format!(
+                    "BROKEN: last handshake with {ep} {age} s ago: the peer's router is down or UDP is blocked now"
+                ),
+                (None, Some(ep), (_, age)) => format!(
+                    "BROKEN: no answer through the tunnel although the last handshake with {ep} was {} s ago: \
+                     the peer or the path to it went down since (the handshake turns stale after {STALE_AFTER} s), \
+                     or the peer's forwarding, firewall or MTU drops it",
+                    age.unwrap_or(0)
+                ),
+            };
+            links.push(LinkCheck {
+                peer: p.name.clone(),
+                gateway: gw,
+                rtt,
+                verdict,
+            });
+        }
+    }
+    Ok(links)
+}
+
+/// What `uninstall` removes.
+#[derive(Debug, Clone)]
+pub struct Uninstall {
+    pub state_dir: PathBuf,
+    pub node_name: String,
+    pub kubeconfig: Option<PathBuf>,
+    pub interface: String,
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dir: PathBuf,
+    /// Also the state directory (key, address allocations).
+    pub purge: bool,
+}
+
+/// Removes a file; says what it did.
+fn remove(path: &Path, what: &str) -> Result<String, CtlError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(format!("removed {what} {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(format!("no {what} at {}", path.display()))
+        }
+        Err(source) => Err(CtlError::Io {
+            doing: format!("removing {}", path.display()),
+            source,
+        }),
+    }
+}
+
+/// Removes what tunmesh left on this node once its router stopped: a
+/// leftover TUN device and its routes, the CNI conflist and plugin, this
+/// Node's annotations, and with `purge` the state directory. Refuses while
+/// the router still writes its status. Returns a line per step.
+pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
+    if let Ok(s) = Status::read(&u.state_dir) {
+        let alive = std::fs::metadata(u.state_dir.join(STATUS_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < Duration::from_secs(5));
+        if alive {
+            return Err(CtlError::RouterRunning(s.interface));
+        }
+    }
+    let mut done = Vec::new();
+    // The TUN device goes with the router's process; a leftover (persistent
+    // device, or a crash mid-start) goes here, its routes with it.
+    let host = HostNet::connect()?;
+    done.push(if host.delete_link(&u.interface).await? {
+        format!("removed interface {} and its routes", u.interface)
+    } else {
+        format!("no interface {}", u.interface)
+    });
+    done.push(remove(&u.cni_conf_dir.join(CONFLIST_FILE), "CNI conflist")?);
+    done.push(remove(&u.cni_bin_dir.join(PLUGIN_TYPE), "CNI plugin")?);
+    let api: Api<Node> = Api::all(client(u.kubeconfig.as_deref()).await?);
+    let patch = serde_json::json!({ "metadata": { "annotations": {
+        ANN_PUBLIC_KEY: null, ANN_ENDPOINT: null,
+    }}});
+    api.patch(&u.node_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| CtlError::Api {
+            doing: format!("removing the annotations from Node {}", u.node_name),
+            message: explain(&e),
+        })?;
+    done.push(format!(
+        "removed {ANN_PUBLIC_KEY} and {ANN_ENDPOINT} from Node {} (an operator's {ANN_FORCE_ENDPOINT} is left alone)",
+        u.node_name
+    ));
+    if u.purge {
+        match std::fs::remove_dir_all(&u.state_dir) {
+            Ok(()) => done.push(format!(
+                "removed the state directory {}",
+                u.state_dir.display()
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(CtlError::Io {
+                    doing: format!("removing {}", u.state_dir.display()),
+                    source,
+                })
+            }
+        }
+    } else {
+        done.push(format!(
+            "kept {} (key, pod address allocations); --purge removes it",
+            u.state_dir.display()
+        ));
+    }
+    Ok(done)
+}
