@@ -9,9 +9,11 @@
 #
 # Example: build main into /tmp/a, the change into /tmp/b, then
 #   scripts/ab-routers.sh /tmp/a/tunmesh-router /tmp/b/tunmesh-router 6 5 -- -P 4
-# Prints every run's Gbit/s (receiver goodput), the ratio B/A of each round
-# (both runs of a round are back to back, so they share the machine's
-# load), and the median of those ratios with min-max: the figure to trust.
+# Prints every run's Gbit/s (receiver goodput) and the routers' CPU
+# seconds per Gbit that arrived, the ratios B/A of each round (both runs of
+# a round are back to back, so they share the machine's load), and the
+# median of those ratios with min-max: the figures to trust. The last line
+# is the throughput ratio.
 # Environment given to
 # this script (TUNMESH_QUEUES=1, say) reaches both routers. Needs root,
 # iperf3 and wg (for keys). Namespaces are named after this run and removed
@@ -71,7 +73,20 @@ stop_routers() {
     return 1
 }
 
-# One run: both routers from BIN, wait for the tunnel, iperf3 for SECS.
+# CPU clock ticks used so far by the routers in both namespaces (any
+# binary name: the builds compared are often copies named A and B).
+router_ticks() {
+    local t=0 p
+    for p in $(ip netns pids "$NA") $(ip netns pids "$NB"); do
+        # Everything in the two namespaces but iperf3 is a router.
+        [ "$(cat "/proc/$p/comm" 2>/dev/null)" = iperf3 ] && continue
+        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
+
+# One run: both routers from BIN, wait for the tunnel, iperf3 for SECS;
+# prints "Gbit/s CPU-s/Gbit".
 run() {
     local bin=$1 s
     for s in a b; do
@@ -99,8 +114,20 @@ run() {
         cat "$DIR/a.log" "$DIR/b.log" >&2
         return 1
     fi
-    ip netns exec "$NA" iperf3 -c 10.99.2.1 -t "$SECS" -J "$@" |
-        python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))'
+    # Both routers' CPU time (utime + stime, clock ticks) across the run.
+    local t0 t1
+    t0=$(router_ticks)
+    ip netns exec "$NA" iperf3 -c 10.99.2.1 -t "$SECS" -J "$@" >"$DIR/iperf.json"
+    t1=$(router_ticks)
+    # "Gbit/s CPU-seconds-per-Gbit": goodput at the receiver, and the
+    # routers' CPU per Gbit that arrived.
+    python3 - "$DIR/iperf.json" "$t0" "$t1" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))["end"]["sum_received"]
+ticks = (int(sys.argv[3]) - int(sys.argv[2])) / float(sys.argv[4])
+gbit = d["bytes"] * 8 / 1e9
+print("%.2f %.4f" % (d["bits_per_second"] / 1e9, ticks / gbit if gbit else float("nan")))
+PY
     stop_routers
 }
 
@@ -109,7 +136,7 @@ median() {
     tr ' ' '\n' | grep -v '^nan$' | grep . | sort -n |
         awk '{v[NR]=$1} END {if (NR % 2) print v[(NR+1)/2]; else printf "%.3f\n", (v[NR/2]+v[NR/2+1])/2}'
 }
-RA="" RB="" RATIOS=""
+RA="" RB="" RATIOS="" CRATIOS=""
 # Rounds alternate the order (AB, BA, ...) so that neither build always
 # runs first. Two identical builds gave medians 12% apart over 4 rounds
 # here: take 6 or more, and trust only differences well beyond the spread.
@@ -119,13 +146,23 @@ for r in $(seq "$ROUNDS"); do
     else
         b=$(run "$B" "$@"); a=$(run "$A" "$@")
     fi
-    RA="$RA $a" RB="$RB $b"
-    ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "nan" }')
-    RATIOS="$RATIOS $ratio"
-    echo "round $r: A $a  B $b  B/A $ratio" >&2
+
+    ga=${a% *} ca=${a#* } gb=${b% *} cb=${b#* }
+    RA="$RA $ga" RB="$RB $gb"
+    ratio=$(awk -v a="$ga" -v b="$gb" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "nan" }')
+    cratio=$(awk -v a="$ca" -v b="$cb" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "nan" }')
+    RATIOS="$RATIOS $ratio" CRATIOS="$CRATIOS $cratio"
+    echo "round $r: A $ga Gbit/s $ca CPU-s/Gbit  B $gb Gbit/s $cb CPU-s/Gbit  B/A $ratio, CPU per Gbit B/A $cratio" >&2
 done
 echo "A $A:$RA  median $(echo "$RA" | median)"
 echo "B $B:$RB  median $(echo "$RB" | median)"
-sorted=$(echo "$RATIOS" | tr ' ' '\n' | grep -v '^nan$' | grep . | sort -n)
+spread() { # the ratios on stdin: "median (median of N paired rounds, min X, max Y)"
+    local all sorted
+    all=$(cat)
+    sorted=$(echo "$all" | tr ' ' '\n' | grep -v '^nan$' | grep . | sort -n)
+    echo "$(echo "$all" | median) (median of $(echo "$sorted" | wc -l) paired rounds, min $(echo "$sorted" | head -1), max $(echo "$sorted" | tail -1))"
+}
 echo "B/A per round:$RATIOS"
-echo "B/A = $(echo "$RATIOS" | median) (median of $(echo "$sorted" | wc -l) paired rounds, min $(echo "$sorted" | head -1), max $(echo "$sorted" | tail -1))"
+echo "B/A CPU-s per Gbit per round:$CRATIOS"
+echo "CPU per Gbit B/A = $(echo "$CRATIOS" | spread)"
+echo "B/A = $(echo "$RATIOS" | spread)"

@@ -19,6 +19,9 @@ TUNMESH_CONTROL_PLANE_BIN=$(scripts/control-plane.sh)
 export TUNMESH_CONTROL_PLANE_BIN
 cargo fmt --all -- --check
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
+# The I/O comparison harness (scripts/ab-crates.sh) is off by default:
+# keep it compiling.
+cargo clippy --release --locked -p tunmesh-router --features ab-crates -- -D warnings
 cargo build --release --locked --workspace
 cargo test --release --locked --workspace
 # Fuzzing (nightly + cargo-fuzz): every target for a bounded time. The

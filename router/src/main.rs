@@ -193,6 +193,120 @@ fn queue_count(asked: usize) -> usize {
     }
 }
 
+/// The data plane's queues, opened: a TUN queue and a UDP socket each.
+struct Queues {
+    /// tunmesh's own devices, for the status's per-queue counters.
+    real: Vec<RealQueue>,
+    /// What the workers read and write.
+    io: Vec<Queue>,
+    port: u16,
+    rcvbuf: usize,
+    sndbuf: usize,
+    udp_gso: bool,
+    udp_gro: bool,
+    tun_offload: bool,
+    io_kind: &'static str,
+}
+
+fn open_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Result<Queues> {
+    #[cfg(feature = "ab-crates")]
+    if let Some(q) = ab_queues(args, port, n, buf_size)? {
+        return Ok(q);
+    }
+    let _ = buf_size;
+    let udps = UdpSocket::bind_group(port, args.offload, n)
+        .with_context(|| format!("binding UDP port {port}"))?;
+    let Some(udp) = udps.first() else {
+        bail!("no UDP socket bound");
+    };
+    let (rcvbuf, sndbuf) = udp.buffer_sizes();
+    let (udp_gso, udp_gro) = udp.offloads();
+    let port = udp.port();
+    let tuns = TunDevice::create_queues(&args.interface, args.mtu, args.offload, n).with_context(
+        || {
+            format!(
+                "creating TUN device {} with {n} queue(s) (needs /dev/net/tun and CAP_NET_ADMIN)",
+                args.interface
+            )
+        },
+    )?;
+    let tun_offload = tuns.first().is_some_and(|t| t.offload());
+    let real: Vec<RealQueue> = tuns
+        .into_iter()
+        .map(Arc::new)
+        .zip(udps.into_iter().map(Arc::new))
+        .collect();
+    let io = real
+        .iter()
+        .map(|(t, u)| {
+            (
+                Arc::clone(t) as Arc<dyn TunIo>,
+                Arc::clone(u) as Arc<dyn UdpIo>,
+            )
+        })
+        .collect();
+    Ok(Queues {
+        real,
+        io,
+        port,
+        rcvbuf,
+        sndbuf,
+        udp_gso,
+        udp_gro,
+        tun_offload,
+        io_kind: "tunmesh",
+    })
+}
+
+/// The comparison harness (feature `ab-crates`): the crates' TUN and/or UDP
+/// I/O in place of tunmesh's own, as `TUNMESH_AB_IO` says.
+#[cfg(feature = "ab-crates")]
+fn ab_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Result<Option<Queues>> {
+    use tunmesh_router::dataplane::ab_crates::{Choice, QuinnUdp, TunrsTun};
+    let c = Choice::from_env();
+    if !c.tunrs && !c.quinn {
+        return Ok(None);
+    }
+    let tuns: Vec<Arc<dyn TunIo>> = if c.tunrs {
+        TunrsTun::create_queues(&args.interface, args.mtu, n, buf_size)?
+            .into_iter()
+            .map(|t| Arc::new(t) as Arc<dyn TunIo>)
+            .collect()
+    } else {
+        TunDevice::create_queues(&args.interface, args.mtu, args.offload, n)?
+            .into_iter()
+            .map(|t| Arc::new(t) as Arc<dyn TunIo>)
+            .collect()
+    };
+    let udps: Vec<Arc<dyn UdpIo>> = if c.quinn {
+        QuinnUdp::bind_group(port, n)?
+            .into_iter()
+            .map(|u| Arc::new(u) as Arc<dyn UdpIo>)
+            .collect()
+    } else {
+        UdpSocket::bind_group(port, args.offload, n)?
+            .into_iter()
+            .map(|u| Arc::new(u) as Arc<dyn UdpIo>)
+            .collect()
+    };
+    warn!(
+        tun_rs = c.tunrs,
+        quinn_udp = c.quinn,
+        "I/O comparison harness in use (TUNMESH_AB_IO)"
+    );
+    Ok(Some(Queues {
+        real: Vec::new(),
+        io: tuns.into_iter().zip(udps).collect(),
+        port,
+        rcvbuf: 0,
+        sndbuf: 0,
+        udp_gso: c.quinn,
+        udp_gro: c.quinn,
+        tun_offload: c.tunrs,
+        io_kind: "comparison harness",
+    }))
+}
+
 /// The peer source, and what only it knows at start.
 struct SourceParts {
     source: Box<dyn PeerSource>,
@@ -270,27 +384,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The data plane: its queues (TUN queue + UDP socket each).
     let dp = Dataplane::new(&src.key, usize::from(args.mtu));
     let queues = queue_count(args.queues);
-    let udps = UdpSocket::bind_group(src.port, args.offload, queues)
-        .with_context(|| format!("binding UDP port {}", src.port))?;
-    let Some(udp) = udps.first() else {
-        bail!("no UDP socket bound");
-    };
-    let (rcvbuf, sndbuf) = udp.buffer_sizes();
-    let (udp_gso, udp_gro) = udp.offloads();
-    let port = udp.port();
-    let tuns = TunDevice::create_queues(&args.interface, args.mtu, args.offload, queues)
-        .with_context(|| {
-            format!(
-                "creating TUN device {} with {queues} queue(s) (needs /dev/net/tun and CAP_NET_ADMIN)",
-                args.interface
-            )
-        })?;
-    let tun_offload = tuns.first().is_some_and(|t| t.offload());
-    let real: Vec<RealQueue> = tuns
-        .into_iter()
-        .map(Arc::new)
-        .zip(udps.into_iter().map(Arc::new))
-        .collect();
+    let q = open_queues(&args, src.port, queues, dp.buf_size())?;
+    let port = q.port;
 
     // The host side.
     let host = HostNet::connect()?;
@@ -299,7 +394,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!(
         interface = %args.interface, mtu = args.mtu, port, queues, public_key = %dp.public_key(),
         node = %src.node_name, source = src.source.kind(),
-        rcvbuf, sndbuf, tun_offload, udp_gso, udp_gro, "router up"
+        rcvbuf = q.rcvbuf, sndbuf = q.sndbuf, tun_offload = q.tun_offload,
+        udp_gso = q.udp_gso, udp_gro = q.udp_gro, io = q.io_kind, "router up"
     );
 
     // What the router serves: metrics and health, the WireGuard API.
@@ -363,22 +459,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     reconciler.bring_up().await?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let pairs: Vec<Queue> = real
-        .iter()
-        .map(|(t, u)| {
-            (
-                Arc::clone(t) as Arc<dyn TunIo>,
-                Arc::clone(u) as Arc<dyn UdpIo>,
-            )
-        })
-        .collect();
-    let workers = dp.spawn(&pairs, Arc::clone(&stop))?;
+    let workers = dp.spawn(&q.io, Arc::clone(&stop))?;
     let daemon = Daemon {
         dp,
         reconciler,
         health,
         source_status,
-        queues: real,
+        queues: q.real,
         settings: daemon::Settings {
             interface: args.interface,
             listen_port: port,

@@ -392,10 +392,9 @@ impl Dataplane {
             // A datagram yields a TUN packet or a reply, never both: the
             // reply is written straight into `udp_out`'s next slot, a
             // packet into `tun_out`'s.
-            let (Some(pkt_buf), Some(reply_buf)) = (
-                tun_out.bufs.get_mut(tun_out.n),
-                udp_out.bufs.get_mut(udp_out.n),
-            ) else {
+            let (Some(pkt_buf), Some(reply_buf)) =
+                (tun_out.slot(tun_out.n), udp_out.slot(udp_out.n))
+            else {
                 self.counters.drop(Drop::QueueFull);
                 continue;
             };

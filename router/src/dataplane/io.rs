@@ -11,13 +11,16 @@ use std::time::Duration;
 pub const BATCH: usize = 128;
 
 /// A fixed set of packet buffers, allocated once per worker and reused for
-/// every batch. `lens[i]` is the length of packet `i`, `addrs[i]` its UDP
-/// peer (unused for TUN batches); `n` is how many are filled.
+/// every batch. Packet `i` is `bufs[i][offset..offset + lens[i]]`, for its
+/// UDP peer `addrs[i]` (unused for TUN batches); `n` is how many are
+/// filled. `offset` leaves room before each packet for an I/O backend that
+/// wants to write a header there (0 unless one asks).
 pub struct Batch {
     pub bufs: Vec<Vec<u8>>,
     pub lens: Vec<usize>,
     pub addrs: Vec<SocketAddr>,
     pub n: usize,
+    pub offset: usize,
 }
 
 impl Batch {
@@ -27,7 +30,24 @@ impl Batch {
             lens: vec![0; count],
             addrs: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)); count],
             n: 0,
+            offset: 0,
         }
+    }
+
+    /// As `new`, with `offset` bytes of room before each packet (added to
+    /// `buf_size`).
+    pub fn with_offset(count: usize, buf_size: usize, offset: usize) -> Self {
+        Batch {
+            offset,
+            ..Batch::new(count, buf_size + offset)
+        }
+    }
+
+    /// The room for packet `i`: its buffer after `offset`.
+    #[inline]
+    pub fn slot(&mut self, i: usize) -> Option<&mut [u8]> {
+        let off = self.offset;
+        self.bufs.get_mut(i).and_then(|b| b.get_mut(off..))
     }
 
     pub fn capacity(&self) -> usize {
@@ -58,7 +78,10 @@ impl Batch {
     #[inline]
     pub fn packet(&self, i: usize) -> &[u8] {
         let len = self.lens.get(i).copied().unwrap_or(0);
-        self.bufs.get(i).and_then(|b| b.get(..len)).unwrap_or(&[])
+        self.bufs
+            .get(i)
+            .and_then(|b| b.get(self.offset..self.offset + len))
+            .unwrap_or(&[])
     }
 }
 
@@ -78,6 +101,11 @@ pub trait TunIo: Send + Sync {
     /// Packets the device itself dropped as malformed since the last call
     /// (e.g. a super-packet it could not segment).
     fn take_malformed(&self) -> u64 {
+        0
+    }
+    /// Room this device wants before each packet of a batch it is given to
+    /// write (`Batch::offset`).
+    fn write_offset(&self) -> usize {
         0
     }
     /// A descriptor that polls readable when packets wait, if there is one

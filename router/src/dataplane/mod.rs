@@ -3,6 +3,8 @@
 //! around them (`worker`), the batch I/O seams (`io`: real `tun` and `udp`,
 //! in-memory `mem`), and the TUN offloads (`offload`).
 
+#[cfg(feature = "ab-crates")]
+pub mod ab_crates;
 pub mod counters;
 pub mod engine;
 pub mod io;

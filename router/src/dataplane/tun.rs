@@ -293,11 +293,7 @@ impl TunDevice {
         for k in 0..c.groups.len() {
             let g = c.groups[k];
             let head_len = batch.lens.get(g.head).copied().unwrap_or(0);
-            let Some(head) = batch
-                .bufs
-                .get_mut(g.head)
-                .and_then(|b| b.get_mut(..head_len))
-            else {
+            let Some(head) = batch.slot(g.head).and_then(|b| b.get_mut(..head_len)) else {
                 continue;
             };
             let hdr = offload::finish_group(&g, head);

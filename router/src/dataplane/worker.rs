@@ -155,7 +155,7 @@ impl Dataplane {
         let mut from_tun = Batch::new(BATCH, size);
         let mut to_udp = Batch::new(BATCH, size);
         let mut from_udp = Batch::new(BATCH, size);
-        let mut to_tun = Batch::new(BATCH, size);
+        let mut to_tun = Batch::with_offset(BATCH, size, tun.write_offset());
         let mut tun_errors = ErrorLog::new("reading the TUN device");
         let mut udp_errors = ErrorLog::new("receiving UDP");
         let mut poll_errors = ErrorLog::new("waiting for packets");
