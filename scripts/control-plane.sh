@@ -4,6 +4,10 @@
 #                                  (the Kubernetes release pinned in its go.mod)
 #   tests/controlplane/etcd        etcd (the release pinned in its go.mod)
 #   tests/controlplane/cnitool     cnitool, upstream's CNI client
+#   tests/controlplane/node        kubelet, kube-proxy, kube-scheduler, agnhost and
+#                                  e2e.test (the upstream end-to-end tests), for
+#                                  the kubelet lab; pause from the same release
+#   tests/controlplane/coredns     CoreDNS with a small plugin set
 # Each module is cached on its own, keyed by its go.mod, go.sum and the Go
 # version, so changing one pin rebuilds only that module. The directory
 # printed on stdout holds links to all of them.
@@ -59,8 +63,14 @@ build_module() { # module-dir ldflags (package output-name)...
     while [[ $# -gt 0 ]]; do
         pkg=$1 name=$2; shift 2
         echo "control-plane: building $name ($pkg) ..." >&2
-        if ! ( cd "$mods/$dir" && CGO_ENABLED=0 go build -v -trimpath -ldflags "$flags" -o "$work/$name" "$pkg" 2>&1 ) \
-                | tee "$work/$name.log" | grep --line-buffered -v '^go: downloading' | progress "$name"; then
+        # `test:PKG` is a test binary (go test -c), the rest are programs.
+        local build=(go build -v)
+        if [[ $pkg == test:* ]]; then
+            pkg=${pkg#test:}
+            build=(go test -c -v)
+        fi
+        if ! ( cd "$mods/$dir" && CGO_ENABLED=0 "${build[@]}" -trimpath -ldflags "$flags" -o "$work/$name" "$pkg" 2>&1 ) \
+                | tee "$work/$name.log" | { grep --line-buffered -v '^go: downloading' || true; } | progress "$name"; then
             echo "control-plane: building $name failed; the end of its log:" >&2
             tail -n 40 "$work/$name.log" >&2
             rm -rf "$work"
@@ -94,15 +104,34 @@ build_module etcd "-s -w" go.etcd.io/etcd/server/v3 etcd
 etcd_dir=$MODULE_DIR
 build_module cnitool "-s -w" github.com/containernetworking/cni/cnitool cnitool
 cnitool_dir=$MODULE_DIR
+build_module node "$kube_ldflags" \
+    k8s.io/kubernetes/cmd/kubelet kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy kube-proxy \
+    k8s.io/kubernetes/cmd/kube-scheduler kube-scheduler \
+    k8s.io/kubernetes/test/images/agnhost agnhost \
+    test:k8s.io/kubernetes/test/e2e e2e.test
+node_dir=$MODULE_DIR
+# The pod sandbox's pause program, from the same release's source.
+if [[ ! -x "$node_dir/pause" ]]; then
+    src=$(cd "$mods/node" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c
+    echo "control-plane: building pause ($src) ..." >&2
+    gcc -Os -Wall -Werror -static -DVERSION="v3.10.2-$kube_version" -o "$node_dir/pause.tmp" "$src"
+    strip "$node_dir/pause.tmp"
+    mv "$node_dir/pause.tmp" "$node_dir/pause"
+fi
+build_module coredns "-s -w" . coredns
+coredns_dir=$MODULE_DIR
 
 # One directory with all of them, named after what it links to.
-key=$(echo "$kube_dir $etcd_dir $cnitool_dir" | sha256sum | cut -c1-16)
+key=$(echo "$kube_dir $etcd_dir $cnitool_dir $node_dir $coredns_dir" | sha256sum | cut -c1-16)
 bin="$cache_root/control-plane/$key/bin"
-if [[ ! -e "$bin/cnitool" ]]; then
+if [[ ! -e "$bin/coredns" ]]; then
     mkdir -p "$bin"
     for t in kube-apiserver kube-controller-manager kubectl; do ln -sfn "$kube_dir/$t" "$bin/$t"; done
     ln -sfn "$etcd_dir/etcd" "$bin/etcd"
     ln -sfn "$cnitool_dir/cnitool" "$bin/cnitool"
+    for t in kubelet kube-proxy kube-scheduler agnhost e2e.test pause; do ln -sfn "$node_dir/$t" "$bin/$t"; done
+    ln -sfn "$coredns_dir/coredns" "$bin/coredns"
 fi
 if [[ $built -eq 1 ]]; then
     echo "control-plane: all built in $((SECONDS - start)) s" >&2

@@ -22,6 +22,12 @@ command -v runc >/dev/null || need+=(runc)
 # from Debian's packages, and strip for the binaries.
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v strip >/dev/null || need+=(binutils)
+# Real nodes (tunmesh-lab up --kubelet, scripts/conformance.sh): containerd
+# with its ctr client, and what kubelet and kube-proxy call on a node.
+command -v containerd >/dev/null || need+=(containerd)
+command -v conntrack >/dev/null || need+=(conntrack)
+command -v socat >/dev/null || need+=(socat)
+command -v ebtables >/dev/null || need+=(ebtables)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

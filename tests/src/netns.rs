@@ -59,7 +59,13 @@ pub fn run_cni(ns: &str, plugin: &Path, env: &[(&str, &str)], stdin: &str) -> Re
         .spawn()
         .with_context(|| format!("running {} in {ns}", plugin.display()))?;
     if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes())?;
+        // A plugin may refuse its environment before it reads the config;
+        // like Go's os/exec (which containerd and cnitool use), a closed pipe
+        // is not an error of the caller's.
+        match input.write_all(stdin.as_bytes()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+            _ => {}
+        }
     }
     Ok(child.wait_with_output()?)
 }
