@@ -28,6 +28,8 @@ command -v containerd >/dev/null || need+=(containerd)
 command -v conntrack >/dev/null || need+=(conntrack)
 command -v socat >/dev/null || need+=(socat)
 command -v ebtables >/dev/null || need+=(ebtables)
+[ -x /usr/lib/cni/loopback ] || need+=(containernetworking-plugins)
+command -v curl >/dev/null || need+=(curl)         # the kubelet test probes pods from a node
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -26,6 +26,10 @@ pub const API_IP: &str = "172.28.0.2";
 pub const API_PORT: u16 = 6443;
 /// Service network (nothing uses it yet; the API server requires one).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The IPv6 service network of a cluster with real nodes (dual-stack).
+pub const SERVICE_CIDR_V6: &str = "fd00:10:96::/112";
+/// The cluster DNS Service's address (kubelet's clusterDNS).
+pub const DNS_IP: &str = "10.96.0.10";
 /// Namespace and name of the routers' ServiceAccount (deploy/rbac.yaml).
 pub const SA_NAMESPACE: &str = "tunmesh";
 pub const SA_NAME: &str = "tunmesh";
@@ -91,6 +95,13 @@ pub struct ControlPlane {
     pub etcd_pid: Option<u32>,
     pub apiserver_pid: Option<u32>,
     pub controller_manager_pid: Option<u32>,
+    /// A cluster for real nodes (kubelets): Node authorization and
+    /// NodeRestriction, every controller, kube-scheduler, dual-stack
+    /// Services. Otherwise only what the routers need.
+    #[serde(default)]
+    pub kubelets: bool,
+    #[serde(default)]
+    pub scheduler_pid: Option<u32>,
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
@@ -183,7 +194,13 @@ impl ControlPlane {
     /// manager in namespace `ns` (which must exist, on the underlay at
     /// `API_IP`); applies the routers' RBAC. `cluster_cidrs` (one per
     /// family) are split into /24 and /64 node podCIDRs.
-    pub fn start(ns: &str, dir: &Path, bin: &Path, cluster_cidrs: &[&str]) -> Result<Self> {
+    pub fn start(
+        ns: &str,
+        dir: &Path,
+        bin: &Path,
+        cluster_cidrs: &[&str],
+        kubelets: bool,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut cp = ControlPlane {
             ns: ns.to_string(),
@@ -193,11 +210,16 @@ impl ControlPlane {
             etcd_pid: None,
             apiserver_pid: None,
             controller_manager_pid: None,
+            kubelets,
+            scheduler_pid: None,
         };
         cp.pki()?;
         cp.start_etcd()?;
         cp.start_apiserver()?;
         cp.start_controller_manager()?;
+        if kubelets {
+            cp.start_scheduler()?;
+        }
         for (file, yaml) in [
             ("namespace.yaml", NAMESPACE_YAML),
             ("rbac.yaml", RBAC_YAML),
@@ -258,6 +280,21 @@ impl ControlPlane {
             "/CN=system:kube-controller-manager",
             client_ext,
         )?;
+        let mut users = vec!["admin", "controller-manager"];
+        if self.kubelets {
+            // The API server's client identity towards kubelets (logs,
+            // exec, port-forward), the scheduler's and kube-proxy's, with
+            // the names their bootstrap RBAC roles are bound to.
+            issue(
+                d,
+                "apiserver-kubelet-client",
+                "/O=system:masters/CN=kube-apiserver-kubelet-client",
+                client_ext,
+            )?;
+            issue(d, "scheduler", "/CN=system:kube-scheduler", client_ext)?;
+            issue(d, "kube-proxy", "/CN=system:kube-proxy", client_ext)?;
+            users.extend(["scheduler", "kube-proxy"]);
+        }
         // ServiceAccount token signing key.
         openssl(
             d,
@@ -273,7 +310,7 @@ impl ControlPlane {
         )?;
         openssl(d, &["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
         let ca = d.join("ca.crt");
-        for user in ["admin", "controller-manager"] {
+        for user in users {
             let text = kubeconfig(
                 &ca,
                 KubeUser::Cert {
@@ -370,14 +407,15 @@ impl ControlPlane {
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={d}/sa.pub"),
                 format!("--service-account-signing-key-file={d}/sa.key"),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--authorization-mode=RBAC".into(),
                 // As kubeadm and most distributions run it: network plugins'
                 // DaemonSets need a privileged init step.
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
                 "--enable-priority-and-fairness=false".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(self.apiserver_mode_args())
+            .collect::<Vec<_>>(),
         )?;
         self.apiserver_pid = Some(pid);
         self.wait_up("kube-apiserver", pid, Duration::from_secs(120), || {
@@ -386,6 +424,93 @@ impl ControlPlane {
                     out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok"
                 })
         })
+    }
+
+    /// What differs between a routers-only control plane and one for kubelets.
+    fn apiserver_mode_args(&self) -> Vec<String> {
+        let d = self.dir.display();
+        if !self.kubelets {
+            return vec![
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                "--authorization-mode=RBAC".into(),
+            ];
+        }
+        vec![
+            format!("--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR_V6}"),
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            format!("--kubelet-client-certificate={d}/apiserver-kubelet-client.crt"),
+            format!("--kubelet-client-key={d}/apiserver-kubelet-client.key"),
+            // Nodes are reached on their underlay address, not by a name
+            // nobody resolves.
+            "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+            "--service-node-port-range=30000-32767".into(),
+        ]
+    }
+
+    /// kube-scheduler (kubelet labs): places the pods.
+    pub fn start_scheduler(&mut self) -> Result<()> {
+        let d = self.dir.display();
+        let pid = self.spawn(
+            "kube-scheduler",
+            &[
+                format!("--kubeconfig={d}/scheduler.kubeconfig"),
+                format!("--authentication-kubeconfig={d}/scheduler.kubeconfig"),
+                format!("--authorization-kubeconfig={d}/scheduler.kubeconfig"),
+                "--leader-elect=false".into(),
+                "--secure-port=10259".into(),
+                "--bind-address=127.0.0.1".into(),
+            ],
+        )?;
+        self.scheduler_pid = Some(pid);
+        self.wait_up("kube-scheduler", pid, Duration::from_secs(60), || {
+            exec_output(
+                &self.ns,
+                "bash",
+                &["-c", "exec 3<>/dev/tcp/127.0.0.1/10259"],
+            )
+            .is_ok_and(|out| out.status.success())
+        })
+    }
+
+    /// Issues a kubelet's client certificate (system:node:NAME in
+    /// system:nodes, what Node authorization expects) and writes its
+    /// kubeconfig, with paths as the node sees them under `node_dir`
+    /// (the node's /etc/kubernetes). Copies the CA beside it.
+    pub fn kubelet_credentials(&self, name: &str, host_dir: &Path, node_dir: &Path) -> Result<()> {
+        let client_ext = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
+        let cert = format!("kubelet-{name}");
+        issue(
+            &self.dir,
+            &cert,
+            &format!("/O=system:nodes/CN=system:node:{name}"),
+            client_ext,
+        )?;
+        for (from, to) in [
+            (format!("{cert}.crt"), "kubelet.crt"),
+            (format!("{cert}.key"), "kubelet.key"),
+            ("ca.crt".into(), "ca.crt"),
+            ("kube-proxy.crt".into(), "kube-proxy.crt"),
+            ("kube-proxy.key".into(), "kube-proxy.key"),
+        ] {
+            std::fs::copy(self.dir.join(&from), host_dir.join(to))
+                .with_context(|| format!("copying {from} to {}", host_dir.display()))?;
+        }
+        let ca = node_dir.join("ca.crt");
+        for (user, file) in [
+            ("kubelet", "kubelet.kubeconfig"),
+            ("kube-proxy", "kube-proxy.kubeconfig"),
+        ] {
+            let text = kubeconfig(
+                &ca,
+                KubeUser::Cert {
+                    crt: &node_dir.join(format!("{user}.crt")),
+                    key: &node_dir.join(format!("{user}.key")),
+                },
+            );
+            std::fs::write(host_dir.join(file), text)?;
+        }
+        Ok(())
     }
 
     /// Stops the API server (an outage); `start_apiserver` brings it back
@@ -400,16 +525,32 @@ impl ControlPlane {
         let d = self.dir.display();
         let mut args = vec![
             format!("--kubeconfig={d}/controller-manager.kubeconfig"),
-            "--controllers=node-ipam-controller".into(),
             "--allocate-node-cidrs=true".into(),
             format!("--cluster-cidr={}", self.cluster_cidrs.join(",")),
-            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--leader-elect=false".into(),
             "--secure-port=0".into(),
             // Each controller acts as its own ServiceAccount with its
             // bootstrap ClusterRole, as kubeadm clusters run it.
             "--use-service-account-credentials=true".into(),
         ];
+        if self.kubelets {
+            // Every controller, as in a cluster: ServiceAccounts and their
+            // tokens, Deployments, DaemonSets, EndpointSlices, garbage
+            // collection, node lifecycle.
+            args.extend([
+                "--controllers=*".into(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR_V6}"),
+                format!("--service-account-private-key-file={d}/sa.key"),
+                format!("--root-ca-file={d}/ca.crt"),
+                format!("--cluster-signing-cert-file={d}/ca.crt"),
+                format!("--cluster-signing-key-file={d}/ca.key"),
+            ]);
+        } else {
+            args.extend([
+                "--controllers=node-ipam-controller".into(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            ]);
+        }
         for c in &self.cluster_cidrs {
             if c.contains(':') {
                 args.push("--node-cidr-mask-size-ipv6=64".into());

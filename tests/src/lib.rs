@@ -5,7 +5,9 @@
 //! - `netns`: namespaces, veths, commands and sockets inside a namespace;
 //! - `lab`: the cluster (underlay bridge, node namespaces running routers,
 //!   pod namespaces), recorded on disk so `exec` and `down` find it later;
-//! - `controlplane`: etcd, kube-apiserver and kube-controller-manager for the lab;
+//! - `controlplane`: etcd, kube-apiserver, kube-controller-manager (and
+//!   kube-scheduler for real nodes) for the lab;
+//! - `conformance`: Kubernetes' e2e tests against a lab of real nodes;
 //! - `checks`: ping, byte-exact TCP transfers, iperf3, the connectivity matrix;
 //! - `pcap`: just enough of the pcap format to inspect underlay captures;
 //! - `peers`: a one-peer tunmesh router or a `wg`-configured WireGuard
@@ -15,6 +17,7 @@
 
 pub mod bench;
 pub mod checks;
+pub mod conformance;
 pub mod controlplane;
 pub mod impair;
 pub mod lab;

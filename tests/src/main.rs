@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tunmesh_lab::lab::{self, Lab, LabOptions, DEFAULT_ROOT};
-use tunmesh_lab::{bench, checks, netns, soak};
+use tunmesh_lab::{bench, checks, conformance, netns, soak};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +33,10 @@ enum Cmd {
         /// Static mesh files instead of a Kubernetes control plane.
         #[arg(long)]
         peers_file: bool,
+        /// Real nodes: containerd, kubelet and kube-proxy on every node,
+        /// tunmesh installed with `kubectl apply -k deploy/`.
+        #[arg(long, conflicts_with = "peers_file")]
+        kubelet: bool,
     },
     /// kubectl against the lab's cluster, as its admin: kubectl -- ARGS...
     Kubectl {
@@ -97,6 +101,27 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         rss_bound_mib: u64,
     },
+    /// Kubernetes' own network e2e tests on a lab of real nodes: up
+    /// --kubelet, e2e.test (the pinned release), down. The last line says
+    /// `conformance: P passed, F failed, S skipped`; exit status 1 unless
+    /// every test that ran passed.
+    Conformance {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Only the four [Conformance] tests of "Networking Granular
+        /// Checks: Pods" (what CI runs) instead of the whole network list.
+        #[arg(long)]
+        granular: bool,
+        /// A regular expression of more tests to run (repeatable).
+        #[arg(long)]
+        focus: Vec<String>,
+        /// Where e2e.test's log and reports go.
+        #[arg(long, default_value = "target/conformance")]
+        out: PathBuf,
+        /// Leave the lab running afterwards (for a look at a failure).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Up, check every pod-to-pod and node-to-pod pair, iperf3, down.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -148,6 +173,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             nodes,
             pods_per_node,
             peers_file,
+            kubelet,
         } => {
             need_root()?;
             let mut lab = Lab::up(&LabOptions {
@@ -155,6 +181,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 pods_per_node,
                 root: cli.root,
                 mesh_file: peers_file,
+                kubelet,
                 ..Default::default()
             })?;
             lab.keep();
@@ -274,6 +301,76 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Conformance {
+            nodes,
+            granular,
+            focus,
+            out,
+            keep,
+        } => {
+            need_root()?;
+            let mut list: Vec<String> = if granular {
+                conformance::GRANULAR
+            } else {
+                conformance::NETWORK
+            }
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            list.extend(focus);
+            println!(
+                "building a {nodes}-node lab of real nodes (containerd, kubelet, kube-proxy)..."
+            );
+            let mut lab = Lab::up(&LabOptions {
+                nodes,
+                pods_per_node: 0,
+                root: cli.root,
+                kubelet: true,
+                ..Default::default()
+            })?;
+            print_lab(&lab);
+            let out = std::path::absolute(&out)?;
+            println!("\nrunning e2e.test, focus:");
+            for f in &list {
+                println!("  {f}");
+            }
+            println!("(log: {})", out.join("e2e.log").display());
+            let result = conformance::run(
+                &lab,
+                &conformance::Options {
+                    focus: list,
+                    out: out.clone(),
+                },
+            );
+            if keep {
+                lab.keep();
+                lab::set_current(None);
+                println!("lab {} kept; `tunmesh-lab down` removes it", lab.state.id);
+            } else {
+                lab.down()?;
+            }
+            let s = result?;
+            for (re, why) in conformance::NOT_HERE {
+                println!("not run here: /{re}/: {why}");
+            }
+            for n in &s.passed {
+                println!("passed:  {n}");
+            }
+            for (n, why) in &s.skipped {
+                println!("skipped: {n}: {why}");
+            }
+            for n in &s.failed {
+                println!("FAILED:  {n}");
+            }
+            println!("{}", s.line());
+            Ok(
+                if s.failed.is_empty() && s.skipped.is_empty() && !s.passed.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
+        }
         Cmd::Demo {
             nodes,
             pods_per_node,
@@ -299,6 +396,20 @@ fn print_lab(lab: &Lab) {
             n.pod_cidr_v4,
             n.pod_cidr_v6
         );
+    }
+    if lab.state.nodes.iter().any(|n| n.kubelet.is_some()) {
+        // Real nodes: the scheduler placed the pods; the API server lists them.
+        match lab.kube_pods("default", "app=web") {
+            Ok(pods) => {
+                println!("\n{:28} {:10} addresses", "pod", "node");
+                for p in pods {
+                    let ips: Vec<String> = p.ips.iter().map(|i| i.to_string()).collect();
+                    println!("{:28} {:10} {}", p.name, p.node, ips.join(" "));
+                }
+            }
+            Err(e) => println!("\npods: {e:#}"),
+        }
+        return;
     }
     println!("\n{:14} {:16} {:22}", "pod", "IPv4", "IPv6");
     for p in &lab.state.pods {

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::controlplane::{self, ControlPlane};
 use crate::netns::{self};
 
+pub mod kubelet;
 mod pods;
 mod record;
 mod routers;
@@ -62,6 +63,9 @@ pub struct LabOptions {
     pub router_args: Vec<String>,
     /// Static mesh files instead of the Kubernetes control plane.
     pub mesh_file: bool,
+    /// Real nodes: containerd, kubelet and kube-proxy run tunmesh's
+    /// DaemonSet and the pods (`kubelet` module).
+    pub kubelet: bool,
 }
 
 impl Default for LabOptions {
@@ -73,6 +77,7 @@ impl Default for LabOptions {
             router_bin: None,
             router_args: Vec::new(),
             mesh_file: false,
+            kubelet: false,
         }
     }
 }
@@ -98,6 +103,9 @@ pub struct NodeInfo {
     pub state_dir: PathBuf,
     pub log: PathBuf,
     pub router_pid: Option<u32>,
+    /// A real node's daemons and directories (kubelet labs).
+    #[serde(default)]
+    pub kubelet: Option<kubelet::KubeletNode>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,6 +139,9 @@ pub struct LabState {
     pub cni_bin: PathBuf,
     #[serde(default)]
     pub router_args: Vec<String>,
+    /// Image archives every real node imports (kubelet labs).
+    #[serde(default)]
+    pub node_images: Vec<PathBuf>,
 }
 
 /// A running lab. Dropping it tears it down unless `keep` was called.
@@ -193,6 +204,9 @@ impl Lab {
         if opts.nodes == 0 || opts.nodes > 200 || opts.pods_per_node > 200 {
             bail!("--nodes must be 1-200 and --pods-per-node 0-200");
         }
+        if opts.kubelet && opts.mesh_file {
+            bail!("--kubelet runs Kubernetes nodes; it cannot take static mesh files");
+        }
         let router_bin = match &opts.router_bin {
             Some(p) => p.clone(),
             None => find_binary("tunmesh-router", "TUNMESH_ROUTER_BIN")?,
@@ -213,6 +227,7 @@ impl Lab {
                 router_bin,
                 cni_bin,
                 router_args: opts.router_args.clone(),
+                node_images: Vec::new(),
             },
             keep: false,
         };

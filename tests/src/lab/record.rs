@@ -133,6 +133,9 @@ pub fn teardown(dir: &Path) -> Result<()> {
                 if let Some(pid) = n.router_pid {
                     netns::stop_pid(pid, Duration::from_secs(3));
                 }
+                if let Some(kn) = &n.kubelet {
+                    super::kubelet::stop_node(kn);
+                }
             }
         }
     }

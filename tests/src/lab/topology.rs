@@ -41,6 +41,8 @@ impl Lab {
                 etcd_pid: None,
                 apiserver_pid: None,
                 controller_manager_pid: None,
+                kubelets: opts.kubelet,
+                scheduler_pid: None,
             });
             self.save()?;
             let cp = ControlPlane::start(
@@ -48,10 +50,14 @@ impl Lab {
                 &self.state.dir.join("control-plane"),
                 bin,
                 &[CLUSTER_V4, CLUSTER_V6],
+                opts.kubelet,
             );
             // Keep whatever PIDs it got even on failure, for teardown.
             self.state.control_plane = Some(cp?);
             self.save()?;
+            if opts.kubelet {
+                return self.build_kubelet(opts);
+            }
             for _ in 0..opts.nodes {
                 self.add_node_namespace()?;
             }
@@ -143,13 +149,15 @@ impl Lab {
             state_dir: ndir.join("state"),
             log: ndir.join("router.log"),
             router_pid: None,
+            kubelet: None,
         };
         let idx = self.state.nodes.len();
         self.state.nodes.push(node.clone());
         self.save()?;
         add_netns(&ns)?;
         self.plug_underlay(&ns, &format!("n{i}"), &node.underlay_ip.to_string())?;
-        if let Some(cp) = &self.state.control_plane {
+        // Real nodes register themselves (kubelet).
+        if let Some(cp) = self.state.control_plane.as_ref().filter(|cp| !cp.kubelets) {
             cp.register_node(&node.name, &node.underlay_ip.to_string())?;
             let cidrs = cp.wait_pod_cidrs(&node.name, Duration::from_secs(90))?;
             for c in cidrs {

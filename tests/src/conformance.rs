@@ -1,0 +1,191 @@
+//! Kubernetes' own end-to-end tests (`e2e.test` from the pinned release,
+//! built by `scripts/control-plane.sh`) against a lab of real nodes, and
+//! the summary of ginkgo's JSON report.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab::Lab;
+
+/// The four `[Conformance]` tests of "Networking Granular Checks: Pods"
+/// (pod-pod and node-pod over HTTP and UDP): what CI runs.
+pub const GRANULAR: &[&str] =
+    &[r"\[sig-network\] Networking Granular Checks: Pods .*\[Conformance\]"];
+
+/// The network tests a pod network must pass, by their v1.37.2 names.
+pub const NETWORK: &[&str] = &[
+    r"\[sig-network\] Networking Granular Checks: Pods",
+    r"\[sig-network\] NoSNAT",
+    r"\[sig-network\] Services should be able to create a functioning NodePort service",
+    r"\[sig-network\] Services should serve a basic endpoint from pods",
+    r"\[sig-network\] Services should serve multiport endpoints from pods",
+    r"\[Feature:IPv6DualStack\]",
+    r"\[sig-network\] Networking IPerf2",
+];
+
+/// Tests of the focus that cannot apply on this machine, each with the
+/// reason (the README repeats it). They are skipped, and counted apart.
+pub const NOT_HERE: &[(&str, &str)] = &[(
+    "SCTP",
+    "the kernel here has no SCTP support and no module can be loaded",
+)];
+
+/// What one run gave: test names by outcome (only the specs the focus
+/// selected, not the thousands it filtered out).
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub passed: Vec<String>,
+    pub failed: Vec<String>,
+    /// Skipped while running (the test itself decided), with its reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Summary {
+    pub fn line(&self) -> String {
+        format!(
+            "conformance: {} passed, {} failed, {} skipped",
+            self.passed.len(),
+            self.failed.len(),
+            self.skipped.len()
+        )
+    }
+}
+
+/// Reads ginkgo's JSON report (`--ginkgo.json-report`). A spec the focus
+/// filtered out is "skipped" with no failure record; one that skipped
+/// itself carries its reason there.
+pub fn summarize(report: &Path) -> Result<Summary> {
+    let text = std::fs::read_to_string(report)
+        .with_context(|| format!("reading the e2e report {}", report.display()))?;
+    let suites: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the e2e report {}", report.display()))?;
+    let mut s = Summary::default();
+    let suites = suites
+        .as_array()
+        .with_context(|| format!("{}: not a list of suites", report.display()))?;
+    for suite in suites {
+        for spec in suite["SpecReports"].as_array().into_iter().flatten() {
+            if spec["LeafNodeType"] != "It" {
+                continue;
+            }
+            let mut name: Vec<String> = spec["ContainerHierarchyTexts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(String::from))
+                .collect();
+            name.push(spec["LeafNodeText"].as_str().unwrap_or("?").to_string());
+            let name = name.join(" ");
+            let why = spec["Failure"]["Message"].as_str().unwrap_or("");
+            match spec["State"].as_str().unwrap_or("") {
+                "passed" => s.passed.push(name),
+                "skipped" if why.is_empty() => {}
+                "skipped" => s
+                    .skipped
+                    .push((name, why.lines().next().unwrap_or("").into())),
+                "pending" => {}
+                other => s.failed.push(format!("{name} ({other})")),
+            }
+        }
+    }
+    Ok(s)
+}
+
+pub struct Options {
+    /// Regular expressions, any of which selects a test.
+    pub focus: Vec<String>,
+    /// Where the log and reports go.
+    pub out: PathBuf,
+}
+
+/// Runs e2e.test from the control plane's namespace against `lab`, its
+/// output to the terminal and to `out/e2e.log`.
+pub fn run(lab: &Lab, opts: &Options) -> Result<Summary> {
+    let cp = lab.control_plane()?;
+    std::fs::create_dir_all(&opts.out)?;
+    let report = opts.out.join("report.json");
+    let _ = std::fs::remove_file(&report);
+    let skip: Vec<&str> = NOT_HERE.iter().map(|(re, _)| *re).collect();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &cp.ns])
+        .arg(cp.bin.join("e2e.test"))
+        .arg("--provider=skeleton")
+        .arg(format!("--kubeconfig={}", cp.admin_kubeconfig().display()))
+        .arg(format!(
+            "--kubectl-path={}",
+            cp.bin.join("kubectl").display()
+        ))
+        .arg(format!("--report-dir={}", opts.out.display()))
+        .arg(format!("--ginkgo.json-report={}", report.display()))
+        .arg(format!("--ginkgo.skip={}", skip.join("|")))
+        .args([
+            "--ginkgo.no-color",
+            "--ginkgo.timeout=3h",
+            "--disable-log-dump",
+        ]);
+    for f in &opts.focus {
+        c.arg(format!("--ginkgo.focus={f}"));
+    }
+    let log = std::fs::File::create(opts.out.join("e2e.log"))?;
+    let status = c
+        .current_dir(&opts.out)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .context("running e2e.test")?;
+    if !report.exists() {
+        bail!(
+            "e2e.test ({status}) wrote no report; its log: {}",
+            opts.out.join("e2e.log").display()
+        );
+    }
+    summarize(&report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filtered_specs_are_not_counted_and_self_skips_are() {
+        let dir = std::env::temp_dir().join(format!("tunmesh-e2e-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let report = dir.join("report.json");
+        let spec = |state: &str, text: &str, why: Option<&str>| {
+            let mut v = serde_json::json!({
+                "LeafNodeType": "It", "State": state, "LeafNodeText": text,
+                "ContainerHierarchyTexts": ["[sig-network] Networking", "Granular Checks: Pods"],
+            });
+            if let Some(w) = why {
+                v["Failure"] = serde_json::json!({"Message": w});
+            }
+            v
+        };
+        let suites = serde_json::json!([{ "SpecReports": [
+            {"LeafNodeType": "SynchronizedBeforeSuite", "State": "passed"},
+            spec("passed", "http", None),
+            spec("failed", "udp", Some("timed out")),
+            spec("skipped", "filtered out", None),
+            spec("skipped", "sctp", Some("Skipping SCTP node to pod test\nmore")),
+        ]}]);
+        std::fs::write(&report, suites.to_string()).unwrap();
+        let s = summarize(&report).unwrap();
+        assert_eq!(
+            s.passed,
+            ["[sig-network] Networking Granular Checks: Pods http"]
+        );
+        assert_eq!(s.failed.len(), 1);
+        assert_eq!(s.skipped.len(), 1);
+        assert_eq!(s.skipped[0].1, "Skipping SCTP node to pod test");
+        assert_eq!(s.line(), "conformance: 1 passed, 1 failed, 1 skipped");
+        std::fs::write(&report, "{").unwrap();
+        assert!(summarize(&report)
+            .unwrap_err()
+            .to_string()
+            .contains("parsing"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
