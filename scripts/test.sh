@@ -24,6 +24,11 @@ cargo clippy --release --locked --workspace --all-targets -- -D warnings
 cargo clippy --release --locked -p tunmesh-router --features ab-crates -- -D warnings
 cargo build --release --locked --workspace
 cargo test --release --locked --workspace
+# Kubernetes' own network tests on a lab of real nodes (containerd, kubelet,
+# kube-proxy; tunmesh from deploy/): the four [Conformance] tests of
+# "Networking Granular Checks: Pods". scripts/conformance.sh runs the whole
+# network list (about an hour).
+target/release/tunmesh-lab conformance --granular --out target/conformance-ci
 # Fuzzing (nightly + cargo-fuzz): every target for a bounded time. The
 # corpora also replay on stable in router/tests/fuzz_corpus.rs above.
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then

@@ -416,6 +416,36 @@ fn remove(path: &Path, what: &str) -> Result<String, CtlError> {
     }
 }
 
+/// Removes the state directory, or only what is in it when the directory
+/// is a mount point (a hostPath or bind mount cannot be removed).
+fn purge_dir(dir: &Path) -> Result<String, CtlError> {
+    let io = |doing: String| move |source| CtlError::Io { doing, source };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(format!("no state directory {}", dir.display()))
+        }
+        Err(e) => return Err(io(format!("reading {}", dir.display()))(e)),
+    };
+    for e in entries {
+        let path = e.map_err(io(format!("reading {}", dir.display())))?.path();
+        let gone = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        gone.map_err(io(format!("removing {}", path.display())))?;
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(format!("removed the state directory {}", dir.display())),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(format!(
+            "emptied the state directory {} (a mount point, so the directory stays)",
+            dir.display()
+        )),
+        Err(e) => Err(io(format!("removing {}", dir.display()))(e)),
+    }
+}
+
 /// Removes what tunmesh left on this node once its router stopped: a
 /// leftover TUN device and its routes, the CNI conflist and plugin, this
 /// Node's annotations, and with `purge` the state directory. Refuses while
@@ -457,19 +487,7 @@ pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
         u.node_name
     ));
     if u.purge {
-        match std::fs::remove_dir_all(&u.state_dir) {
-            Ok(()) => done.push(format!(
-                "removed the state directory {}",
-                u.state_dir.display()
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(CtlError::Io {
-                    doing: format!("removing {}", u.state_dir.display()),
-                    source,
-                })
-            }
-        }
+        done.push(purge_dir(&u.state_dir)?);
     } else {
         done.push(format!(
             "kept {} (key, pod address allocations); --purge removes it",

@@ -14,6 +14,9 @@ use crate::lab::Lab;
 pub const GRANULAR: &[&str] =
     &[r"\[sig-network\] Networking Granular Checks: Pods .*\[Conformance\]"];
 
+/// How many tests [`GRANULAR`] selects in v1.37.2.
+pub const GRANULAR_TESTS: usize = 4;
+
 /// The network tests a pod network must pass, by their v1.37.2 names.
 pub const NETWORK: &[&str] = &[
     r"\[sig-network\] Networking Granular Checks: Pods",

@@ -363,13 +363,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("FAILED:  {n}");
             }
             println!("{}", s.line());
-            Ok(
-                if s.failed.is_empty() && s.skipped.is_empty() && !s.passed.is_empty() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                },
-            )
+            // The granular set is known: all four must have run.
+            let enough = if granular {
+                s.passed.len() >= conformance::GRANULAR_TESTS
+            } else {
+                !s.passed.is_empty()
+            };
+            if !enough {
+                println!("conformance: fewer tests passed than the focus selects");
+            }
+            Ok(if enough && s.failed.is_empty() && s.skipped.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Demo {
             nodes,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tunmesh_router::ctl::{self, Uninstall};
+use tunmesh_router::source::kube::chain;
 use tunmesh_router::status::{unix_now, Status};
 
 #[derive(Parser)]
@@ -114,7 +115,7 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tunmesh-ctl: {e:#}");
+            eprintln!("tunmesh-ctl: {}", chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -82,7 +82,7 @@ pub enum ClientError {
         path: String,
         source: kube::config::KubeconfigError,
     },
-    #[error("no Kubernetes configuration (in-cluster or KUBECONFIG): {0}")]
+    #[error("no Kubernetes configuration (not in a pod, no $KUBECONFIG, no ~/.kube/config; give --kubeconfig, on a node kubelet's will do): {0}")]
     Infer(#[source] kube::config::InferConfigError),
     #[error("building the Kubernetes client: {0}")]
     Build(#[source] kube::Error),
@@ -122,8 +122,9 @@ pub fn explain(e: &kube::Error) -> String {
 }
 
 /// An error and its causes, `a: b: c` ("client error (Connect): tcp
-/// connect error: Connection refused"), so the root cause is in the log.
-fn chain(e: &dyn std::error::Error) -> String {
+/// connect error: Connection refused"), so the root cause is in the log;
+/// a cause whose text its parent already holds is not repeated.
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -1,0 +1,543 @@
+//! tunmesh on real nodes: containerd, kubelet and kube-proxy (built from
+//! the pinned Kubernetes release) run the DaemonSet from deploy/, the
+//! scheduler places the pods, containerd's CRI calls tunmesh-cni. One lab
+//! walks through the DaemonSet's life: install, a rolling restart under a
+//! continuous probe, a deleted router pod, a node joining, uninstall, and
+//! a teardown that leaves nothing behind. Root only; CI runs it.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tunmesh_lab::lab::kubelet::{failed_paths, Join, KubePod, CNI_FILES};
+use tunmesh_lab::lab::Lab;
+use tunmesh_lab::netns::{self, wait_for};
+use tunmesh_lab::{require_root, LabOptions};
+
+fn web_pods(lab: &Lab, want: usize) -> Vec<KubePod> {
+    wait_for(Duration::from_secs(120), || {
+        let pods = lab.kube_pods("default", "app=web").ok()?;
+        (pods.len() == want && pods.iter().all(|p| p.ips.len() == 2)).then_some(pods)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{want} running web pods with two addresses each; have:\n{}",
+            lab.kubectl(&["get", "pods", "-o", "wide"])
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// Every pod's addresses lie in its own node's podCIDRs, and no two pods
+/// share one.
+fn addresses_from_own_node(lab: &Lab, pods: &[KubePod]) {
+    let mut seen = HashSet::new();
+    for p in pods {
+        let n = lab.node(&p.node).expect("pod on a lab node");
+        for ip in &p.ips {
+            let cidr = if ip.is_ipv4() {
+                &n.pod_cidr_v4
+            } else {
+                &n.pod_cidr_v6
+            };
+            let net: ipnetwork::IpNetwork = cidr.parse().unwrap();
+            assert!(
+                net.contains(*ip),
+                "{} has {ip}, outside {}'s {cidr}",
+                p.name,
+                p.node
+            );
+            assert!(seen.insert(*ip), "{ip} given to two pods");
+        }
+    }
+}
+
+fn matrix_ok(lab: &Lab, pods: &[KubePod], when: &str) -> usize {
+    let paths = lab.kube_matrix(pods).expect("matrix");
+    assert!(!paths.is_empty());
+    let bad = failed_paths(&paths);
+    assert!(bad.is_empty(), "{when}: failed paths:\n{bad}");
+    paths.len()
+}
+
+/// A continuous HTTP probe from one pod to another's address, through
+/// the mesh, as `kubectl exec` of a shell loop: one timestamp per answer.
+struct Probe {
+    child: std::process::Child,
+    out: std::thread::JoinHandle<String>,
+}
+
+impl Probe {
+    fn start(lab: &Lab, from: &str, to: IpAddr) -> Probe {
+        let cp = lab.control_plane().unwrap();
+        let script = format!(
+            "while true; do if curl -sf -m 0.5 -o /dev/null http://{to}:8080/echo?msg=x; then date +%s.%N; fi; sleep 0.02; done"
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &cp.ns])
+            .arg(cp.bin.join("kubectl"))
+            .arg(format!("--kubeconfig={}", cp.admin_kubeconfig().display()))
+            .args(["exec", from, "--", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kubectl exec");
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        Probe { child, out }
+    }
+
+    /// Stops the probe; the answers' times (seconds since the epoch).
+    fn stop(mut self) -> Vec<f64> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let text = self.out.join().unwrap_or_default();
+        text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+    }
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The longest silence that covers or follows `fault`: from the last
+/// answer before it to the next one. Fails unless answers came before
+/// the fault and after `recovered`.
+fn gap(times: &[f64], fault: f64, recovered: f64, what: &str) -> f64 {
+    let before = times.iter().filter(|t| **t < fault).count();
+    assert!(
+        before > 0,
+        "{what}: the probe got no answer before the fault"
+    );
+    assert!(
+        times.iter().any(|t| *t > recovered),
+        "{what}: no answer after recovery ({} answers in all)",
+        times.len()
+    );
+    times[before - 1..]
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(0.0, f64::max)
+}
+
+fn tunmesh_pod_on(lab: &Lab, node: &str) -> Option<(String, String)> {
+    let out = lab
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "tunmesh",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.metadata.uid} {.status.containerStatuses[0].ready}{\"\\n\"}{end}",
+        ])
+        .ok()?;
+    out.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        (w.len() == 3 && w[2] == "true").then(|| (w[0].to_string(), w[1].to_string()))
+    })
+}
+
+/// Limits a real node's tunmesh state can be checked against.
+fn node_has_tunmesh(lab: &Lab, node: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    let links = lab
+        .node_exec(node, &["ip", "-o", "link"])
+        .unwrap_or_default();
+    if links.contains("tunmesh0") {
+        left.push("the tunmesh0 device".to_string());
+    }
+    for fam in ["-4", "-6"] {
+        let routes = lab
+            .node_exec(node, &["ip", fam, "route", "show", "proto", "116"])
+            .unwrap_or_default();
+        if !routes.trim().is_empty() {
+            left.push(format!("routes: {}", routes.trim()));
+        }
+    }
+    let annotations = lab
+        .kubectl(&[
+            "get",
+            "node",
+            node,
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ])
+        .unwrap_or_default();
+    if annotations.contains("tunmesh.io/") {
+        left.push(format!("annotations: {annotations}"));
+    }
+    let n = lab.node(node).unwrap();
+    let root = &n.kubelet.as_ref().unwrap().root;
+    for f in CNI_FILES {
+        if root.join(f).exists() {
+            left.push(f.to_string());
+        }
+    }
+    left
+}
+
+/// A pod for the node that joins with the CNI files but no router yet.
+const LATE_POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: early
+  labels: {app: early}
+spec:
+  nodeSelector: {kubernetes.io/hostname: NODE}
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: netexec
+      image: registry.k8s.io/e2e-test-images/agnhost:2.66.1
+      imagePullPolicy: IfNotPresent
+      args: ["netexec", "--http-port=8080", "--udp-port=8081"]
+"#;
+
+/// What pod attachments a node holds: (veth devices other than the
+/// node's own eth0 on the underlay, network namespaces under its
+/// /run/netns, addresses allocated by tunmesh-cni).
+fn node_attachments(lab: &Lab, node: &str) -> (usize, usize, usize) {
+    let veths = lab
+        .node_exec(node, &["ip", "-o", "link", "show", "type", "veth"])
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|n| !n.trim().starts_with("eth0@"))
+        })
+        .count();
+    let root = lab
+        .node(node)
+        .unwrap()
+        .kubelet
+        .as_ref()
+        .unwrap()
+        .root
+        .clone();
+    let netns = std::fs::read_dir(root.join("run-netns"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let store = root.join("var-lib-tunmesh/cni/tunmesh/allocations.json");
+    let allocations = match std::fs::read_to_string(&store) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => panic!("reading {}: {e}", store.display()),
+        Ok(text) => {
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not JSON: {e}", store.display()));
+            v["allocations"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{} has no allocations map: {text}", store.display()))
+                .len()
+        }
+    };
+    (veths, netns, allocations)
+}
+
+#[test]
+fn real_nodes_run_the_daemonset_through_its_life() {
+    if !require_root("real_nodes_run_the_daemonset_through_its_life") {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut lab = Lab::up(&LabOptions {
+        nodes: 3,
+        pods_per_node: 1,
+        kubelet: true,
+        ..Default::default()
+    })
+    .expect("kubelet lab up");
+    eprintln!(
+        "3 real nodes Ready, tunmesh and CoreDNS rolled out, 3 pods running after {:.0?}",
+        t0.elapsed()
+    );
+
+    // Scheduled by the scheduler, one per node (spread), addresses from
+    // their node's podCIDRs; every pod reaches every pod without NAT,
+    // every node reaches every pod.
+    let pods = web_pods(&lab, 3);
+    let nodes: HashSet<&str> = pods.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(nodes.len(), 3, "the scheduler spread the pods: {pods:?}");
+    addresses_from_own_node(&lab, &pods);
+    let n = matrix_ok(&lab, &pods, "after install");
+    eprintln!("matrix after install: {n} paths answered, no NAT");
+    // Cluster DNS and a Service through kube-proxy, from a pod.
+    lab.kubectl(&[
+        "expose",
+        "deployment",
+        "web",
+        "--port=80",
+        "--target-port=8080",
+    ])
+    .unwrap();
+    let host = lab
+        .kube_exec(
+            &pods[0].name,
+            "for i in 1 2 3 4 5 6 7 8 9 10; do curl -sf -m 2 http://web.default.svc.cluster.local/hostname && break; sleep 1; done",
+        )
+        .expect("web Service by name");
+    assert!(
+        pods.iter().any(|p| p.name == host.trim()),
+        "Service answered {host:?}"
+    );
+
+    // A rolling restart of the DaemonSet: running pods keep their
+    // addresses and connectivity; the probe (pod on one node to a pod on
+    // another) measures the longest silence from the restart on.
+    let (a, b) = (&pods[0], &pods[1]);
+    let target = b.ips.iter().copied().find(IpAddr::is_ipv4).unwrap();
+    let probe = Probe::start(&lab, &a.name, target);
+    assert!(
+        wait_for(Duration::from_secs(20), || lab
+            .kube_exec(
+                &a.name,
+                &format!("curl -sf -m 1 http://{target}:8080/hostname")
+            )
+            .ok())
+        .is_some(),
+        "the probe's target answers"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let fault = now();
+    lab.kubectl(&["rollout", "restart", "-n", "tunmesh", "daemonset/tunmesh"])
+        .unwrap();
+    lab.rollout("tunmesh", "daemonset/tunmesh", Duration::from_secs(180))
+        .expect("rollout after restart");
+    let recovered = now();
+    std::thread::sleep(Duration::from_secs(2));
+    let times = probe.stop();
+    let g = gap(&times, fault, recovered, "rollout restart");
+    eprintln!(
+        "rollout restart of 3 routers took {:.1} s; longest probe silence {g:.2} s ({} answers)",
+        recovered - fault,
+        times.len()
+    );
+    assert!(
+        g < 15.0,
+        "probe silent for {g:.2} s during the rolling restart"
+    );
+    let after = web_pods(&lab, 3);
+    for p in &pods {
+        let q = after
+            .iter()
+            .find(|q| q.name == p.name)
+            .expect("same pod still running");
+        assert_eq!(p.ips, q.ips, "{} kept its addresses", p.name);
+    }
+    matrix_ok(&lab, &after, "after the rolling restart");
+
+    // A deleted router pod: the DaemonSet controller makes a new one,
+    // kubelet starts it, the node heals.
+    let (old, old_uid) = tunmesh_pod_on(&lab, "node-2").expect("a ready tunmesh pod on node-2");
+    let t = Instant::now();
+    lab.kubectl(&["delete", "pod", "-n", "tunmesh", &old, "--wait=false"])
+        .unwrap();
+    let new = wait_for(Duration::from_secs(120), || {
+        tunmesh_pod_on(&lab, "node-2").filter(|(_, uid)| *uid != old_uid)
+    })
+    .expect("a new ready tunmesh pod on node-2");
+    let back = wait_for(Duration::from_secs(60), || {
+        let paths = lab.kube_matrix(&after).ok()?;
+        failed_paths(&paths).is_empty().then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "the mesh heals after {} is replaced by {}",
+        old,
+        new.0
+    );
+    eprintln!(
+        "router pod deleted on node-2: replacement ready and every path answered after {:.1?}",
+        t.elapsed()
+    );
+
+    // A fourth node joins: kubelet registers it, the DaemonSet runs
+    // there, and its pod reaches and is reached by every pod.
+    let t = Instant::now();
+    lab.add_kubelet_node().expect("node-4 joins");
+    lab.kubectl(&["scale", "deployment", "web", "--replicas=4"])
+        .unwrap();
+    let four = web_pods(&lab, 4);
+    assert!(
+        four.iter().any(|p| p.node == "node-4"),
+        "a pod on node-4: {four:?}"
+    );
+    addresses_from_own_node(&lab, &four);
+    let n = matrix_ok(&lab, &four, "after node-4 joined");
+    eprintln!(
+        "node-4 joined: Ready with its router, {n} paths answered {:.1?} after the join began",
+        t.elapsed()
+    );
+
+    // A node made from another's disk image: tunmesh's CNI files are
+    // there before its router can run (the router's image is not on the
+    // node yet), so kubelet reports the network ready and the scheduler
+    // places a pod there. The plugin answers "try again later" (CNI code
+    // 11), kubelet retries, and nothing is left half-made; once the
+    // router runs, the pod starts.
+    let i = lab
+        .join_kubelet_node(&Join {
+            without_tunmesh_image: true,
+            cni_files_from: Some("node-1"),
+        })
+        .expect("node-5 joins");
+    let late_node = lab.state.nodes[i].name.clone();
+    lab.wait_node_ready_condition(i, Duration::from_secs(120))
+        .expect("node-5 Ready on the copied conflist");
+    lab.control_plane()
+        .unwrap()
+        .kubectl_stdin(&["apply", "-f", "-"], &LATE_POD.replace("NODE", &late_node))
+        .expect("the early pod");
+    let sandbox_errors = || {
+        let out = lab
+            .kubectl(&[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=early,reason=FailedCreatePodSandBox",
+                "-o",
+                "jsonpath={range .items[*]}{.count} {.message}{\"\\n\"}{end}",
+            ])
+            .unwrap_or_default();
+        let mut n = 0;
+        for l in out.lines() {
+            let (count, msg) = l.split_once(' ').unwrap_or((l, ""));
+            assert!(
+                msg.contains("try again later"),
+                "the sandbox failed for another reason: {msg}"
+            );
+            n += count.parse::<u32>().unwrap_or(0);
+        }
+        n
+    };
+    let tries = wait_for(Duration::from_secs(90), || {
+        let n = sandbox_errors();
+        (n >= 2).then_some(n)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "kubelet retried the sandbox: {} failures seen",
+            sandbox_errors()
+        )
+    });
+    let clean = wait_for(Duration::from_secs(10), || {
+        let s = node_attachments(&lab, &late_node);
+        (s == (0, 0, 0)).then_some(())
+    });
+    assert!(
+        clean.is_some(),
+        "{late_node} after {tries} refused sandboxes: (veths, netns, allocations) = {:?}, want none",
+        node_attachments(&lab, &late_node)
+    );
+    let t = Instant::now();
+    lab.import_tunmesh_image(&late_node).unwrap();
+    let early = wait_for(Duration::from_secs(180), || {
+        let p = lab.kube_pods("default", "app=early").ok()?;
+        (p.len() == 1 && p[0].ips.len() == 2).then(|| p[0].clone())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the early pod did not start after the router's image arrived:\n{}",
+            lab.kubectl(&["describe", "pod", "early"])
+                .unwrap_or_default()
+        )
+    });
+    eprintln!(
+        "{late_node}: {} sandboxes refused with \"try again later\" and nothing left behind; the pod ran {:.1?} after the router's image arrived",
+        sandbox_errors(),
+        t.elapsed()
+    );
+    assert_eq!(
+        node_attachments(&lab, &late_node),
+        (1, 1, 1),
+        "one attachment for one pod on {late_node}"
+    );
+    let mut five = four.clone();
+    five.push(early);
+    addresses_from_own_node(&lab, &five);
+    let n = matrix_ok(&lab, &five, "after the early pod started");
+    eprintln!("{n} paths answered with the early pod");
+
+    // Uninstall as an operator does: delete what deploy/ made, then
+    // tunmesh-ctl uninstall on every node; nothing of tunmesh is left.
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    lab.kubectl(&[
+        "delete",
+        "-k",
+        &deploy.to_string_lossy(),
+        "--wait=true",
+        "--timeout=120s",
+    ])
+    .expect("kubectl delete -k deploy/");
+    let ctl = tunmesh_lab::lab::find_binary("tunmesh-ctl", "TUNMESH_CTL_BIN").unwrap();
+    let names: Vec<String> = lab.state.nodes.iter().map(|n| n.name.clone()).collect();
+    for node in &names {
+        let out = lab
+            .node_exec(
+                node,
+                &[
+                    &ctl.to_string_lossy(),
+                    "uninstall",
+                    "--node-name",
+                    node,
+                    "--kubeconfig",
+                    "/etc/kubernetes/kubelet.kubeconfig",
+                    "--purge",
+                ],
+            )
+            .expect("tunmesh-ctl uninstall");
+        eprintln!("{node}: {}", out.trim().replace('\n', "; "));
+        let left = node_has_tunmesh(&lab, node);
+        assert!(left.is_empty(), "{node} still has {left:?}");
+    }
+
+    // Teardown leaves no process, cgroup, mount or namespace.
+    let id = lab.state.id.clone();
+    let cgroups: Vec<String> = lab
+        .state
+        .nodes
+        .iter()
+        .filter_map(|n| n.kubelet.as_ref().map(|k| k.cgroup.clone()))
+        .collect();
+    let dir = lab.state.dir.clone();
+    lab.down().expect("down");
+    for cg in &cgroups {
+        for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            let p = h.path().join(cg);
+            assert!(!p.exists(), "{} left behind", p.display());
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&*dir.to_string_lossy())),
+        "mounts under {} left behind",
+        dir.display()
+    );
+    assert!(
+        netns::list_netns(&format!("tm{id}-")).is_empty(),
+        "namespaces left behind"
+    );
+    let procs = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let procs = String::from_utf8_lossy(&procs.stdout);
+    assert!(
+        !procs.lines().any(|l| l.contains(&format!("tm{id}"))),
+        "processes left behind:\n{}",
+        procs
+            .lines()
+            .filter(|l| l.contains(&format!("tm{id}")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
