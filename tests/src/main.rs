@@ -210,8 +210,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut command = std::process::Command::new("ip");
             command.args(["netns", "exec", &ns]).args(&cmd);
             // In a node, tunmesh-ctl and friends find that node's router
-            // without flags, as they would on a real node.
-            if let Some(n) = lab.node(&name) {
+            // without flags, as they would on a real node (a real node's
+            // own mount namespace holds its /var/lib/tunmesh).
+            if let Some(c) = lab.real_node_command(&name, &cmd) {
+                command = c;
+            } else if let Some(n) = lab.node(&name) {
                 command
                     .env("TUNMESH_STATE_DIR", &n.state_dir)
                     .env("NODE_NAME", &n.name)

@@ -237,6 +237,21 @@ fn node_run(ns: &str, kn: &KubeletNode, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Imports an image archive into the node's containerd, where the CRI
+/// finds it (namespace k8s.io).
+fn import_image(ns: &str, kn: &KubeletNode, archive: &Path) -> Result<()> {
+    let sock = "/run/containerd/containerd.sock";
+    let archive = archive.to_string_lossy();
+    node_run(
+        ns,
+        kn,
+        &[
+            "ctr", "-a", sock, "-n", "k8s.io", "images", "import", &archive,
+        ],
+    )?;
+    Ok(())
+}
+
 /// Starts a daemon of the node in its own process group, in the node's
 /// namespaces (or, for the holder, only its network namespace) and in
 /// the node's daemons cgroup, output to `log`.
@@ -543,21 +558,8 @@ impl Lab {
             );
         }
         for img in images {
-            node_run(
-                &n.ns,
-                &kn,
-                &[
-                    "ctr",
-                    "-a",
-                    "/run/containerd/containerd.sock",
-                    "-n",
-                    "k8s.io",
-                    "images",
-                    "import",
-                    &img.to_string_lossy(),
-                ],
-            )
-            .with_context(|| format!("importing {} into {}", img.display(), n.name))?;
+            import_image(&n.ns, &kn, img)
+                .with_context(|| format!("importing {} into {}", img.display(), n.name))?;
         }
 
         let node_ip = format!("{},{}", n.underlay_ip, kn.underlay_ip6);
@@ -832,6 +834,25 @@ impl Lab {
         node_run(&n.ns, kn, args)
     }
 
+    /// `cmd` in a real node's network and mount namespaces, with what
+    /// tunmesh-ctl reads on a node set (state directory, Node name,
+    /// interface, kubelet's kubeconfig); `None` unless `node` is a real
+    /// node.
+    pub fn real_node_command(&self, node: &str, cmd: &[String]) -> Option<Command> {
+        let n = self.node(node)?;
+        let holder = n.kubelet.as_ref()?.holder_pid?;
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", netns::netns_path(&n.ns).display()))
+            .arg(format!("--mount=/proc/{holder}/ns/mnt"))
+            .arg("--")
+            .args(cmd)
+            .env("TUNMESH_STATE_DIR", "/var/lib/tunmesh")
+            .env("NODE_NAME", &n.name)
+            .env("TUNMESH_INTERFACE", "tunmesh0")
+            .env("TUNMESH_KUBECONFIG", "/etc/kubernetes/kubelet.kubeconfig");
+        Some(c)
+    }
+
     /// A real node joins a running lab: its namespace, containerd,
     /// kubelet and kube-proxy; returns once it is Ready and tunmesh's pod
     /// on it is ready.
@@ -878,20 +899,12 @@ impl Lab {
             .iter()
             .find(|p| p.ends_with(TUNMESH_IMAGE_FILE))
             .context("the lab has no tunmesh image")?;
-        self.node_exec(
-            node,
-            &[
-                "ctr",
-                "-a",
-                "/run/containerd/containerd.sock",
-                "-n",
-                "k8s.io",
-                "images",
-                "import",
-                &img.to_string_lossy(),
-            ],
-        )?;
-        Ok(())
+        let n = self.node(node).with_context(|| format!("no node {node}"))?;
+        let kn = n
+            .kubelet
+            .as_ref()
+            .with_context(|| format!("{node} is not a real node"))?;
+        import_image(&n.ns, kn, img)
     }
 
     /// `kubectl exec POD -- sh -c SCRIPT` in the default namespace.
