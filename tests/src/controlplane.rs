@@ -24,7 +24,8 @@ use crate::netns::{self, exec_output};
 /// The API server's address on the underlay.
 pub const API_IP: &str = "172.28.0.2";
 pub const API_PORT: u16 = 6443;
-/// Service network (nothing uses it yet; the API server requires one).
+/// The IPv4 service network (the routers-only lab uses none, but the API
+/// server requires one; the real-node lab's Services come from it).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The IPv6 service network of a cluster with real nodes (dual-stack).
 pub const SERVICE_CIDR_V6: &str = "fd00:10:96::/112";
