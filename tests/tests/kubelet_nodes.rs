@@ -153,16 +153,18 @@ fn tunmesh_pod_on(lab: &Lab, node: &str) -> Option<(String, String)> {
 /// Limits a real node's tunmesh state can be checked against.
 fn node_has_tunmesh(lab: &Lab, node: &str) -> Vec<String> {
     let mut left = Vec::new();
+    // Every probe of the node must answer: an error is not "clean".
     let links = lab
         .node_exec(node, &["ip", "-o", "link"])
-        .unwrap_or_default();
+        .expect("listing the node's links");
+    assert!(links.contains("lo"), "no links listed on {node}: {links:?}");
     if links.contains("tunmesh0") {
         left.push("the tunmesh0 device".to_string());
     }
     for fam in ["-4", "-6"] {
         let routes = lab
             .node_exec(node, &["ip", fam, "route", "show", "proto", "116"])
-            .unwrap_or_default();
+            .expect("listing the node's tunmesh routes");
         if !routes.trim().is_empty() {
             left.push(format!("routes: {}", routes.trim()));
         }
@@ -175,7 +177,7 @@ fn node_has_tunmesh(lab: &Lab, node: &str) -> Vec<String> {
             "-o",
             "jsonpath={.metadata.annotations}",
         ])
-        .unwrap_or_default();
+        .expect("reading the Node's annotations");
     if annotations.contains("tunmesh.io/") {
         left.push(format!("annotations: {annotations}"));
     }
@@ -212,16 +214,20 @@ spec:
 /// node's own eth0 on the underlay, network namespaces under its
 /// /run/netns, addresses allocated by tunmesh-cni).
 fn node_attachments(lab: &Lab, node: &str) -> (usize, usize, usize) {
-    let veths = lab
+    let listed = lab
         .node_exec(node, &["ip", "-o", "link", "show", "type", "veth"])
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            l.split(':')
-                .nth(1)
-                .is_some_and(|n| !n.trim().starts_with("eth0@"))
-        })
-        .count();
+        .expect("listing the node's veths");
+    let is_eth0 = |l: &&str| {
+        l.split(':')
+            .nth(1)
+            .is_some_and(|n| n.trim().starts_with("eth0@"))
+    };
+    // The node's own eth0 is a veth too: seeing it proves the list is real.
+    assert!(
+        listed.lines().any(|l| is_eth0(&l)),
+        "{node}'s veth list lacks eth0: {listed:?}"
+    );
+    let veths = listed.lines().filter(|l| !is_eth0(l)).count();
     let root = lab
         .node(node)
         .unwrap()
@@ -231,8 +237,8 @@ fn node_attachments(lab: &Lab, node: &str) -> (usize, usize, usize) {
         .root
         .clone();
     let netns = std::fs::read_dir(root.join("run-netns"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+        .expect("the node's /run/netns")
+        .count();
     let store = root.join("var-lib-tunmesh/cni/tunmesh/allocations.json");
     let allocations = match std::fs::read_to_string(&store) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
