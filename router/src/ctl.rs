@@ -157,6 +157,24 @@ pub fn render_status(s: &Status, now: u64) -> String {
             let _ = writeln!(out, "  pending:   {p}");
         }
     }
+    let st = &s.start;
+    match (st.kind.as_str(), &st.problem) {
+        ("", _) => {}
+        ("warm", _) => {
+            let _ = writeln!(
+                out,
+                "start:       warm: {} peers from the cache (confirmed {} s before the start)",
+                st.peers,
+                st.cache_age_seconds.unwrap_or(0)
+            );
+        }
+        (kind, Some(p)) => {
+            let _ = writeln!(out, "start:       {kind}: {p}");
+        }
+        (kind, None) => {
+            let _ = writeln!(out, "start:       {kind}");
+        }
+    }
     for p in &s.host_problems {
         let _ = writeln!(out, "host:        PROBLEM: {p}");
     }

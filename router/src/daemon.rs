@@ -46,6 +46,8 @@ pub struct Settings {
     pub resync: Duration,
     /// The WireGuard API socket to remove on stop, if one was made.
     pub uapi_socket: Option<PathBuf>,
+    /// How this router started (warm from the cache, or cold and why).
+    pub start: crate::warm::StartStatus,
 }
 
 /// Why the loop ended other than by a signal.
@@ -71,6 +73,8 @@ pub struct Daemon<H, C> {
     /// Set to stop the data-plane workers, which are joined on stop.
     pub stop: Arc<AtomicBool>,
     pub workers: Vec<JoinHandle<()>>,
+    /// The warm-start cache, kept current (none: not kept).
+    pub cache: Option<crate::warm::Keeper>,
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -130,6 +134,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                     retry_at = self.apply_last(kind).await;
                 }
                 _ = host_check.tick() => {
+                    self.confirm_cache();
                     self.host_problems = hostnet::prepare_sysctls(
                         &self.settings.proc_sys, &self.settings.interface, true);
                     self.health.host_problems.store(self.host_problems.len() as u64, Ordering::Relaxed);
@@ -147,6 +152,9 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             Ok(_) => {
                 self.health.ready.store(true, Ordering::Relaxed);
                 self.health.reconciles.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = &mut self.cache {
+                    c.applied(snap);
+                }
                 None
             }
             Err(e) => {
@@ -161,6 +169,19 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         match self.reconciler.last().cloned() {
             Some(snap) => self.apply(&snap, kind).await,
             None => None,
+        }
+    }
+
+    /// Every resync: the cached mesh is confirmed if the source is in touch
+    /// with what it reads (a mesh file always is; the API while connected).
+    fn confirm_cache(&mut self) {
+        let healthy = self
+            .source_status
+            .lock()
+            .map(|s| !matches!(&s.kubernetes, Some(k) if !k.connected))
+            .unwrap_or(false);
+        if let (true, Some(c)) = (healthy, &mut self.cache) {
+            c.confirm();
         }
     }
 
@@ -186,6 +207,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 source,
                 pod_cidrs: self.reconciler.pod_cidrs(),
                 host_problems: &self.host_problems,
+                start: &self.settings.start,
             },
         );
         match s.write(&self.settings.state_dir) {

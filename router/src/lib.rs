@@ -19,6 +19,7 @@ pub mod reconcile;
 pub mod source;
 pub mod status;
 pub mod uapi;
+pub mod warm;
 
 pub use tunmesh_keygen::{PrivateKey, PublicKey};
 

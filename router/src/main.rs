@@ -28,7 +28,7 @@ use tunmesh_router::source::file::FileSource;
 use tunmesh_router::source::kube::{self as kube_source, KubeSettings, KubeSource};
 use tunmesh_router::source::{PeerSource, SharedStatus};
 use tunmesh_router::status::RealQueue;
-use tunmesh_router::{uapi, PrivateKey};
+use tunmesh_router::{uapi, warm, PrivateKey};
 
 /// Name of the TUN device.
 const DEFAULT_INTERFACE: &str = "tunmesh0";
@@ -133,6 +133,12 @@ struct Args {
     /// and point this at <dir>.
     #[arg(long, env = "TUNMESH_PROC_SYS", default_value = hostnet::PROC_SYS)]
     proc_sys: PathBuf,
+    /// Warm start (Kubernetes mode): the last applied mesh is kept in
+    /// <state-dir>/mesh-cache.json and brought up at start, before the API
+    /// server answers, if the API confirmed it less than this many seconds
+    /// ago. 0: no cache (start cold, wait for the API).
+    #[arg(long, env = "TUNMESH_WARM_START_MAX_AGE", default_value_t = warm::DEFAULT_MAX_AGE.as_secs())]
+    warm_start_max_age: u64,
 }
 
 /// A path flag where an empty value means "none" (clap's own path parser
@@ -193,6 +199,43 @@ fn queue_count(asked: usize) -> usize {
     }
 }
 
+/// How long a starting router waits for a previous one on the node to let
+/// go of its UDP port and TUN device (a router killed a moment ago, whose
+/// sockets the kernel has not released yet).
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether `e` says another process still holds what we open.
+fn busy(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EADDRINUSE | libc::EBUSY))
+}
+
+/// Runs `open` until it stops failing with "address in use" or "busy", for
+/// at most `BUSY_WAIT`; any other error, or the last one, is returned.
+fn retry_busy<T>(what: &str, mut open: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let start = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match open() {
+            Err(e) if busy(&e) && start.elapsed() < BUSY_WAIT => {
+                if !std::mem::replace(&mut said, true) {
+                    warn!(error = %e, "{what} still held (a previous router exiting?); retrying for up to {} s", BUSY_WAIT.as_secs());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(v) => {
+                if said {
+                    info!(
+                        waited_ms = start.elapsed().as_millis() as u64,
+                        "{what} free"
+                    );
+                }
+                return Ok(v);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The data plane's queues, opened: a TUN queue and a UDP socket each.
 struct Queues {
     /// tunmesh's own devices, for the status's per-queue counters.
@@ -214,7 +257,7 @@ fn open_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Res
         return Ok(q);
     }
     let _ = buf_size;
-    let udps = UdpSocket::bind_group(port, args.offload, n)
+    let udps = retry_busy("UDP port", || UdpSocket::bind_group(port, args.offload, n))
         .with_context(|| format!("binding UDP port {port}"))?;
     let Some(udp) = udps.first() else {
         bail!("no UDP socket bound");
@@ -222,14 +265,15 @@ fn open_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Res
     let (rcvbuf, sndbuf) = udp.buffer_sizes();
     let (udp_gso, udp_gro) = udp.offloads();
     let port = udp.port();
-    let tuns = TunDevice::create_queues(&args.interface, args.mtu, args.offload, n).with_context(
-        || {
-            format!(
-                "creating TUN device {} with {n} queue(s) (needs /dev/net/tun and CAP_NET_ADMIN)",
-                args.interface
-            )
-        },
-    )?;
+    let tuns = retry_busy("TUN device", || {
+        TunDevice::create_queues(&args.interface, args.mtu, args.offload, n)
+    })
+    .with_context(|| {
+        format!(
+            "creating TUN device {} with {n} queue(s) (needs /dev/net/tun and CAP_NET_ADMIN)",
+            args.interface
+        )
+    })?;
     let tun_offload = tuns.first().is_some_and(|t| t.offload());
     let real: Vec<RealQueue> = tuns
         .into_iter()
@@ -311,6 +355,11 @@ fn ab_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Resul
 struct SourceParts {
     source: Box<dyn PeerSource>,
     key: PrivateKey,
+    /// Where the key is (the warm-start cache names it, as a mesh file does).
+    key_file: PathBuf,
+    /// Whether a warm-start cache is kept (the Kubernetes source; a mesh
+    /// file is at hand at every start anyway).
+    warm_start: bool,
     port: u16,
     node_name: String,
     cluster_cidrs: Vec<IpNetwork>,
@@ -329,6 +378,8 @@ fn file_source(args: &Args, path: &Path) -> anyhow::Result<SourceParts> {
     Ok(SourceParts {
         source: Box::new(f),
         key,
+        key_file: node.private_key_file.clone(),
+        warm_start: false,
         port: node.listen_port,
         node_name,
         cluster_cidrs: node.cluster_cidrs,
@@ -364,6 +415,8 @@ async fn kube_source(args: &Args) -> anyhow::Result<SourceParts> {
     Ok(SourceParts {
         source,
         key,
+        key_file: key_path,
+        warm_start: args.warm_start_max_age > 0,
         port: args.listen_port,
         node_name: name,
         cluster_cidrs: args.cluster_cidrs.clone(),
@@ -411,9 +464,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 args.metrics_address
             )
         })?;
-        let bound = metrics::serve(addr, Arc::clone(&health))
-            .await
-            .with_context(|| format!("serving metrics on {addr}"))?;
+        let waiting = std::time::Instant::now();
+        let bound = loop {
+            match metrics::serve(addr, Arc::clone(&health)).await {
+                Err(e) if busy(&e) && waiting.elapsed() < BUSY_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r => break r,
+            }
+        }
+        .with_context(|| format!("serving metrics on {addr}"))?;
         info!(address = %bound, "metrics on /metrics, health on /healthz and /readyz");
     }
     let (uapi_tx, uapi_changes) = tokio::sync::mpsc::unbounded_channel();
@@ -455,8 +515,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mtu: args.mtu,
         cluster_cidrs: src.cluster_cidrs,
     };
+    let owner = warm::Owner::new(&identity.node_name, &dp.public_key(), &args.interface, port);
     let mut reconciler = Reconciler::new(Arc::clone(&dp), link, cni, identity);
     reconciler.bring_up().await?;
+
+    // Warm start: the last applied mesh, at once, before the source answers.
+    let (start, cache) = if src.warm_start {
+        let loaded = warm::load(
+            &args.state_dir,
+            &owner,
+            tunmesh_router::model::unix_now(),
+            Duration::from_secs(args.warm_start_max_age),
+        );
+        let start = warm::StartStatus::from_load(&loaded);
+        match loaded {
+            Ok(Some(cached)) => match reconciler.apply(&cached.snapshot).await {
+                Ok(applied) => {
+                    health.ready.store(true, Ordering::Relaxed);
+                    dp.first_tick_at_once.store(true, Ordering::Relaxed);
+                    info!(peers = cached.snapshot.mesh.peers.len(), confirmed_seconds_ago = cached.age,
+                          result = %applied, "warm start: the cached mesh is up; the source's mesh replaces it when it answers");
+                }
+                Err(e) => {
+                    warn!(error = %e, "warm start: applying the cached mesh failed; the source's mesh is applied when it answers")
+                }
+            },
+            Ok(None) => info!("cold start: no warm-start cache yet"),
+            Err(e) => warn!(error = %e, "cold start: the cache is ignored; waiting for the source"),
+        }
+        let keeper = warm::Keeper::new(args.state_dir.clone(), owner, src.key_file.clone());
+        (start, Some(keeper))
+    } else {
+        (
+            warm::StartStatus {
+                kind: "cold".into(),
+                ..Default::default()
+            },
+            None,
+        )
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let workers = dp.spawn(&q.io, Arc::clone(&stop))?;
@@ -473,11 +570,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             proc_sys: args.proc_sys,
             resync: Duration::from_secs(args.resync_seconds.max(1)),
             uapi_socket,
+            start,
         },
         uapi_changes,
         host_problems,
         stop,
         workers,
+        cache,
     };
     daemon.run(src.source).await?;
     Ok(())

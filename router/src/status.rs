@@ -72,6 +72,10 @@ pub struct Status {
     /// carries why it ended, and makes `/healthz` fail.
     #[serde(default)]
     pub workers: Vec<crate::dataplane::WorkerSlot>,
+    /// How this router started: from the warm-start cache or cold, and why
+    /// a cache that was there was not used.
+    #[serde(default)]
+    pub start: crate::warm::StartStatus,
 }
 
 /// Peer statuses from the data plane's current table.
@@ -134,6 +138,7 @@ pub struct Context<'a> {
     pub source: crate::model::SourceStatus,
     pub pod_cidrs: &'a [ipnetwork::IpNetwork],
     pub host_problems: &'a [String],
+    pub start: &'a crate::warm::StartStatus,
 }
 
 impl Status {
@@ -153,6 +158,7 @@ impl Status {
             pod_cidrs: c.pod_cidrs.iter().map(|p| p.to_string()).collect(),
             host_problems: c.host_problems.to_vec(),
             workers: dp.workers(),
+            start: c.start.clone(),
         }
     }
 }

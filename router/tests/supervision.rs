@@ -142,6 +142,11 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
         pod_cidrs: vec![],
         host_problems: vec![],
         workers: dp.workers(),
+        start: tunmesh_router::warm::StartStatus {
+            kind: "cold: cache refused".into(),
+            problem: Some("warm-start cache /x/mesh-cache.json is corrupt: bad".into()),
+            ..Default::default()
+        },
     }
     .write(&dir)
     .unwrap();
@@ -153,6 +158,12 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "start:       cold: cache refused: warm-start cache /x/mesh-cache.json is corrupt"
+        ),
+        "{text}"
+    );
     let line = text
         .lines()
         .find(|l| l.contains("DEAD"))

@@ -170,6 +170,18 @@ fn wait_ready(ns: &str, log: &std::path::Path, what: &str) -> Instant {
     })
 }
 
+/// SIGKILLs node `i`'s router and waits until it is gone.
+fn kill_router(lab: &mut Lab, i: usize) {
+    let pid = lab.state.nodes[i].router_pid.take().unwrap();
+    signal(pid, libc::SIGKILL);
+    assert!(netns::wait_exit(pid, Duration::from_secs(5)).is_some());
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: signalling a router this lab started.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
 /// Seconds between two instants, for printing.
 fn secs(from: Instant, to: Instant) -> f64 {
     to.saturating_duration_since(from).as_secs_f64()
@@ -239,11 +251,7 @@ fn router_restarts_keep_pods_addresses_and_connections() {
             .unwrap();
         let signal = Instant::now();
         if kill {
-            let pid = lab.node("node-1").unwrap().router_pid.unwrap();
-            // SAFETY: killing the router this lab started.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            assert!(netns::wait_exit(pid, Duration::from_secs(5)).is_some());
-            lab.state.nodes[0].router_pid = None;
+            kill_router(&mut lab, 0);
         } else {
             lab.stop_router(0).unwrap();
         }
@@ -285,13 +293,43 @@ fn router_restarts_keep_pods_addresses_and_connections() {
         assert!(addrs.contains(&format!("{}/32", a.ipv4)), "{how}: {addrs}");
     }
 
-    // The API server down for 60 s: traffic does not notice, and a change
-    // made meanwhile (a new Node) converges when it is back.
+    // The API server down for 60 s: traffic does not notice, not even a
+    // router killed and restarted meanwhile (warm start from its cache),
+    // and a change made meanwhile (a new Node) converges when it is back.
     probe.assert_flowing("before the API server outage");
+    // (The invocation reads the ConfigMap: before the outage.)
+    let invocation = lab
+        .router_invocation(0, &lab.state.router_args.clone())
+        .unwrap();
     lab.control_plane_mut().unwrap().stop_apiserver();
     let down = Instant::now();
+    let mut warm_restarted = false;
     while down.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_secs(1));
+        if !warm_restarted && down.elapsed() > Duration::from_secs(10) {
+            warm_restarted = true;
+            let how = "SIGKILL with the API server down (warm start)";
+            probe.assert_flowing(how);
+            let signal = Instant::now();
+            kill_router(&mut lab, 0);
+            lab.spawn_router(0, &invocation).unwrap();
+            let started = Instant::now();
+            let first = probe.wait_echo_after(started, how);
+            let silence = probe
+                .silence(signal, first)
+                .expect("echoes before the kill");
+            eprintln!(
+                "{how}: new router started -> first echo {:.3} s; pod-to-pod silence {:.3} s \
+                 (last echo before the kill -> first after)",
+                secs(started, first),
+                silence.as_secs_f64()
+            );
+            let st = lab
+                .wait_status("node-1", Duration::from_secs(10), |_| true)
+                .expect("the restarted router writes its status");
+            assert_eq!(st.start.kind, "warm", "{how}: {:?}", st.start);
+            assert_eq!(st.start.peers, 1, "{how}: {:?}", st.start);
+        }
         let silence = probe
             .silence(down, Instant::now())
             .expect("echoes before the outage");
@@ -306,6 +344,7 @@ fn router_restarts_keep_pods_addresses_and_connections() {
         silence.as_secs_f64(),
         probe.echoes().iter().filter(|e| **e > down).count()
     );
+    assert!(warm_restarted, "the outage ended before the warm restart");
     echo(b"after the outage");
     lab.control_plane_mut().unwrap().start_apiserver().unwrap();
     let t0 = Instant::now();
@@ -329,6 +368,55 @@ fn router_restarts_keep_pods_addresses_and_connections() {
         joined.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
+
+    // A corrupt cache is reported, ignored, and the API's mesh used.
+    let cache = lab
+        .node("node-1")
+        .unwrap()
+        .state_dir
+        .join(tunmesh_router::warm::CACHE_FILE);
+    let text = std::fs::read_to_string(&cache).expect("node-1 keeps a warm-start cache");
+    std::fs::write(&cache, text.replacen("/24", "/33", 1)).unwrap();
+    lab.stop_router(0).unwrap();
+    lab.spawn_router(0, &invocation).unwrap();
+    let st = lab
+        .wait_status("node-1", Duration::from_secs(10), |_| true)
+        .expect("the restarted router writes its status");
+    assert_eq!(st.start.kind, "cold: cache refused", "{:?}", st.start);
+    let problem = st.start.problem.unwrap_or_default();
+    assert!(
+        problem.contains("mesh-cache.json is corrupt") && problem.contains("/33"),
+        "{problem}"
+    );
+    probe.wait_echo_after(Instant::now(), "after a corrupt cache");
+    echo(b"after a corrupt cache");
+
+    // A router started while the old one still holds the port (stopped
+    // here, as if dying) waits for it instead of failing.
+    let old = lab.state.nodes[0].router_pid.take().unwrap();
+    signal(old, libc::SIGSTOP);
+    let log = lab.node("node-1").unwrap().log.clone();
+    let waits = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("still held")
+            .count()
+    };
+    let before = waits();
+    lab.spawn_router(0, &invocation).unwrap();
+    let new = lab.state.nodes[0].router_pid.unwrap();
+    let waiting = netns::wait_for(Duration::from_secs(5), || (waits() > before).then_some(()));
+    signal(old, libc::SIGKILL);
+    assert!(
+        waiting.is_some(),
+        "the new router did not say it waits for the port; its log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(netns::wait_exit(old, Duration::from_secs(5)).is_some());
+    let ready = wait_ready(&node1_ns, &log, "after a dying predecessor");
+    assert!(!netns::exited(new), "the new router exited");
+    probe.wait_echo_after(ready, "after a dying predecessor");
+    echo(b"after a dying predecessor");
     probe.stop();
     lab.down().unwrap();
 }

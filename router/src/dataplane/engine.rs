@@ -94,6 +94,11 @@ pub struct Dataplane {
     next_index: AtomicU32,
     apply_lock: Mutex<()>,
     buf_size: usize,
+    /// The timer thread's first tick comes at once instead of a `TICK`
+    /// later: set for a warm start, whose peers still hold sessions with
+    /// this node's previous process and keep sending on them, unheard,
+    /// until a handshake from here replaces them.
+    pub first_tick_at_once: std::sync::atomic::AtomicBool,
     /// The worker threads `spawn` started, and how each ended if it did.
     pub(super) workers: Mutex<Vec<WorkerSlot>>,
 }
@@ -131,6 +136,7 @@ impl Dataplane {
             next_index: AtomicU32::new(start),
             apply_lock: Mutex::new(()),
             workers: Mutex::new(Vec::new()),
+            first_tick_at_once: std::sync::atomic::AtomicBool::new(false),
             // Room for the largest inner packet plus WireGuard's overhead, and
             // never less than a handshake initiation (148 bytes).
             buf_size: (mtu + WG_OVERHEAD + 64).max(256),

@@ -206,8 +206,14 @@ impl Dataplane {
     fn timer_loop(&self, udp: &dyn UdpIo, stop: &AtomicBool) {
         let mut out = Batch::new(BATCH, self.buf_size());
         let mut last_reset = Instant::now();
+        // After a warm start the first tick comes at once: its peers'
+        // initiations go now, not a tick later. (Not on a cold start: nodes
+        // starting together would cross their initiations for nothing.)
+        let mut first = self.first_tick_at_once.load(Ordering::Relaxed);
         while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(TICK);
+            if !std::mem::take(&mut first) {
+                std::thread::sleep(TICK);
+            }
             let mut from = 0;
             while let Some(next) = self.tick(&mut out, from) {
                 self.send_udp(&mut out, udp);

@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use tunmesh_contract::validate::{self, overlaps};
 
@@ -71,36 +71,68 @@ pub struct MeshFile {
     pub mesh: DesiredMesh,
 }
 
-#[derive(Deserialize)]
+/// A mesh file as written, before validation. The warm-start cache
+/// (`crate::warm`) stores the same shape (as JSON), so that a cached mesh
+/// is checked by exactly the validation a mesh file gets.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-struct RawFile {
-    node: RawNode,
+pub struct RawFile {
+    pub node: RawNode,
     #[serde(default)]
-    peer: Vec<RawPeer>,
+    pub peer: Vec<RawPeer>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-struct RawNode {
-    private_key_file: String,
-    listen_port: i64,
+pub struct RawNode {
+    pub private_key_file: String,
+    pub listen_port: i64,
     #[serde(default)]
-    pod_cidrs: Vec<String>,
+    pub pod_cidrs: Vec<String>,
     #[serde(default)]
-    cluster_cidrs: Vec<String>,
+    pub cluster_cidrs: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-struct RawPeer {
-    name: Option<String>,
-    public_key: String,
-    endpoint: Option<String>,
+pub struct RawPeer {
+    pub name: Option<String>,
+    pub public_key: String,
+    pub endpoint: Option<String>,
     #[serde(default)]
-    allowed_ips: Vec<String>,
+    pub allowed_ips: Vec<String>,
     #[serde(default)]
-    node_addresses: Vec<String>,
-    persistent_keepalive: Option<i64>,
+    pub node_addresses: Vec<String>,
+    pub persistent_keepalive: Option<i64>,
+}
+
+impl RawFile {
+    /// The text form of a validated mesh: what `validate` turns back into
+    /// the same `DesiredMesh` and pod CIDRs.
+    pub fn from_snapshot(snap: &Snapshot, private_key_file: &Path, listen_port: u16) -> RawFile {
+        let strings = |v: &[IpNetwork]| v.iter().map(ToString::to_string).collect();
+        RawFile {
+            node: RawNode {
+                private_key_file: private_key_file.display().to_string(),
+                listen_port: i64::from(listen_port),
+                pod_cidrs: strings(&snap.pod_cidrs),
+                cluster_cidrs: strings(&snap.mesh.blackhole_cidrs),
+            },
+            peer: snap
+                .mesh
+                .peers
+                .iter()
+                .map(|p| RawPeer {
+                    name: Some(p.name.clone()),
+                    public_key: p.public_key.to_base64(),
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    allowed_ips: strings(&p.allowed_ips),
+                    node_addresses: p.node_addresses.iter().map(ToString::to_string).collect(),
+                    persistent_keepalive: p.persistent_keepalive.map(i64::from),
+                })
+                .collect(),
+        }
+    }
 }
 
 fn cidr_list(raw: &[String], what: &str, problems: &mut Vec<String>) -> Vec<IpNetwork> {
@@ -213,6 +245,12 @@ pub fn parse(text: &str, path: &Path) -> Result<MeshFile, MeshFileError> {
     };
     let raw: RawFile =
         toml::from_str(text).map_err(|e| fail(vec![e.to_string().trim().replace('\n', " ")]))?;
+    validate(&raw).map_err(fail)
+}
+
+/// Validates a mesh as written; every problem at once, each naming its
+/// field (`peer[1] ("node-3").allowed_ips[0]: ...`).
+pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
     let mut problems = Vec::new();
 
     let n = &raw.node;
@@ -330,7 +368,7 @@ pub fn parse(text: &str, path: &Path) -> Result<MeshFile, MeshFileError> {
         }
     }
     if !problems.is_empty() {
-        return Err(fail(problems));
+        return Err(problems);
     }
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(MeshFile {
