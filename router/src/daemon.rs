@@ -23,10 +23,12 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::dataplane::Dataplane;
+use crate::handover::{self, Answer, HandoverError, Reply};
 use crate::hostnet;
 use crate::metrics::Health;
 use crate::model::unix_now;
 use crate::reconcile::{CniFiles, HostApplier, Reconciler};
+use crate::source::file::RawFile;
 use crate::source::{PeerSource, Request, SharedStatus};
 use crate::status::{self, RealQueue, Status};
 
@@ -48,6 +50,10 @@ pub struct Settings {
     pub uapi_socket: Option<PathBuf>,
     /// How this router started (warm from the cache, or cold and why).
     pub start: crate::warm::StartStatus,
+    /// The private key's file (named in the handed-over mesh).
+    pub key_file: PathBuf,
+    /// What this process does once it has handed over.
+    pub after_handover: handover::AfterHandover,
 }
 
 /// Why the loop ended other than by a signal.
@@ -75,6 +81,15 @@ pub struct Daemon<H, C> {
     pub workers: Vec<JoinHandle<()>>,
     /// The warm-start cache, kept current (none: not kept).
     pub cache: Option<crate::warm::Keeper>,
+    /// Where a successor asks to take over (none: no handover).
+    pub handover: Option<tokio::net::UnixListener>,
+}
+
+async fn accept(l: &Option<tokio::net::UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -140,6 +155,14 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                     self.health.host_problems.store(self.host_problems.len() as u64, Ordering::Relaxed);
                 }
                 _ = tick.tick() => self.report(&mut status_failing),
+                conn = accept(&self.handover) => match conn {
+                    Ok(conn) => {
+                        if let Err(e) = self.hand_over(conn) {
+                            warn!(error = %e, "handover did not happen; this router goes on serving");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "handover socket"),
+                },
             }
         };
         self.shutdown();
@@ -185,6 +208,118 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         }
     }
 
+    /// Serves one successor (see `handover`): on success the process exits
+    /// here, leaving device, routes, sockets and sessions to it; on any
+    /// failure the workers run again and the error says why.
+    fn hand_over(&mut self, conn: tokio::net::UnixStream) -> Result<(), HandoverError> {
+        let sock = conn.into_std()?;
+        sock.set_nonblocking(false)?;
+        let hello = handover::read_hello(&sock)?;
+        let refuse = |why: String| {
+            let _ = handover::send(&sock, &Reply::Refuse(why.clone()), &[]);
+            HandoverError::Refused(why)
+        };
+        if hello.format != handover::FORMAT {
+            return Err(refuse(format!(
+                "the new router speaks handover format {}, this one {}",
+                hello.format,
+                handover::FORMAT
+            )));
+        }
+        let Some(snap) = self.reconciler.last().cloned() else {
+            return Err(refuse("no mesh applied yet".into()));
+        };
+        if self.queues.is_empty() {
+            return Err(refuse("this router's queues cannot be handed over".into()));
+        }
+        info!(pid = hello.pid, "handing over to a new router");
+        // From here on nothing is read or sealed until the answer.
+        self.stop.store(true, Ordering::Relaxed);
+        self.dp.wake_workers();
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+        let stopped_unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let sessions = self.dp.export_sessions(handover::COUNTER_MARGIN);
+        let (tun0, udp0) = &self.queues[0];
+        let state = handover::State {
+            format: handover::FORMAT,
+            pid: std::process::id(),
+            stopped_unix_nanos,
+            public_key: self.dp.public_key().to_base64(),
+            interface: self.settings.interface.clone(),
+            listen_port: self.settings.listen_port,
+            tun_offload: tun0.offload(),
+            udp_offload: udp0.offloads().1,
+            queues: self.queues.len(),
+            mesh: RawFile::from_snapshot(&snap, &self.settings.key_file, self.settings.listen_port),
+            sessions: sessions.iter().map(handover::WireSession::from).collect(),
+        };
+        let answered = handover::send(
+            &sock,
+            &Reply::State(Box::new(state)),
+            &handover::queue_fds(&self.queues),
+        )
+        .and_then(|()| {
+            sock.set_read_timeout(Some(handover::ACK_TIMEOUT))?;
+            match handover::recv::<Answer>(&sock)?.0 {
+                Answer::Ack => Ok(()),
+                Answer::Nack(why) => Err(HandoverError::Nack(why)),
+            }
+        });
+        match answered {
+            Ok(()) => {
+                // Committed: this process never seals again. Not
+                // `shutdown`: the device, the routes, the API socket's path
+                // and the sockets are the new router's now.
+                let _ = handover::send(
+                    &sock,
+                    &handover::Released {
+                        pid: std::process::id(),
+                    },
+                    &[],
+                );
+                info!(pid = hello.pid, peers = sessions.len(), after = ?self.settings.after_handover, "handed over");
+                if self.settings.after_handover == handover::AfterHandover::Wait {
+                    // Every descriptor is close-on-exec: the parked image
+                    // holds none of them.
+                    let e = handover::park();
+                    error!(error = %e, "could not park after the handover; exiting");
+                }
+                std::process::exit(0);
+            }
+            Err(e) => {
+                self.resume();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the workers again on the same queues (a handover that failed).
+    fn resume(&mut self) {
+        let io: Vec<crate::dataplane::Queue> = self
+            .queues
+            .iter()
+            .map(|(t, u)| {
+                (
+                    Arc::clone(t) as Arc<dyn crate::dataplane::TunIo>,
+                    Arc::clone(u) as Arc<dyn crate::dataplane::UdpIo>,
+                )
+            })
+            .collect();
+        self.stop = Arc::new(AtomicBool::new(false));
+        match self.dp.spawn(&io, Arc::clone(&self.stop)) {
+            Ok(w) => {
+                self.workers = w;
+                info!("workers running again");
+            }
+            Err(e) => error!(error = %e, "starting the workers again failed; /healthz fails"),
+        }
+    }
+
     /// The health tick and the status snapshot.
     fn report(&mut self, failing: &mut bool) {
         self.health.last_tick.store(unix_now(), Ordering::Relaxed);
@@ -226,6 +361,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             let _ = std::fs::remove_file(sock);
         }
         self.stop.store(true, Ordering::Relaxed);
+        self.dp.wake_workers();
         for h in self.workers.drain(..) {
             let _ = h.join();
         }

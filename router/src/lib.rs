@@ -12,6 +12,7 @@
 pub mod ctl;
 pub mod daemon;
 pub mod dataplane;
+pub mod handover;
 pub mod hostnet;
 pub mod metrics;
 pub mod model;

@@ -28,7 +28,7 @@ use tunmesh_router::source::file::FileSource;
 use tunmesh_router::source::kube::{self as kube_source, KubeSettings, KubeSource};
 use tunmesh_router::source::{PeerSource, SharedStatus};
 use tunmesh_router::status::RealQueue;
-use tunmesh_router::{uapi, warm, PrivateKey};
+use tunmesh_router::{handover, uapi, warm, PrivateKey, PublicKey};
 
 /// Name of the TUN device.
 const DEFAULT_INTERFACE: &str = "tunmesh0";
@@ -139,6 +139,20 @@ struct Args {
     /// ago. 0: no cache (start cold, wait for the API).
     #[arg(long, env = "TUNMESH_WARM_START_MAX_AGE", default_value_t = warm::DEFAULT_MAX_AGE.as_secs())]
     warm_start_max_age: u64,
+    /// What this router does after handing over to a new one started on
+    /// the same node: exit, or wait (holding nothing) for SIGTERM, as a
+    /// DaemonSet with maxSurge needs (an exited container is restarted).
+    #[arg(
+        long,
+        env = "TUNMESH_AFTER_HANDOVER",
+        value_enum,
+        default_value = "exit"
+    )]
+    after_handover: handover::AfterHandover,
+    /// Internal: the process a router becomes after a handover with
+    /// `--after-handover wait`.
+    #[arg(long = "parked-after-handover", hide = true)]
+    parked: bool,
 }
 
 /// A path flag where an empty value means "none" (clap's own path parser
@@ -302,6 +316,20 @@ fn open_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Res
     })
 }
 
+fn empty_queues() -> Queues {
+    Queues {
+        real: Vec::new(),
+        io: Vec::new(),
+        port: 0,
+        rcvbuf: 0,
+        sndbuf: 0,
+        udp_gso: false,
+        udp_gro: false,
+        tun_offload: false,
+        io_kind: "",
+    }
+}
+
 /// The comparison harness (feature `ab-crates`): the crates' TUN and/or UDP
 /// I/O in place of tunmesh's own, as `TUNMESH_AB_IO` says.
 #[cfg(feature = "ab-crates")]
@@ -348,6 +376,146 @@ fn ab_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Resul
         udp_gro: c.quinn,
         tun_offload: c.tunrs,
         io_kind: "comparison harness",
+    }))
+}
+
+/// What a handover gave this router: the running one's queues, mesh and
+/// sessions. The old process has exited when this exists.
+struct Taken {
+    queues: Queues,
+    snapshot: tunmesh_router::model::Snapshot,
+    sessions: Vec<tunmesh_router::dataplane::PeerSession>,
+    from_pid: u32,
+    stopped_unix_nanos: u128,
+}
+
+/// How long a starting router keeps trying to reach a running one whose
+/// handover socket is there but which handed over to someone else first
+/// (two new routers at once: the second takes over from the first).
+const HANDOVER_RETRY: Duration = Duration::from_secs(10);
+
+/// Takes over from the router running on this node, if one is: `None` when
+/// there is none (no socket, or nobody behind it). An error when one runs
+/// but the handover failed (it goes on serving, or this router could not
+/// be sure it stopped): this router must then not start.
+fn take_over(args: &Args, public_key: &PublicKey) -> anyhow::Result<Option<Taken>> {
+    use tunmesh_router::handover::{self as h, Answer, HandoverError, Hello, Reply};
+    let path = h::socket_path(&args.state_dir);
+    let began = std::time::Instant::now();
+    let (sock, state, fds) = loop {
+        let sock = match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
+        };
+        sock.set_read_timeout(Some(h::ACK_TIMEOUT))?;
+        let hello = Hello {
+            format: h::FORMAT,
+            pid: std::process::id(),
+        };
+        let got = h::send(&sock, &hello, &[]).and_then(|()| h::recv::<Reply>(&sock));
+        match got {
+            Ok((Reply::State(state), fds)) => break (sock, state, fds),
+            Ok((Reply::Refuse(why), _)) => return Err(HandoverError::Refused(why).into()),
+            // Nothing was handed over: the one we reached went away (it
+            // handed over to another new router, or died). Try again: the
+            // winner listens on the same path once it runs.
+            Err(HandoverError::Io(e)) if began.elapsed() < HANDOVER_RETRY => {
+                info!(error = %e, "the running router went away before handing over; trying again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let nack = |why: String| {
+        let _ = h::send(&sock, &Answer::Nack(why.clone()), &[]);
+        anyhow::Error::from(HandoverError::Unusable(why))
+    };
+    if let Err(why) = h::check(&state, public_key, &args.interface) {
+        return Err(nack(why));
+    }
+    if fds.len() != 2 * state.queues {
+        return Err(nack(format!(
+            "{} descriptors for {} queues",
+            fds.len(),
+            state.queues
+        )));
+    }
+    let mesh = tunmesh_router::source::file::validate(&state.mesh)
+        .map_err(|p| nack(format!("mesh: {}", p.join("; "))))?;
+    let sessions = state
+        .sessions
+        .iter()
+        .map(|s| s.to_session())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(nack)?;
+    let mut fds = fds.into_iter();
+    let mut tuns = Vec::new();
+    for fd in fds.by_ref().take(state.queues) {
+        tuns.push(Arc::new(
+            TunDevice::adopt(fd, &args.interface, state.tun_offload)
+                .map_err(|e| nack(e.to_string()))?,
+        ));
+    }
+    let mut udps = Vec::new();
+    for fd in fds {
+        udps.push(Arc::new(
+            UdpSocket::adopt(fd, state.udp_offload).map_err(|e| nack(e.to_string()))?,
+        ));
+    }
+    let (rcvbuf, sndbuf) = udps[0].buffer_sizes();
+    let (udp_gso, udp_gro) = udps[0].offloads();
+    let real: Vec<RealQueue> = tuns.into_iter().zip(udps).collect();
+    let io = real
+        .iter()
+        .map(|(t, u)| {
+            (
+                Arc::clone(t) as Arc<dyn TunIo>,
+                Arc::clone(u) as Arc<dyn UdpIo>,
+            )
+        })
+        .collect();
+    h::send(&sock, &Answer::Ack, &[])?;
+    // We seal nothing until the old router said it let go for good, or,
+    // without a word from it, until it is gone (it may have given up on
+    // our Ack and resumed: then it is still there and we must not start).
+    sock.set_read_timeout(Some(h::EXIT_TIMEOUT))?;
+    if let Err(e) = h::recv::<h::Released>(&sock) {
+        let gone = std::time::Instant::now();
+        while h::alive(state.pid) {
+            if gone.elapsed() > h::EXIT_TIMEOUT {
+                return Err(HandoverError::OldStayed(state.pid).into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        info!(error = %e, pid = state.pid, "no word from the previous router after our answer, but it is gone");
+    }
+    Ok(Some(Taken {
+        queues: Queues {
+            real,
+            io,
+            port: state.listen_port,
+            rcvbuf,
+            sndbuf,
+            udp_gso,
+            udp_gro,
+            tun_offload: state.tun_offload,
+            io_kind: "tunmesh (handed over)",
+        },
+        snapshot: tunmesh_router::model::Snapshot {
+            mesh: mesh.mesh,
+            pod_cidrs: mesh.node.pod_cidrs,
+        },
+        sessions,
+        from_pid: state.pid,
+        stopped_unix_nanos: state.stopped_unix_nanos,
     }))
 }
 
@@ -423,7 +591,24 @@ async fn kube_source(args: &Args) -> anyhow::Result<SourceParts> {
     })
 }
 
+/// A router that handed over with `--after-handover wait`: nothing but a
+/// process for kubelet to stop.
+async fn parked() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    info!("handed over to a new router on this node; holding nothing, waiting for SIGTERM");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    if args.parked {
+        return parked().await;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -437,7 +622,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The data plane: its queues (TUN queue + UDP socket each).
     let dp = Dataplane::new(&src.key, usize::from(args.mtu));
     let queues = queue_count(args.queues);
-    let q = open_queues(&args, src.port, queues, dp.buf_size())?;
+    // A router running here hands its queues and sessions over; else the
+    // queues are opened (waiting for a dying predecessor to let go).
+    let mut taken =
+        take_over(&args, &dp.public_key()).context("taking over from the running router")?;
+    let q = match taken.as_mut() {
+        Some(t) => std::mem::replace(&mut t.queues, empty_queues()),
+        None => open_queues(&args, src.port, queues, dp.buf_size())?,
+    };
+    let queues = q.io.len();
     let port = q.port;
 
     // The host side.
@@ -519,8 +712,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut reconciler = Reconciler::new(Arc::clone(&dp), link, cni, identity);
     reconciler.bring_up().await?;
 
-    // Warm start: the last applied mesh, at once, before the source answers.
-    let (start, cache) = if src.warm_start {
+    // Handed over: the previous process's mesh and live sessions. Warm
+    // start: the last applied mesh, at once, before the source answers.
+    let (start, cache) = if let Some(t) = taken.take() {
+        dp.adopt_sessions(t.sessions);
+        let applied = reconciler.apply(&t.snapshot).await;
+        health.ready.store(true, Ordering::Relaxed);
+        let gap = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos().saturating_sub(t.stopped_unix_nanos))
+            .unwrap_or(0);
+        let gap_us = u64::try_from(gap / 1000).unwrap_or(u64::MAX);
+        info!(from_pid = t.from_pid, peers = t.snapshot.mesh.peers.len(), gap_us,
+              result = ?applied.as_ref().map(ToString::to_string), "took over from the running router");
+        let start = warm::StartStatus {
+            kind: "handover".into(),
+            peers: t.snapshot.mesh.peers.len(),
+            handover_gap_us: Some(gap_us),
+            ..Default::default()
+        };
+        let keeper = src.warm_start.then(|| {
+            warm::Keeper::new(args.state_dir.clone(), owner.clone(), src.key_file.clone())
+        });
+        (start, keeper)
+    } else if src.warm_start {
         let loaded = warm::load(
             &args.state_dir,
             &owner,
@@ -557,6 +772,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let workers = dp.spawn(&q.io, Arc::clone(&stop))?;
+    let handover_dir = args.state_dir.clone();
     let daemon = Daemon {
         dp,
         reconciler,
@@ -571,12 +787,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             resync: Duration::from_secs(args.resync_seconds.max(1)),
             uapi_socket,
             start,
+            key_file: src.key_file.clone(),
+            after_handover: args.after_handover,
         },
         uapi_changes,
         host_problems,
         stop,
         workers,
         cache,
+        handover: match tunmesh_router::handover::listen(&handover_dir) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "no handover socket: an upgrade of this router will restart it cold");
+                None
+            }
+        },
     };
     daemon.run(src.source).await?;
     Ok(())

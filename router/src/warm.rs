@@ -181,7 +181,8 @@ pub fn load(
 /// How the router started, for status.json and `tunmesh-ctl status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartStatus {
-    /// "warm" (from the cache), "cold" (no cache) or "cold: cache refused".
+    /// "handover" (from the running router), "warm" (from the cache),
+    /// "cold" (no cache) or "cold: cache refused".
     pub kind: String,
     /// Peers brought up from the cache.
     pub peers: usize,
@@ -189,6 +190,10 @@ pub struct StartStatus {
     pub cache_age_seconds: Option<u64>,
     /// Why a cache there was not used.
     pub problem: Option<String>,
+    /// After a handover: microseconds from the previous process's workers
+    /// stopping to this one's peers being in place.
+    #[serde(default)]
+    pub handover_gap_us: Option<u64>,
 }
 
 impl StartStatus {
@@ -198,7 +203,7 @@ impl StartStatus {
                 kind: "warm".into(),
                 peers: c.snapshot.mesh.peers.len(),
                 cache_age_seconds: Some(c.age),
-                problem: None,
+                ..StartStatus::default()
             },
             Ok(None) => StartStatus {
                 kind: "cold".into(),

@@ -84,6 +84,19 @@ impl MeshDiff {
     }
 }
 
+/// A peer's live WireGuard session, carried from one router process to
+/// its successor (a handover).
+#[derive(Debug, Clone)]
+pub struct PeerSession {
+    pub name: String,
+    pub public_key: PublicKey,
+    /// The peer's session index prefix (its sessions' receiver indices).
+    pub index: u32,
+    /// Where the peer is now (it may have roamed from the configured one).
+    pub endpoint: Option<SocketAddr>,
+    pub tunn: boringtun::noise::state::TunnState,
+}
+
 /// The data plane of one node: its key, its peers and its counters.
 pub struct Dataplane {
     table: ArcSwap<PeerTable>,
@@ -99,6 +112,13 @@ pub struct Dataplane {
     /// this node's previous process and keep sending on them, unheard,
     /// until a handshake from here replaces them.
     pub first_tick_at_once: std::sync::atomic::AtomicBool,
+    /// An eventfd the workers poll besides their queues: written when they
+    /// are to stop, so they stop at once rather than within `POLL` (none if
+    /// the kernel refused one: they then notice within `POLL`).
+    pub(super) wake: Option<std::os::fd::OwnedFd>,
+    /// Sessions handed over by the previous process, taken by the peers the
+    /// next `apply` creates (by name and key).
+    adopt: Mutex<std::collections::HashMap<String, PeerSession>>,
     /// The worker threads `spawn` started, and how each ended if it did.
     pub(super) workers: Mutex<Vec<WorkerSlot>>,
 }
@@ -137,6 +157,8 @@ impl Dataplane {
             apply_lock: Mutex::new(()),
             workers: Mutex::new(Vec::new()),
             first_tick_at_once: std::sync::atomic::AtomicBool::new(false),
+            wake: super::eventfd(),
+            adopt: Mutex::new(std::collections::HashMap::new()),
             // Room for the largest inner packet plus WireGuard's overhead, and
             // never less than a handshake initiation (148 bytes).
             buf_size: (mtu + WG_OVERHEAD + 64).max(256),
@@ -177,6 +199,49 @@ impl Dataplane {
         }
     }
 
+    fn tunn_for(&self, spec: &crate::model::PeerSpec, index: u32) -> Tunn {
+        Tunn::new(
+            self.secret.clone(),
+            x25519::PublicKey::from(*spec.public_key.as_bytes()),
+            None,
+            spec.persistent_keepalive,
+            index,
+            Some(Arc::clone(&self.rate_limiter)),
+        )
+    }
+
+    /// Every peer's live session, for a successor. Call with the workers
+    /// stopped: the successor's send counters start `margin` past these.
+    pub fn export_sessions(&self, margin: u64) -> Vec<PeerSession> {
+        self.table
+            .load()
+            .peers
+            .iter()
+            .map(|p| {
+                let st = p.lock();
+                PeerSession {
+                    name: p.name.clone(),
+                    public_key: p.public_key,
+                    index: p.index,
+                    endpoint: st.endpoint,
+                    tunn: st.tunn.export_state(margin),
+                }
+            })
+            .collect()
+    }
+
+    /// Hands the peers the next `apply` creates these sessions (matched by
+    /// name and key) instead of new ones; new indices start past theirs.
+    pub fn adopt_sessions(&self, sessions: Vec<PeerSession>) {
+        if let Some(max) = sessions.iter().map(|s| s.index).max() {
+            self.next_index
+                .store(max.wrapping_add(1), Ordering::Relaxed);
+        }
+        let mut a = self.adopt.lock().unwrap_or_else(|p| p.into_inner());
+        a.clear();
+        a.extend(sessions.into_iter().map(|s| (s.name.clone(), s)));
+    }
+
     /// Makes the peer set equal to `mesh` with the smallest change: an
     /// unchanged peer keeps its `Arc` (and session); a peer whose endpoint or
     /// allowed IPs changed keeps its session; a changed key or keepalive
@@ -202,8 +267,20 @@ impl Dataplane {
                     diff.updated.push(spec.name.clone());
                 }
                 found => {
-                    let index = self.new_index(&old);
-                    let tunn = Tunn::new(
+                    let adopted = self
+                        .adopt
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&spec.name)
+                        .filter(|s| {
+                            s.public_key == spec.public_key
+                                && old.by_index(s.index).is_none()
+                                && !peers.iter().any(|p| p.index == s.index)
+                        });
+                    let index = adopted
+                        .as_ref()
+                        .map_or_else(|| self.new_index(&old), |s| s.index);
+                    let mut tunn = Tunn::new(
                         self.secret.clone(),
                         x25519::PublicKey::from(*spec.public_key.as_bytes()),
                         None,
@@ -211,7 +288,18 @@ impl Dataplane {
                         index,
                         Some(Arc::clone(&self.rate_limiter)),
                     );
-                    peers.push(Arc::new(Peer::new(spec, index, tunn)));
+                    let peer = match adopted {
+                        Some(s) => match tunn.import_state(&s.tunn) {
+                            Ok(()) => Peer::adopted(spec, index, tunn, s.endpoint),
+                            Err(e) => {
+                                warn!(peer = %spec.name, error = ?e, "the handed-over session does not fit; starting a new one");
+                                let index = self.new_index(&old);
+                                Peer::new(spec, index, self.tunn_for(spec, index))
+                            }
+                        },
+                        None => Peer::new(spec, index, tunn),
+                    };
+                    peers.push(Arc::new(peer));
                     if found.is_some() {
                         diff.replaced.push(spec.name.clone());
                     } else {

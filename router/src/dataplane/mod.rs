@@ -18,11 +18,20 @@ pub mod udp;
 pub mod worker;
 
 pub use counters::{Counters, Drop};
-pub use engine::{Dataplane, MeshDiff, WorkerSlot};
+pub use engine::{Dataplane, MeshDiff, PeerSession, WorkerSlot};
 pub use io::{Batch, Queue, TunIo, UdpIo, BATCH};
 
 use std::os::fd::RawFd;
 use std::time::Duration;
+
+/// A non-blocking eventfd, or `None` if the kernel refuses one.
+pub(crate) fn eventfd() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd has no memory arguments; a valid result is a new fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
 
 /// Waits until `fd` is readable or `timeout` passes. `Ok(false)` on timeout
 /// or interruption. A zero timeout does not poll at all (`Ok(true)`): the

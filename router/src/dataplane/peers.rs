@@ -75,6 +75,19 @@ impl Peer {
         }
     }
 
+    /// A peer whose session was handed over by the previous process: no
+    /// handshake at the next tick (the session is live), its endpoint as
+    /// the previous process last knew it.
+    pub fn adopted(spec: &PeerSpec, index: u32, tunn: Tunn, endpoint: Option<SocketAddr>) -> Self {
+        let p = Peer::new(spec, index, tunn);
+        {
+            let mut st = p.lock();
+            st.initiate = false;
+            st.endpoint = endpoint.or(spec.endpoint);
+        }
+        p
+    }
+
     /// The same session and counters under a changed spec (allowed IPs,
     /// endpoint). A changed configured endpoint replaces the current one.
     pub fn updated(&self, spec: &PeerSpec) -> Self {

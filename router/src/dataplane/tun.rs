@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use std::os::fd::{FromRawFd as _, IntoRawFd as _, OwnedFd};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use super::io::{Batch, TunIo, BATCH};
@@ -35,7 +36,8 @@ struct Rx {
 }
 
 pub struct TunDevice {
-    dev: SyncDevice,
+    /// The queue's descriptor (IFF_NO_PI; IFF_VNET_HDR when `offload`).
+    fd: OwnedFd,
     name: String,
     offload: bool,
     rx: Mutex<Rx>,
@@ -134,8 +136,29 @@ impl TunDevice {
 
     fn wrap(dev: SyncDevice, name: &str, offload: bool) -> io::Result<Self> {
         dev.set_nonblocking(true)?;
-        Ok(TunDevice {
-            dev,
+        // SAFETY: into_raw_fd gives up the descriptor; we are its only owner.
+        let fd = unsafe { OwnedFd::from_raw_fd(dev.into_raw_fd()) };
+        Ok(Self::from_fd(fd, name, offload))
+    }
+
+    /// A queue of an existing device, from its descriptor (a handover): the
+    /// descriptor must have been opened as `TunDevice` opens one (IFF_NO_PI,
+    /// IFF_VNET_HDR exactly when `offload`). It is made non-blocking.
+    pub fn adopt(fd: OwnedFd, name: &str, offload: bool) -> io::Result<Self> {
+        // SAFETY: fcntl on a descriptor we own, no memory arguments.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0
+            || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self::from_fd(fd, name, offload))
+    }
+
+    fn from_fd(fd: OwnedFd, name: &str, offload: bool) -> Self {
+        TunDevice {
+            fd,
             name: name.to_string(),
             offload,
             rx: Mutex::new(Rx {
@@ -155,7 +178,13 @@ impl TunDevice {
             stats: OffloadCounters::default(),
             packets_read: AtomicU64::new(0),
             packets_written: AtomicU64::new(0),
-        })
+        }
+    }
+
+    /// The queue's descriptor, to hand over to a successor.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
     }
 
     pub fn offload_stats(&self) -> OffloadStats {
@@ -187,7 +216,7 @@ impl TunDevice {
     }
 
     fn fd(&self) -> RawFd {
-        self.dev.as_raw_fd()
+        self.fd.as_raw_fd()
     }
 
     /// Cuts the pending super-packet into free slots of `batch`.
@@ -389,7 +418,14 @@ impl TunDevice {
             return Ok(0);
         }
         while let Some(buf) = batch.bufs.get_mut(batch.n) {
-            match self.dev.recv(buf) {
+            // SAFETY: reading into a buffer we own, at most its length.
+            let r = unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let got = if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as usize)
+            };
+            match got {
                 Ok(len) => {
                     batch.commit(len, UNSPECIFIED);
                 }
@@ -415,9 +451,13 @@ impl TunDevice {
         }
         let mut sent = 0;
         for i in 0..batch.n {
-            match self.dev.send(batch.packet(i)) {
-                Ok(_) => sent += 1,
-                Err(e) => tracing::debug!(error = %e, "tun write"),
+            let pkt = batch.packet(i);
+            // SAFETY: writing from a buffer we own, at most its length.
+            let r = unsafe { libc::write(self.fd(), pkt.as_ptr().cast(), pkt.len()) };
+            if r < 0 {
+                tracing::debug!(error = %io::Error::last_os_error(), "tun write");
+            } else {
+                sent += 1;
             }
         }
         Ok(sent)

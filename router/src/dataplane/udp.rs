@@ -125,6 +125,28 @@ impl UdpSocket {
             .as_socket()
             .map(|a| a.port())
             .unwrap_or(port);
+        Ok(Self::wrap(sock, dual_stack, port, offload))
+    }
+
+    /// A bound socket from its descriptor (a handover), set up as
+    /// `bind_group` sets one up (GRO on again when `offload`; GSO is tried
+    /// on the first send and turned off if refused).
+    pub fn adopt(fd: std::os::fd::OwnedFd, offload: bool) -> io::Result<Self> {
+        let sock = Socket::from(fd);
+        sock.set_nonblocking(true)?;
+        let local = sock.local_addr()?;
+        let dual_stack = local.is_ipv6();
+        let port = local.as_socket().map(|a| a.port()).unwrap_or(0);
+        Ok(Self::wrap(sock, dual_stack, port, offload))
+    }
+
+    /// The socket's descriptor, to hand over to a successor.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.sock.as_fd()
+    }
+
+    fn wrap(sock: Socket, dual_stack: bool, port: u16, offload: bool) -> Self {
         let gro = (offload && setsockopt_int(&sock, libc::SOL_UDP, libc::UDP_GRO, 1)).then(|| {
             Mutex::new(Gro {
                 bufs: (0..GRO_MSGS).map(|_| vec![0u8; GRO_BUF]).collect(),
@@ -133,7 +155,7 @@ impl UdpSocket {
                 cursor: (0, 0),
             })
         });
-        Ok(UdpSocket {
+        UdpSocket {
             sock,
             dual_stack,
             port,
@@ -141,7 +163,7 @@ impl UdpSocket {
             gro,
             malformed: AtomicU64::new(0),
             received: AtomicU64::new(0),
-        })
+        }
     }
 
     /// Whether UDP GSO (send) and GRO (receive) are in use.

@@ -55,6 +55,12 @@ impl Dataplane {
                 "the data plane needs at least one queue",
             ));
         };
+        self.rearm();
+        // A new generation: the slots of workers stopped before are gone.
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let mut handles = Vec::new();
         for (q, (tun, udp)) in queues.iter().enumerate() {
             let (dp, tun, udp, run) = (
@@ -111,6 +117,31 @@ impl Dataplane {
                     s.failure = Some(why);
                 }
             })
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.wake.as_ref().map(|w| w.as_raw_fd())
+    }
+
+    /// Wakes every worker from its poll, to see that `stop` is set: call
+    /// after setting it. Until `rearm`, their polls return at once.
+    pub fn wake_workers(&self) {
+        if let Some(w) = self.wake_fd() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes from a live buffer to our eventfd.
+            let _ = unsafe { libc::write(w, one.as_ptr().cast(), one.len()) };
+        }
+    }
+
+    /// Clears the wake-up, before workers are started again.
+    fn rearm(&self) {
+        if let Some(w) = self.wake_fd() {
+            let mut buf = [0u8; 8];
+            // SAFETY: reading 8 bytes into a live buffer from our eventfd
+            // (non-blocking: EAGAIN when it was not written).
+            let _ = unsafe { libc::read(w, buf.as_mut_ptr().cast(), buf.len()) };
+        }
     }
 
     /// The data-plane threads and how each is doing.
@@ -188,10 +219,11 @@ impl Dataplane {
             if busy {
                 continue;
             }
-            let waited = match fds {
-                Some((t, u)) => super::poll_any([t, u], POLL).map(|_| ()),
+            let waited = match (fds, self.wake_fd()) {
+                (Some((t, u)), Some(w)) => super::poll_any([t, u, w], POLL).map(|_| ()),
+                (Some((t, u)), None) => super::poll_any([t, u], POLL).map(|_| ()),
                 // In-memory fakes have nothing to poll: look again shortly.
-                None => {
+                (None, _) => {
                     std::thread::sleep(FAKE_IDLE);
                     Ok(())
                 }
@@ -212,7 +244,15 @@ impl Dataplane {
         let mut first = self.first_tick_at_once.load(Ordering::Relaxed);
         while !stop.load(Ordering::Relaxed) {
             if !std::mem::take(&mut first) {
-                std::thread::sleep(TICK);
+                match self.wake_fd() {
+                    Some(w) => {
+                        let _ = super::poll_any([w], TICK);
+                    }
+                    None => std::thread::sleep(TICK),
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
             }
             let mut from = 0;
             while let Some(next) = self.tick(&mut out, from) {
