@@ -160,6 +160,14 @@ pub fn render_status(s: &Status, now: u64) -> String {
     let st = &s.start;
     match (st.kind.as_str(), &st.problem) {
         ("", _) => {}
+        ("handover", _) => {
+            let _ = writeln!(
+                out,
+                "start:       handover: {} peers and their sessions taken from the previous router ({} us without a worker)",
+                st.peers,
+                st.handover_gap_us.unwrap_or(0)
+            );
+        }
         ("warm", _) => {
             let _ = writeln!(
                 out,

@@ -710,7 +710,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let owner = warm::Owner::new(&identity.node_name, &dp.public_key(), &args.interface, port);
     let mut reconciler = Reconciler::new(Arc::clone(&dp), link, cni, identity);
-    reconciler.bring_up().await?;
+    // A handed-over device is up with its gateways and routes: left as it
+    // is (bringing it up "with no gateway" would take them away a moment).
+    if taken.is_none() {
+        reconciler.bring_up().await?;
+    }
 
     // Handed over: the previous process's mesh and live sessions. Warm
     // start: the last applied mesh, at once, before the source answers.

@@ -96,7 +96,13 @@ pub fn spawn(
     log: &Path,
 ) -> Result<Child> {
     use std::os::unix::process::CommandExt;
-    let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    // Appended, not truncated: a router handing over to a new one started
+    // with the same log goes on writing to it for a moment.
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
     let err = out.try_clone()?;
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns])
