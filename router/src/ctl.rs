@@ -158,26 +158,23 @@ pub fn render_status(s: &Status, now: u64) -> String {
         }
     }
     let st = &s.start;
-    match (st.kind.as_str(), &st.problem) {
+    let detail = match st.kind.as_str() {
+        "handover" => Some(format!(
+            "{} peers and their sessions taken from the previous router ({} us without a worker)",
+            st.peers,
+            st.handover_gap_us.unwrap_or(0)
+        )),
+        "warm" => Some(format!(
+            "{} peers from the cache (confirmed {} s before the start)",
+            st.peers,
+            st.cache_age_seconds.unwrap_or(0)
+        )),
+        _ => st.problem.clone(),
+    };
+    match (st.kind.as_str(), detail) {
         ("", _) => {}
-        ("handover", _) => {
-            let _ = writeln!(
-                out,
-                "start:       handover: {} peers and their sessions taken from the previous router ({} us without a worker)",
-                st.peers,
-                st.handover_gap_us.unwrap_or(0)
-            );
-        }
-        ("warm", _) => {
-            let _ = writeln!(
-                out,
-                "start:       warm: {} peers from the cache (confirmed {} s before the start)",
-                st.peers,
-                st.cache_age_seconds.unwrap_or(0)
-            );
-        }
-        (kind, Some(p)) => {
-            let _ = writeln!(out, "start:       {kind}: {p}");
+        (kind, Some(d)) => {
+            let _ = writeln!(out, "start:       {kind}: {d}");
         }
         (kind, None) => {
             let _ = writeln!(out, "start:       {kind}");

@@ -300,16 +300,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
 
     /// Starts the workers again on the same queues (a handover that failed).
     fn resume(&mut self) {
-        let io: Vec<crate::dataplane::Queue> = self
-            .queues
-            .iter()
-            .map(|(t, u)| {
-                (
-                    Arc::clone(t) as Arc<dyn crate::dataplane::TunIo>,
-                    Arc::clone(u) as Arc<dyn crate::dataplane::UdpIo>,
-                )
-            })
-            .collect();
+        let io = status::queue_io(&self.queues);
         self.stop = Arc::new(AtomicBool::new(false));
         match self.dp.spawn(&io, Arc::clone(&self.stop)) {
             Ok(w) => {

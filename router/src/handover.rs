@@ -322,6 +322,25 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
 /// Room for `MAX_FDS` descriptors in a control message, in u64 words.
 const CTRL_WORDS: usize = 2 + MAX_FDS / 2 + 2;
 
+fn iovec(data: &mut [u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    }
+}
+
+/// A message header over one buffer and a control buffer (all of it); the
+/// caller keeps both alive across the system call.
+fn msghdr(iov: &mut libc::iovec, ctrl: &mut [u64; CTRL_WORDS]) -> libc::msghdr {
+    // SAFETY: a zeroed msghdr is valid (no buffers, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctrl.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(ctrl);
+    msg
+}
+
 fn send_with_fds(
     sock: &UnixStream,
     data: &mut [u8],
@@ -334,20 +353,13 @@ fn send_with_fds(
         ));
     }
     let mut ctrl = [0u64; CTRL_WORDS];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives
-    // the sendmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    let mut iov = iovec(data);
+    let mut msg = msghdr(&mut iov, &mut ctrl);
+    msg.msg_controllen = 0;
     if !fds.is_empty() {
         let bytes = std::mem::size_of_val(fds) as u32;
         // SAFETY: CMSG_SPACE is pure arithmetic.
         let space = unsafe { libc::CMSG_SPACE(bytes) } as usize;
-        msg.msg_control = ctrl.as_mut_ptr().cast();
         msg.msg_controllen = space;
         // SAFETY: the control buffer holds `space` bytes (checked against
         // MAX_FDS above), so the first header and its data fit.
@@ -376,17 +388,8 @@ fn send_with_fds(
 
 fn recv_with_fds(sock: &UnixStream, data: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut ctrl = [0u64; CTRL_WORDS];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives
-    // the recvmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctrl.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&ctrl);
+    let mut iov = iovec(data);
+    let mut msg = msghdr(&mut iov, &mut ctrl);
     // SAFETY: `msg` points at live buffers; CMSG_CLOEXEC keeps received
     // descriptors out of children.
     let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
@@ -441,6 +444,19 @@ pub fn park() -> std::io::Error {
     std::process::Command::new("/proc/self/exe")
         .arg(PARKED_FLAG)
         .exec()
+}
+
+/// Whether another socket holds UDP `port` (a router running or starting
+/// on this node).
+pub fn port_busy(port: u16) -> bool {
+    let busy = |r: std::io::Result<std::net::UdpSocket>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::AddrInUse);
+    busy(std::net::UdpSocket::bind((
+        std::net::Ipv6Addr::UNSPECIFIED,
+        port,
+    ))) || busy(std::net::UdpSocket::bind((
+        std::net::Ipv4Addr::UNSPECIFIED,
+        port,
+    )))
 }
 
 /// Whether process `pid` is still there.

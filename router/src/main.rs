@@ -20,7 +20,7 @@ use tunmesh_contract::PluginSettings;
 use tunmesh_router::daemon::{self, Daemon};
 use tunmesh_router::dataplane::tun::TunDevice;
 use tunmesh_router::dataplane::udp::UdpSocket;
-use tunmesh_router::dataplane::{Dataplane, Queue, TunIo, UdpIo};
+use tunmesh_router::dataplane::{Dataplane, Queue};
 use tunmesh_router::hostnet::{self, HostNet, TunLink};
 use tunmesh_router::metrics::{self, Health};
 use tunmesh_router::reconcile::{absolute, CniStateFiles, NodeIdentity, Reconciler};
@@ -294,15 +294,7 @@ fn open_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Res
         .map(Arc::new)
         .zip(udps.into_iter().map(Arc::new))
         .collect();
-    let io = real
-        .iter()
-        .map(|(t, u)| {
-            (
-                Arc::clone(t) as Arc<dyn TunIo>,
-                Arc::clone(u) as Arc<dyn UdpIo>,
-            )
-        })
-        .collect();
+    let io = tunmesh_router::status::queue_io(&real);
     Ok(Queues {
         real,
         io,
@@ -335,6 +327,7 @@ fn empty_queues() -> Queues {
 #[cfg(feature = "ab-crates")]
 fn ab_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Result<Option<Queues>> {
     use tunmesh_router::dataplane::ab_crates::{Choice, QuinnUdp, TunrsTun};
+    use tunmesh_router::dataplane::{TunIo, UdpIo};
     let c = Choice::from_env();
     if !c.tunrs && !c.quinn {
         return Ok(None);
@@ -398,23 +391,27 @@ const HANDOVER_RETRY: Duration = Duration::from_secs(10);
 /// there is none (no socket, or nobody behind it). An error when one runs
 /// but the handover failed (it goes on serving, or this router could not
 /// be sure it stopped): this router must then not start.
-fn take_over(args: &Args, public_key: &PublicKey) -> anyhow::Result<Option<Taken>> {
+fn take_over(args: &Args, public_key: &PublicKey, port: u16) -> anyhow::Result<Option<Taken>> {
     use tunmesh_router::handover::{self as h, Answer, HandoverError, Hello, Reply};
     let path = h::socket_path(&args.state_dir);
     let began = std::time::Instant::now();
     let (sock, state, fds) = loop {
         let sock = match std::os::unix::net::UnixStream::connect(&path) {
             Ok(s) => s,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
-            {
-                return Ok(None)
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            // Nobody behind the socket: a router that crashed (start now),
+            // or one that handed over and whose successor does not listen
+            // yet while it holds the port (ask it, once it does).
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                if !h::port_busy(port) || began.elapsed() > HANDOVER_RETRY {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
             Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
         };
+        info!(socket = %path.display(), "a router runs on this node; asking it to hand over");
         sock.set_read_timeout(Some(h::ACK_TIMEOUT))?;
         let hello = Hello {
             format: h::FORMAT,
@@ -473,15 +470,7 @@ fn take_over(args: &Args, public_key: &PublicKey) -> anyhow::Result<Option<Taken
     let (rcvbuf, sndbuf) = udps[0].buffer_sizes();
     let (udp_gso, udp_gro) = udps[0].offloads();
     let real: Vec<RealQueue> = tuns.into_iter().zip(udps).collect();
-    let io = real
-        .iter()
-        .map(|(t, u)| {
-            (
-                Arc::clone(t) as Arc<dyn TunIo>,
-                Arc::clone(u) as Arc<dyn UdpIo>,
-            )
-        })
-        .collect();
+    let io = tunmesh_router::status::queue_io(&real);
     h::send(&sock, &Answer::Ack, &[])?;
     // We seal nothing until the old router said it let go for good, or,
     // without a word from it, until it is gone (it may have given up on
@@ -624,14 +613,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let queues = queue_count(args.queues);
     // A router running here hands its queues and sessions over; else the
     // queues are opened (waiting for a dying predecessor to let go).
-    let mut taken =
-        take_over(&args, &dp.public_key()).context("taking over from the running router")?;
+    let mut taken = take_over(&args, &dp.public_key(), src.port)
+        .context("taking over from the running router")?;
     let q = match taken.as_mut() {
         Some(t) => std::mem::replace(&mut t.queues, empty_queues()),
         None => open_queues(&args, src.port, queues, dp.buf_size())?,
     };
     let queues = q.io.len();
     let port = q.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Handed over: the peers with their live sessions and the workers at
+    // once (the kernel holds what arrived meanwhile); the rest follows.
+    let mut early_workers = None;
+    let mut handover_gap_us = None;
+    if let Some(t) = taken.as_mut() {
+        dp.adopt_sessions(std::mem::take(&mut t.sessions));
+        dp.apply(&t.snapshot.mesh);
+        early_workers = Some(dp.spawn(&q.io, Arc::clone(&stop))?);
+        let gap = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos().saturating_sub(t.stopped_unix_nanos))
+            .unwrap_or(0);
+        handover_gap_us = Some(u64::try_from(gap / 1000).unwrap_or(u64::MAX));
+    }
 
     // The host side.
     let host = HostNet::connect()?;
@@ -719,20 +723,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Handed over: the previous process's mesh and live sessions. Warm
     // start: the last applied mesh, at once, before the source answers.
     let (start, cache) = if let Some(t) = taken.take() {
-        dp.adopt_sessions(t.sessions);
+        // The peers are in place already: this puts the host side and the
+        // CNI files in line (normally a no-op: they are as the old left them).
         let applied = reconciler.apply(&t.snapshot).await;
         health.ready.store(true, Ordering::Relaxed);
-        let gap = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos().saturating_sub(t.stopped_unix_nanos))
-            .unwrap_or(0);
-        let gap_us = u64::try_from(gap / 1000).unwrap_or(u64::MAX);
-        info!(from_pid = t.from_pid, peers = t.snapshot.mesh.peers.len(), gap_us,
+        info!(from_pid = t.from_pid, peers = t.snapshot.mesh.peers.len(), gap_us = handover_gap_us,
               result = ?applied.as_ref().map(ToString::to_string), "took over from the running router");
         let start = warm::StartStatus {
             kind: "handover".into(),
             peers: t.snapshot.mesh.peers.len(),
-            handover_gap_us: Some(gap_us),
+            handover_gap_us,
             ..Default::default()
         };
         let keeper = src.warm_start.then(|| {
@@ -774,8 +774,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
     };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers = dp.spawn(&q.io, Arc::clone(&stop))?;
+    let workers = match early_workers {
+        Some(w) => w,
+        None => dp.spawn(&q.io, Arc::clone(&stop))?,
+    };
     let handover_dir = args.state_dir.clone();
     let daemon = Daemon {
         dp,

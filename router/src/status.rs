@@ -115,6 +115,19 @@ pub type RealQueue = (
     std::sync::Arc<crate::dataplane::udp::UdpSocket>,
 );
 
+/// What the workers read and write, from tunmesh's own queues.
+pub fn queue_io(queues: &[RealQueue]) -> Vec<crate::dataplane::Queue> {
+    queues
+        .iter()
+        .map(|(t, u)| {
+            (
+                std::sync::Arc::clone(t) as std::sync::Arc<dyn crate::dataplane::TunIo>,
+                std::sync::Arc::clone(u) as std::sync::Arc<dyn crate::dataplane::UdpIo>,
+            )
+        })
+        .collect()
+}
+
 /// What each queue carried.
 pub fn queues(q: &[RealQueue]) -> Vec<QueueStatus> {
     q.iter()

@@ -191,7 +191,7 @@ pub struct StartStatus {
     /// Why a cache there was not used.
     pub problem: Option<String>,
     /// After a handover: microseconds from the previous process's workers
-    /// stopping to this one's peers being in place.
+    /// stopping to this one's starting, its peers in place.
     #[serde(default)]
     pub handover_gap_us: Option<u64>,
 }

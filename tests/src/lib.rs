@@ -13,6 +13,7 @@
 //! - `peers`: a one-peer tunmesh router or a `wg`-configured WireGuard
 //!   daemon in a namespace;
 //! - `podman`: a container runtime with its own storage, in a node's namespace;
+//! - `probe`: a numbered UDP probe between namespaces and the silence it measures;
 //! - `bench`: tunmesh against raw veth, wireguard-go and boringtun-cli.
 
 pub mod bench;
@@ -25,6 +26,7 @@ pub mod netns;
 pub mod pcap;
 pub mod peers;
 pub mod podman;
+pub mod probe;
 pub mod soak;
 
 pub use lab::{Lab, LabOptions};

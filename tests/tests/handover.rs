@@ -5,9 +5,8 @@
 //! that speaks another format, and two successors at once. Root only; CI
 //! runs it.
 
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,122 +14,9 @@ use std::time::{Duration, Instant};
 
 use tunmesh_lab::lab::Lab;
 use tunmesh_lab::netns::{self, in_netns};
+use tunmesh_lab::probe::{longest_silence, Probe};
 use tunmesh_lab::require_root;
 use tunmesh_router::handover::{self, Hello, Reply};
-
-const PERIOD: Duration = Duration::from_millis(10);
-
-/// A numbered UDP datagram every 10 ms from `from` to an echo server in
-/// `to`; every echo is kept with its number, so a lost probe is a number
-/// that never came back.
-struct SeqProbe {
-    stop: Arc<AtomicBool>,
-    sent: Arc<Mutex<Vec<Instant>>>,
-    echoed: Arc<Mutex<BTreeSet<u64>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl SeqProbe {
-    fn start(from: &str, to: &str, dst: Ipv4Addr) -> SeqProbe {
-        let stop = Arc::new(AtomicBool::new(false));
-        let server = in_netns(to, || UdpSocket::bind("0.0.0.0:0"))
-            .unwrap()
-            .unwrap();
-        server
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let port = server.local_addr().unwrap().port();
-        let client = in_netns(from, || UdpSocket::bind("0.0.0.0:0"))
-            .unwrap()
-            .unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_millis(2)))
-            .unwrap();
-        let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
-        let echoed: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
-        let mut threads = Vec::new();
-        let s = Arc::clone(&stop);
-        threads.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while !s.load(Ordering::Relaxed) {
-                if let Ok((n, peer)) = server.recv_from(&mut buf) {
-                    let _ = server.send_to(&buf[..n], peer);
-                }
-            }
-        }));
-        let (s, sent2, echoed2) = (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&echoed));
-        threads.push(std::thread::spawn(move || {
-            let dst = SocketAddr::new(dst.into(), port);
-            let mut next = Instant::now();
-            let mut buf = [0u8; 64];
-            while !s.load(Ordering::Relaxed) {
-                if Instant::now() >= next {
-                    let mut sent = sent2.lock().unwrap();
-                    let seq = sent.len() as u64;
-                    let _ = client.send_to(&seq.to_be_bytes(), dst);
-                    sent.push(Instant::now());
-                    next += PERIOD;
-                }
-                if let Ok(8) = client.recv(&mut buf) {
-                    let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
-                    echoed2.lock().unwrap().insert(seq);
-                }
-            }
-        }));
-        SeqProbe {
-            stop,
-            sent,
-            echoed,
-            threads,
-        }
-    }
-
-    /// Numbers sent in `[from, to]` that never came back: waits (up to 2 s)
-    /// for late ones first.
-    fn lost(&self, from: Instant, to: Instant) -> Vec<u64> {
-        let window: Vec<u64> = {
-            let sent = self.sent.lock().unwrap();
-            (0..sent.len())
-                .filter(|i| sent[*i] >= from && sent[*i] <= to)
-                .map(|i| i as u64)
-                .collect()
-        };
-        assert!(
-            window.len() > 10,
-            "the probe sent {} in the window",
-            window.len()
-        );
-        let missing = || -> Vec<u64> {
-            let e = self.echoed.lock().unwrap();
-            window.iter().copied().filter(|s| !e.contains(s)).collect()
-        };
-        netns::wait_for(Duration::from_secs(2), || {
-            missing().is_empty().then_some(())
-        });
-        missing()
-    }
-
-    /// Waits until probes sent after `t` come back.
-    fn wait_flowing_after(&self, t: Instant, what: &str) {
-        let ok = netns::wait_for(Duration::from_secs(30), || {
-            let first = self.sent.lock().unwrap().iter().position(|s| *s > t)? as u64;
-            self.echoed
-                .lock()
-                .unwrap()
-                .range(first..)
-                .next()
-                .map(|_| ())
-        });
-        assert!(ok.is_some(), "{what}: pod-to-pod probes did not come back");
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
 
 /// A TCP stream from `from` to `to` whose receiver times every read: the
 /// longest time between two reads in a window is the stream's stall.
@@ -194,20 +80,7 @@ impl TimedStream {
     /// last read before `from` and up to `to`.
     fn stall(&self, from: Instant, to: Instant) -> Duration {
         let r = self.reads.lock().unwrap();
-        let start = r
-            .iter()
-            .rev()
-            .find(|x| **x <= from)
-            .copied()
-            .expect("reads before the window");
-        let mut points = vec![start];
-        points.extend(r.iter().copied().filter(|x| *x > from && *x <= to));
-        points.push(to);
-        points
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or_default()
+        longest_silence(&r, from, to).expect("reads before the window")
     }
 
     fn stop(mut self) {
@@ -245,9 +118,9 @@ fn a_new_router_takes_over_without_losing_a_packet() {
     parking.extend(["--after-handover".to_string(), "wait".to_string()]);
     let invocation_wait = lab.router_invocation(0, &parking).unwrap();
 
-    let probe = SeqProbe::start(&a.ns, &b.ns, b.ipv4);
+    let probe = Probe::start(&a.ns, &b.ns, b.ipv4);
     let stream = TimedStream::start(&a.ns, &b.ns, b.ipv4);
-    probe.wait_flowing_after(Instant::now(), "before the handover");
+    probe.wait_echo_after(Instant::now(), "before the handover");
     let (a_ns, b_ns, b_ip) = (a.ns.clone(), b.ns.clone(), b.ipv4);
     let iperf =
         std::thread::spawn(move || tunmesh_lab::checks::iperf3(&a_ns, &b_ns, b_ip.into(), 8, &[]));
@@ -270,7 +143,7 @@ fn a_new_router_takes_over_without_losing_a_packet() {
         .expect("the new router writes its status");
     assert_eq!(st.start.kind, "handover", "{:?}", st.start);
     assert!(pid_alive(new), "the new router exited");
-    probe.wait_flowing_after(Instant::now(), "after the handover");
+    probe.wait_echo_after(Instant::now(), "after the handover");
     std::thread::sleep(Duration::from_secs(1));
     let t1 = Instant::now();
     let lost = probe.lost(t0 - Duration::from_secs(1), t1 - Duration::from_millis(100));
@@ -315,7 +188,7 @@ fn a_new_router_takes_over_without_losing_a_packet() {
         assert!(matches!(reply, Reply::State(_)), "{reply:?}");
         assert!(!fds.is_empty());
     }
-    probe.wait_flowing_after(Instant::now(), "after a successor died mid-transfer");
+    probe.wait_echo_after(Instant::now(), "after a successor died mid-transfer");
     assert!(pid_alive(new), "the router exited after a failed handover");
     std::thread::sleep(Duration::from_millis(500));
     let t3 = Instant::now();
@@ -389,7 +262,7 @@ fn a_new_router_takes_over_without_losing_a_packet() {
     );
     netns::stop_pid(new, Duration::from_secs(5));
     assert!(!pid_alive(new), "the parked router did not stop on SIGTERM");
-    probe.wait_flowing_after(Instant::now(), "after two successors at once");
+    probe.wait_echo_after(Instant::now(), "after two successors at once");
     std::thread::sleep(Duration::from_millis(500));
     let lost = probe.lost(t4, Instant::now() - Duration::from_millis(100));
     eprintln!(

@@ -280,14 +280,7 @@ impl Dataplane {
                     let index = adopted
                         .as_ref()
                         .map_or_else(|| self.new_index(&old), |s| s.index);
-                    let mut tunn = Tunn::new(
-                        self.secret.clone(),
-                        x25519::PublicKey::from(*spec.public_key.as_bytes()),
-                        None,
-                        spec.persistent_keepalive,
-                        index,
-                        Some(Arc::clone(&self.rate_limiter)),
-                    );
+                    let mut tunn = self.tunn_for(spec, index);
                     let peer = match adopted {
                         Some(s) => match tunn.import_state(&s.tunn) {
                             Ok(()) => Peer::adopted(spec, index, tunn, s.endpoint),
