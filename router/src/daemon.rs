@@ -229,9 +229,10 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         let Some(snap) = self.reconciler.last().cloned() else {
             return Err(refuse("no mesh applied yet".into()));
         };
-        if self.queues.is_empty() {
+        let Some((tun0, udp0)) = self.queues.first() else {
             return Err(refuse("this router's queues cannot be handed over".into()));
-        }
+        };
+        let (tun_offload, udp_offload) = (tun0.offload(), udp0.offloads().1);
         info!(pid = hello.pid, "handing over to a new router");
         // From here on nothing is read or sealed until the answer.
         self.stop.store(true, Ordering::Relaxed);
@@ -244,7 +245,6 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let sessions = self.dp.export_sessions(handover::COUNTER_MARGIN);
-        let (tun0, udp0) = &self.queues[0];
         let state = handover::State {
             format: handover::FORMAT,
             pid: std::process::id(),
@@ -252,8 +252,8 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             public_key: self.dp.public_key().to_base64(),
             interface: self.settings.interface.clone(),
             listen_port: self.settings.listen_port,
-            tun_offload: tun0.offload(),
-            udp_offload: udp0.offloads().1,
+            tun_offload,
+            udp_offload,
             queues: self.queues.len(),
             mesh: RawFile::from_snapshot(&snap, &self.settings.key_file, self.settings.listen_port),
             sessions: sessions.iter().map(handover::WireSession::from).collect(),

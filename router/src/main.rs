@@ -467,8 +467,11 @@ fn take_over(args: &Args, public_key: &PublicKey, port: u16) -> anyhow::Result<O
             UdpSocket::adopt(fd, state.udp_offload).map_err(|e| nack(e.to_string()))?,
         ));
     }
-    let (rcvbuf, sndbuf) = udps[0].buffer_sizes();
-    let (udp_gso, udp_gro) = udps[0].offloads();
+    let Some(udp0) = udps.first() else {
+        return Err(nack("no UDP socket".into()));
+    };
+    let (rcvbuf, sndbuf) = udp0.buffer_sizes();
+    let (udp_gso, udp_gro) = udp0.offloads();
     let real: Vec<RealQueue> = tuns.into_iter().zip(udps).collect();
     let io = tunmesh_router::status::queue_io(&real);
     h::send(&sock, &Answer::Ack, &[])?;

@@ -31,7 +31,14 @@ pub struct Impairment {
     pub duplicate: f64,
     /// Drop everything (the link is down).
     pub down: bool,
+    /// Hold datagrams until this many of one direction are held (or
+    /// `BURST_WAIT` passed), then send them newest first: the oldest of a
+    /// burst arrives that many behind the newest (0: off).
+    pub reverse_burst: usize,
 }
+
+/// How long a partial burst is held before it goes out reversed anyway.
+pub const BURST_WAIT: Duration = Duration::from_millis(100);
 
 pub struct Relay {
     pub a_side: SocketAddr,
@@ -55,6 +62,8 @@ struct Counters {
     held_us: AtomicU64,
     /// Datagrams handed to the sender and not yet sent on.
     in_flight: AtomicU64,
+    /// The most a datagram was sent behind a later arrival of its direction.
+    max_behind: AtomicU64,
 }
 
 /// A copy of the relay's counters; subtract two for what happened between.
@@ -76,6 +85,9 @@ pub struct Counts {
     pub reordered: u64,
     /// Time datagrams were held in all, microseconds.
     pub held_us: u64,
+    /// The most arrivals a datagram was sent behind (0 in order; the
+    /// largest reordering so far, not a difference when subtracted).
+    pub max_behind: u64,
 }
 
 impl Counts {
@@ -97,6 +109,7 @@ impl std::ops::Sub for Counts {
             delayed: self.delayed - o.delayed,
             reordered: self.reordered - o.reordered,
             held_us: self.held_us - o.held_us,
+            max_behind: self.max_behind,
         }
     }
 }
@@ -105,7 +118,7 @@ impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "relay: {} in, {} out, {} lost, {} dropped while down, {} duplicated, {} delayed (mean hold {:.1} ms), {} reordered",
+            "relay: {} in, {} out, {} lost, {} dropped while down, {} duplicated, {} delayed (mean hold {:.1} ms), {} reordered (at most {} behind)",
             self.received,
             self.forwarded,
             self.dropped_loss,
@@ -113,7 +126,8 @@ impl std::fmt::Display for Counts {
             self.duplicated,
             self.delayed,
             self.mean_hold().as_secs_f64() * 1000.0,
-            self.reordered
+            self.reordered,
+            self.max_behind
         )
     }
 }
@@ -131,6 +145,8 @@ impl Rng {
 }
 
 struct Job {
+    /// Part of a reversed burst of this size (0: sent when due).
+    burst: usize,
     due: Instant,
     arrived: Instant,
     /// Arrival order within its direction (duplicates share it).
@@ -190,6 +206,7 @@ impl Relay {
                         let extra = s.jitter.mul_f64(rng.unit());
                         c.in_flight.fetch_add(1, Ordering::Relaxed);
                         let _ = tx.send(Job {
+                            burst: s.reverse_burst,
                             due: arrived + s.delay + extra,
                             arrived,
                             seq,
@@ -209,6 +226,7 @@ impl Relay {
             let (stop, c) = (Arc::clone(&stop), Arc::clone(&counters));
             threads.push(std::thread::spawn(move || {
                 let mut queue: Vec<Job> = Vec::new();
+                let mut bursts: [Vec<Job>; 2] = [Vec::new(), Vec::new()];
                 // The latest arrival sent on so far, per direction (to A, to B).
                 let mut latest = [0u64; 2];
                 while !stop.load(Ordering::Relaxed) {
@@ -216,7 +234,12 @@ impl Relay {
                         .iter()
                         .map(|j| j.due.saturating_duration_since(Instant::now()))
                         .min()
-                        .unwrap_or(Duration::from_millis(20));
+                        .unwrap_or(Duration::from_millis(20))
+                        .min(if bursts.iter().any(|b| !b.is_empty()) {
+                            Duration::from_millis(5)
+                        } else {
+                            Duration::from_secs(1)
+                        });
                     match rx.recv_timeout(wait) {
                         Ok(j) => queue.push(j),
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -227,7 +250,26 @@ impl Relay {
                         queue.drain(..).partition(|j| j.due <= now);
                     queue = later;
                     due.sort_by_key(|j| j.due);
+                    // Reversed bursts: per direction, held until full (or
+                    // BURST_WAIT after the first), then newest first.
+                    let mut out = Vec::new();
                     for j in due {
+                        if j.burst == 0 {
+                            out.push(j);
+                            continue;
+                        }
+                        let d = usize::from(j.to_b);
+                        bursts[d].push(j);
+                    }
+                    for held in bursts.iter_mut() {
+                        let full = held.first().is_some_and(|j| {
+                            held.len() >= j.burst || j.arrived.elapsed() >= BURST_WAIT
+                        });
+                        if full {
+                            out.extend(held.drain(..).rev());
+                        }
+                    }
+                    for j in out {
                         let sent = if j.to_b {
                             sock_b.send_to(&j.data, b)
                         } else {
@@ -247,6 +289,7 @@ impl Relay {
                         let last = &mut latest[usize::from(j.to_b)];
                         if j.seq < *last {
                             c.reordered.fetch_add(1, Ordering::Relaxed);
+                            c.max_behind.fetch_max(*last - j.seq, Ordering::Relaxed);
                         }
                         *last = (*last).max(j.seq);
                     }
@@ -276,6 +319,7 @@ impl Relay {
             delayed: l(&c.delayed),
             reordered: l(&c.reordered),
             held_us: l(&c.held_us),
+            max_behind: l(&c.max_behind),
         }
     }
 

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use tunmesh_lab::checks::{self, ping};
 use tunmesh_lab::impair::{Counts, Impairment, Relay};
-use tunmesh_lab::lab::Lab;
-use tunmesh_lab::netns::ip;
+use tunmesh_lab::lab::{Lab, PodInfo};
+use tunmesh_lab::netns::{in_netns, ip};
 use tunmesh_lab::require_root;
 
 const BYTES: usize = 2 << 20;
@@ -55,6 +55,85 @@ fn transfer(lab: &Lab, relay: &Relay, what: &str, seed: u64) -> Counts {
         "{what}: the transfer did not go through the relay: {d}"
     );
     d
+}
+
+/// 3000 UDP datagrams from pod `a` to pod `b` through 1500-datagram bursts
+/// sent newest first: no `replay` drop on node-2, and they arrive.
+fn reordered_bursts(lab: &Lab, relay: &Relay, a: &PodInfo, b: &PodInfo) {
+    const N: usize = 3000;
+    relay.set(Impairment {
+        reverse_burst: 1500,
+        ..Default::default()
+    });
+    assert!(relay.wait_idle(Duration::from_secs(5)));
+    let replay =
+        |s: &tunmesh_router::status::Status| s.counters.drops.get("replay").copied().unwrap_or(0);
+    let replay_before = replay(&lab.fresh_status("node-2").unwrap());
+    let counts_before = relay.counts();
+    let receiver = in_netns(&b.ns, || std::net::UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // Room for a whole burst arriving at once: the drops this phase is
+    // about are the routers', not the receiving socket's.
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: setsockopt on a socket we own, with a c_int value.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&receiver),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let port = receiver.local_addr().unwrap().port();
+    let counter = std::thread::spawn(move || {
+        let mut got = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = receiver.recv(&mut buf) {
+            if n >= 4 {
+                got.insert(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+            }
+        }
+        got.len()
+    });
+    let sender = in_netns(&a.ns, || std::net::UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    let dst = SocketAddr::new(b.ipv4.into(), port);
+    for i in 0..N as u32 {
+        let mut d = [0u8; 32];
+        d[..4].copy_from_slice(&i.to_be_bytes());
+        let _ = sender.send_to(&d, dst);
+        // A little pacing, so the pods' and routers' queues keep up; the
+        // reordering is the relay's.
+        if i % 64 == 63 {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+    assert!(
+        relay.wait_idle(Duration::from_secs(5)),
+        "the relay never drained"
+    );
+    let arrived = counter.join().unwrap();
+    let d = relay.counts() - counts_before;
+    relay.set(Impairment::default());
+    let replays = replay(&lab.fresh_status("node-2").unwrap()) - replay_before;
+    eprintln!(
+        "bursts of 1500 sent newest first: {arrived} of {N} datagrams arrived; {replays} replay drops at node-2; {d}"
+    );
+    assert!(
+        d.max_behind > 1024,
+        "the relay did not reorder beyond 1024: {d}"
+    );
+    assert_eq!(replays, 0, "node-2 dropped reordered datagrams as replays");
+    assert!(
+        arrived >= N * 9 / 10,
+        "only {arrived} of {N} reordered datagrams arrived"
+    );
 }
 
 /// An impairment phase: its name, the setting, and how the relay's counts
@@ -169,6 +248,7 @@ fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
                 jitter: ms(10),
                 duplicate: 0.05,
                 down: false,
+                reverse_burst: 0,
             },
             |d| {
                 d.dropped_loss > 0
@@ -187,6 +267,11 @@ fn transfers_survive_loss_delay_reordering_duplication_and_a_link_outage() {
         );
     }
     relay.set(Impairment::default());
+
+    // Bursts reordered by more than boringtun's own replay window (1024):
+    // the relay sends 1500-datagram bursts newest first. The routers'
+    // window (8192, as the kernel's and wireguard-go's) takes them all.
+    reordered_bursts(&lab, &relay, &a, &b);
 
     // Link down while a new handshake is due: node-2's router restarts (a
     // fresh session is needed) with the relay dropping everything for 8 s;

@@ -18,8 +18,11 @@ pub enum Drop {
     NoEndpoint,
     /// Inbound: decrypted, but the inner source is not in the sender's allowed IPs.
     SourceNotAllowed,
-    /// Inbound: authentication or decryption failed (bad tag, replay, bad index).
+    /// Inbound: authentication or decryption failed (bad tag, bad index).
     DecryptFailed,
+    /// Inbound: a data message whose counter was seen already, or is older
+    /// than the replay window (8192 messages) allows.
+    Replay,
     /// Inbound: a handshake with a bad MAC, or from a key that is not a peer.
     HandshakeRejected,
     /// Not an IP packet (outbound) or not a WireGuard message (inbound).
@@ -38,7 +41,7 @@ pub enum Drop {
     HandshakeTimeout,
 }
 
-const N: usize = 12;
+const N: usize = 13;
 
 impl Drop {
     pub const ALL: [Drop; N] = [
@@ -47,6 +50,7 @@ impl Drop {
         Drop::NoEndpoint,
         Drop::SourceNotAllowed,
         Drop::DecryptFailed,
+        Drop::Replay,
         Drop::HandshakeRejected,
         Drop::Malformed,
         Drop::SendFailed,
@@ -64,6 +68,7 @@ impl Drop {
             Drop::NoEndpoint => "no_endpoint",
             Drop::SourceNotAllowed => "source_not_allowed",
             Drop::DecryptFailed => "decrypt_failed",
+            Drop::Replay => "replay",
             Drop::HandshakeRejected => "handshake_rejected",
             Drop::Malformed => "malformed",
             Drop::SendFailed => "send_failed",

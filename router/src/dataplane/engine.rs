@@ -514,10 +514,12 @@ impl Dataplane {
                 }
                 TunnResult::Err(e) => {
                     debug!(peer = %peer.name, error = ?e, "decapsulate failed");
-                    self.counters.drop(if is_data {
-                        Drop::DecryptFailed
-                    } else {
-                        Drop::HandshakeRejected
+                    self.counters.drop(match e {
+                        WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => {
+                            Drop::Replay
+                        }
+                        _ if is_data => Drop::DecryptFailed,
+                        _ => Drop::HandshakeRejected,
                     });
                 }
             }

@@ -147,6 +147,23 @@ impl Lab {
         Ok(tunmesh_router::status::Status::read(&n.state_dir)?)
     }
 
+    /// A status snapshot taken after now (they are written every second),
+    /// so counters read from it include everything done so far.
+    pub fn fresh_status(&self, node: &str) -> Result<tunmesh_router::status::Status> {
+        let n = self.node(node).with_context(|| format!("no node {node}"))?;
+        let path = n.state_dir.join(tunmesh_router::status::STATUS_FILE);
+        let modified = || std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        // Twice: the first rewrite may have begun before the call.
+        for _ in 0..2 {
+            let before = modified();
+            netns::wait_for(Duration::from_secs(5), || {
+                (modified() != before).then_some(())
+            })
+            .with_context(|| format!("{}: not rewritten within 5 s", path.display()))?;
+        }
+        self.router_status(node)
+    }
+
     pub fn wait_status(
         &self,
         node: &str,

@@ -36,10 +36,13 @@ const AEAD_SIZE: usize = 16;
 
 // Receiving buffer constants
 const WORD_SIZE: u64 = 64;
-const N_WORDS: u64 = 16; // Suffice to reorder 64*16 = 1024 packets; can be increased at will
+// tunmesh patch: 8192 packets, as the kernel's and wireguard-go's windows
+// (upstream keeps 16 words: 1024 packets, less than several queues with GRO
+// can reorder in flight).
+const N_WORDS: u64 = 128;
 const N_BITS: u64 = WORD_SIZE * N_WORDS;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct ReceivingKeyCounterValidator {
     /// In order to avoid replays while allowing for some reordering of the packets, we keep a
     /// bitmap of received packets, and the value of the highest counter
@@ -47,6 +50,17 @@ struct ReceivingKeyCounterValidator {
     /// Used to estimate packet loss
     receive_cnt: u64,
     bitmap: [u64; N_WORDS as usize],
+}
+
+// tunmesh patch: by hand, arrays of more than 32 have no derived Default.
+impl Default for ReceivingKeyCounterValidator {
+    fn default() -> Self {
+        ReceivingKeyCounterValidator {
+            next: 0,
+            receive_cnt: 0,
+            bitmap: [0; N_WORDS as usize],
+        }
+    }
 }
 
 impl ReceivingKeyCounterValidator {
@@ -197,11 +211,25 @@ impl Session {
         }
     }
 
-    /// tunmesh patch: a session from `export`; `None` if its replay bitmap
-    /// is not this build's size.
+    /// tunmesh patch: a session from `export`. A replay bitmap of another
+    /// build's size (a whole number of words) is carried over counter by
+    /// counter for the part of the window both cover; `None` if it is not
+    /// a bitmap at all.
     pub(super) fn import(s: &super::state::SessionState) -> Option<Session> {
-        let bitmap: [u64; N_WORDS as usize] =
-            std::convert::TryInto::try_into(s.replay_bitmap.as_slice()).ok()?;
+        let theirs = &s.replay_bitmap;
+        if theirs.is_empty() || theirs.len() > 1 << 16 {
+            return None;
+        }
+        let their_bits = theirs.len() as u64 * WORD_SIZE;
+        let mut bitmap = [0u64; N_WORDS as usize];
+        let span = their_bits.min(N_BITS).min(s.replay_next);
+        for c in s.replay_next - span..s.replay_next {
+            let i = c % their_bits;
+            if (theirs[(i / WORD_SIZE) as usize] >> (i % WORD_SIZE)) & 1 == 1 {
+                let j = c % N_BITS;
+                bitmap[(j / WORD_SIZE) as usize] |= 1 << (j % WORD_SIZE);
+            }
+        }
         let session = Session::new(
             s.receiving_index,
             s.sending_index,
