@@ -24,6 +24,10 @@ cargo clippy --release --locked --workspace --all-targets -- -D warnings
 cargo clippy --release --locked -p tunmesh-router --features ab-crates -- -D warnings
 cargo build --release --locked --workspace
 cargo test --release --locked --workspace
+# The patched boringtun (third_party/boringtun, outside the workspace): its
+# own unit tests (noise core, replay window) run against the patch too.
+CARGO_TARGET_DIR=target/boringtun cargo test --release --locked \
+    --manifest-path third_party/boringtun/Cargo.toml --lib
 # Kubernetes' own network tests on a lab of real nodes (containerd, kubelet,
 # kube-proxy; tunmesh from deploy/): the four [Conformance] tests of
 # "Networking Granular Checks: Pods". scripts/conformance.sh runs the whole

@@ -355,7 +355,7 @@ fn real_nodes_run_the_daemonset_through_its_life() {
         .filter(|t| *t >= fault && *t <= recovered)
         .collect();
     eprintln!(
-        "rollout restart of 3 routers (surge pods taking over) took {:.1} s; longest probe silence {g:.2} s \
+        "rollout restart of 3 routers took {:.1} s; longest probe silence {g:.2} s \
          ({} answers, {} failed requests during the rollout)",
         recovered - fault,
         times.len(),

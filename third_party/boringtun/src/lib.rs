@@ -5,19 +5,13 @@
 //!
 //! <code>git clone https://github.com/cloudflare/boringtun.git</code>
 
-#[cfg(feature = "device")]
-pub mod device;
-
-#[cfg(feature = "ffi-bindings")]
-pub mod ffi;
-#[cfg(feature = "jni-bindings")]
-pub mod jni;
+// tunmesh: the device module and the C and JNI bindings are left out of
+// this copy (TUNMESH-PATCH.md); the noise core is all tunmesh uses.
 pub mod noise;
 
 #[cfg(not(feature = "mock-instant"))]
 pub(crate) mod sleepyinstant;
 
-pub(crate) mod serialization;
 
 /// Re-export of the x25519 types
 pub mod x25519 {
