@@ -75,6 +75,7 @@ pub fn nodes_translate(data: &[u8]) {
         &TranslateSettings {
             own_name: "node-1",
             own_key: &own,
+            own_next_key: None,
             cluster_cidrs: &cluster,
             persistent_keepalive: None,
         },

@@ -88,25 +88,40 @@ impl PrivateKey {
         Self::from_base64(&text)
     }
 
-    /// Writes the key as one base64 line to a new file created with mode 0600
-    /// (an existing file is replaced and its mode reset to 0600).
+    /// Writes the key as one base64 line, mode 0600, atomically: into a
+    /// temporary file beside `path`, synced, then renamed over it (and the
+    /// directory synced), so a crash leaves either the old file or the new
+    /// one, never a torn or empty key.
     pub fn write_file(&self, path: &Path) -> Result<()> {
         let io = |source| Error::Io {
             action: "writing",
             path: path.display().to_string(),
             source,
         };
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
-        writeln!(f, "{}", self.to_base64()).map_err(io)?;
-        f.sync_all().map_err(io)
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let written = (|| -> std::io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            writeln!(f, "{}", self.to_base64())?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(io)
     }
 
     /// Loads the key at `path`, or creates one there (mode 0600) if the file

@@ -90,6 +90,50 @@ pub async fn list_nodes(kubeconfig: Option<&Path>) -> Result<Vec<Node>, CtlError
 
 /// `tunmesh-ctl status` as text: this node, its source, problems, and a
 /// line per peer.
+/// Seconds as the largest whole unit (`3d`, `5h`, `12m`, `40s`).
+pub fn age(secs: u64) -> String {
+    match secs {
+        s if s >= 86400 => format!("{}d", s / 86400),
+        s if s >= 3600 => format!("{}h", s / 3600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// The key's age, a rotation under way or the last one.
+pub fn key_line(k: &crate::rotation::KeyStatus) -> String {
+    let mut line = match k.key_age_seconds {
+        Some(a) => format!("made {} ago", age(a)),
+        None => "age unknown".to_string(),
+    };
+    match k.rotation_period_seconds {
+        Some(p) => line.push_str(&format!(", rotated every {}", age(p))),
+        None => line.push_str(", no periodic rotation"),
+    }
+    if let Some(r) = &k.rotation {
+        line.push_str(&format!(
+            "; rotating to {} ({} of {} peers on it{})",
+            r.next_public_key,
+            r.peers_done.len(),
+            r.peers_done.len() + r.peers_waiting.len(),
+            if r.announced {
+                ""
+            } else {
+                ", not announced yet"
+            }
+        ));
+    } else if let Some(l) = &k.last_rotation {
+        line.push_str(&format!("; last rotation took {} s", l.took_seconds));
+        if !l.peers_not_seen.is_empty() {
+            line.push_str(&format!(
+                " (not seen by {}: they learn the key from the Node)",
+                l.peers_not_seen.join(", ")
+            ));
+        }
+    }
+    line
+}
+
 pub fn render_status(s: &Status, now: u64) -> String {
     let mut out = String::new();
     let k = s.kubernetes.as_ref();
@@ -99,6 +143,10 @@ pub fn render_status(s: &Status, now: u64) -> String {
         k.map(|k| k.node_name.as_str()).unwrap_or("(mesh file)")
     );
     let _ = writeln!(out, "public key:  {}", s.public_key);
+    let _ = writeln!(out, "key:         {}", key_line(&s.key));
+    if let Some(p) = &s.key.problem {
+        let _ = writeln!(out, "key problem: {p}");
+    }
     let _ = writeln!(
         out,
         "interface:   {} (UDP port {})",

@@ -83,6 +83,8 @@ pub struct Daemon<H, C> {
     pub cache: Option<crate::warm::Keeper>,
     /// Where a successor asks to take over (none: no handover).
     pub handover: Option<tokio::net::UnixListener>,
+    /// Key rotation, stepped every second.
+    pub rotation: crate::rotation::Rotation,
 }
 
 async fn accept(l: &Option<tokio::net::UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
@@ -311,8 +313,29 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         }
     }
 
+    /// The next key the API shows on this router's Node.
+    fn announced_next_key(&self) -> Option<String> {
+        self.source_status
+            .lock()
+            .ok()
+            .and_then(|s| s.kubernetes.as_ref()?.announced_next_key.clone())
+    }
+
+    /// A key rotation's step; a new current key goes into the warm-start
+    /// cache's header too.
+    fn rotate(&mut self) {
+        let announced = self.announced_next_key();
+        if let Some(key) = self.rotation.tick(&self.dp, announced.as_deref()) {
+            if let Some(c) = &mut self.cache {
+                c.owner.public_key = key.to_base64();
+                c.confirm();
+            }
+        }
+    }
+
     /// The health tick and the status snapshot.
     fn report(&mut self, failing: &mut bool) {
+        self.rotate();
         self.health.last_tick.store(unix_now(), Ordering::Relaxed);
         let queues = status::queues(&self.queues);
         if let Ok(mut q) = self.health.queues.lock() {
@@ -334,6 +357,9 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 pod_cidrs: self.reconciler.pod_cidrs(),
                 host_problems: &self.host_problems,
                 start: &self.settings.start,
+                key: self
+                    .rotation
+                    .status(&self.dp, self.announced_next_key().as_deref()),
             },
         );
         match s.write(&self.settings.state_dir) {

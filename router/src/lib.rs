@@ -17,6 +17,7 @@ pub mod hostnet;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod rotation;
 pub mod source;
 pub mod status;
 pub mod uapi;

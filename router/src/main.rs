@@ -23,12 +23,13 @@ use tunmesh_router::dataplane::udp::UdpSocket;
 use tunmesh_router::dataplane::{Dataplane, Queue};
 use tunmesh_router::hostnet::{self, HostNet, TunLink};
 use tunmesh_router::metrics::{self, Health};
+use tunmesh_router::model::OwnKeys;
 use tunmesh_router::reconcile::{absolute, CniStateFiles, NodeIdentity, Reconciler};
 use tunmesh_router::source::file::FileSource;
 use tunmesh_router::source::kube::{self as kube_source, KubeSettings, KubeSource};
 use tunmesh_router::source::{PeerSource, SharedStatus};
 use tunmesh_router::status::RealQueue;
-use tunmesh_router::{handover, uapi, warm, PrivateKey, PublicKey};
+use tunmesh_router::{handover, rotation, uapi, warm, PrivateKey, PublicKey};
 
 /// Name of the TUN device.
 const DEFAULT_INTERFACE: &str = "tunmesh0";
@@ -139,6 +140,15 @@ struct Args {
     /// ago. 0: no cache (start cold, wait for the API).
     #[arg(long, env = "TUNMESH_WARM_START_MAX_AGE", default_value_t = warm::DEFAULT_MAX_AGE.as_secs())]
     warm_start_max_age: u64,
+    /// Rotate the node's key when it is older than this (168h, 7d, 30m;
+    /// off: only `tunmesh-ctl rotate-key` rotates it). Kubernetes mode.
+    #[arg(long, env = "TUNMESH_KEY_ROTATION", default_value = "off", value_parser = duration_arg)]
+    key_rotation: DurationArg,
+    /// How long a key rotation waits for every peer to handshake with the
+    /// new key before it completes anyway (peers that were down learn the
+    /// new key from the Node when they come back).
+    #[arg(long, env = "TUNMESH_KEY_ROTATION_GRACE", default_value = "10m", value_parser = duration_arg)]
+    key_rotation_grace: DurationArg,
     /// What this router does after handing over to a new one started on
     /// the same node: exit, or wait (holding nothing) for SIGTERM, as a
     /// DaemonSet with maxSurge needs (an exited container is restarted).
@@ -511,10 +521,22 @@ fn take_over(args: &Args, public_key: &PublicKey, port: u16) -> anyhow::Result<O
     }))
 }
 
+/// A duration flag (`168h`, `30m`; `off` or `0`: none).
+#[derive(Debug, Clone, Copy)]
+struct DurationArg(Option<Duration>);
+
+fn duration_arg(text: &str) -> Result<DurationArg, String> {
+    tunmesh_router::rotation::parse_duration(text).map(DurationArg)
+}
+
 /// The peer source, and what only it knows at start.
 struct SourceParts {
     source: Box<dyn PeerSource>,
     key: PrivateKey,
+    /// The key a rotation under way goes to (its file is there).
+    next_key: Option<PrivateKey>,
+    /// Where key changes are announced (none: a mesh file, which cannot).
+    announce: Option<tokio::sync::watch::Sender<OwnKeys>>,
     /// Where the key is (the warm-start cache names it, as a mesh file does).
     key_file: PathBuf,
     /// Whether a warm-start cache is kept (the Kubernetes source; a mesh
@@ -538,6 +560,8 @@ fn file_source(args: &Args, path: &Path) -> anyhow::Result<SourceParts> {
     Ok(SourceParts {
         source: Box::new(f),
         key,
+        next_key: None,
+        announce: None,
         key_file: node.private_key_file.clone(),
         warm_start: false,
         port: node.listen_port,
@@ -571,10 +595,24 @@ async fn kube_source(args: &Args) -> anyhow::Result<SourceParts> {
         persistent_keepalive: Some(args.persistent_keepalive).filter(|k| *k > 0),
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
-    let source = Box::new(KubeSource::new(client, settings, key.public_key()));
+    // A rotation that was under way when this router last stopped goes on.
+    let next_key = match rotation::read_next(&rotation::next_key_file(&key_path)) {
+        Ok(k) => k.filter(|k| k.public_key() != key.public_key()),
+        Err(e) => {
+            error!(error = %e, "the next key file is unreadable; no key rotation until it is fixed");
+            None
+        }
+    };
+    let (announce, keys) = tokio::sync::watch::channel(OwnKeys {
+        current: key.public_key(),
+        next: next_key.as_ref().map(PrivateKey::public_key),
+    });
+    let source = Box::new(KubeSource::new(client, settings, keys));
     Ok(SourceParts {
         source,
         key,
+        next_key,
+        announce: Some(announce),
         key_file: key_path,
         warm_start: args.warm_start_max_age > 0,
         port: args.listen_port,
@@ -613,6 +651,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // The data plane: its queues (TUN queue + UDP socket each).
     let dp = Dataplane::new(&src.key, usize::from(args.mtu));
+    if let Some(next) = &src.next_key {
+        info!(next = %next.public_key(), "a key rotation is under way: answering handshakes to both keys");
+        dp.set_next_key(Some(next));
+    }
+    let rotation = rotation::Rotation::new(
+        src.key_file.clone(),
+        src.announce,
+        args.key_rotation.0,
+        args.key_rotation_grace.0.unwrap_or(rotation::DEFAULT_GRACE),
+    );
     let queues = queue_count(args.queues);
     // A router running here hands its queues and sessions over; else the
     // queues are opened (waiting for a dying predecessor to let go).
@@ -804,6 +852,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stop,
         workers,
         cache,
+        rotation,
         handover: match tunmesh_router::handover::listen(&handover_dir) {
             Ok(l) => Some(l),
             Err(e) => {

@@ -29,6 +29,11 @@ pub struct PeerSpec {
     pub node_addresses: Vec<IpAddr>,
     /// Seconds between keepalives, `None` for off.
     pub persistent_keepalive: Option<u16>,
+    /// The peer is rotating its static key from this one to `public_key`
+    /// (it answers handshakes to both): the change is made in place and
+    /// the live session carries on. Any other key change replaces the
+    /// peer's sessions (a reinstalled node, say).
+    pub rotated_from: Option<PublicKey>,
 }
 
 /// The whole mesh a source wants right now: every peer, sorted by name.
@@ -116,6 +121,18 @@ pub struct KubeStatus {
     pub pending: Vec<String>,
     /// The endpoint this router last published on its Node.
     pub published_endpoint: Option<String>,
+    /// The `tunmesh.io/next-public-key` the API shows on this router's
+    /// Node (a key rotation announced to the peers).
+    #[serde(default)]
+    pub announced_next_key: Option<String>,
+}
+
+/// This router's keys as its Node is to announce them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnKeys {
+    pub current: PublicKey,
+    /// The key being rotated to.
+    pub next: Option<PublicKey>,
 }
 
 /// How the last mesh-file reload went.

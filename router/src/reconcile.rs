@@ -345,6 +345,7 @@ mod tests {
                         allowed_ips: vec![cidr.parse().unwrap()],
                         node_addresses: vec![],
                         persistent_keepalive: None,
+                        rotated_from: None,
                     })
                     .collect(),
                 blackhole_cidrs: vec!["10.244.0.0/16".parse().unwrap()],

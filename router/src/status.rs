@@ -76,6 +76,9 @@ pub struct Status {
     /// a cache that was there was not used.
     #[serde(default)]
     pub start: crate::warm::StartStatus,
+    /// The node's key: its age, a rotation under way, the last one.
+    #[serde(default)]
+    pub key: crate::rotation::KeyStatus,
 }
 
 /// Peer statuses from the data plane's current table.
@@ -152,6 +155,7 @@ pub struct Context<'a> {
     pub pod_cidrs: &'a [ipnetwork::IpNetwork],
     pub host_problems: &'a [String],
     pub start: &'a crate::warm::StartStatus,
+    pub key: crate::rotation::KeyStatus,
 }
 
 impl Status {
@@ -172,6 +176,7 @@ impl Status {
             host_problems: c.host_problems.to_vec(),
             workers: dp.workers(),
             start: c.start.clone(),
+            key: c.key,
         }
     }
 }

@@ -221,6 +221,7 @@ pub fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, Refused>
             allowed_ips: p.allowed_ips.clone(),
             node_addresses: p.node_addresses.clone(),
             persistent_keepalive: p.persistent_keepalive,
+            rotated_from: None,
         })
         .collect();
     let mut cur: Option<usize> = None;
@@ -263,6 +264,7 @@ pub fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, Refused>
                             allowed_ips: Vec::new(),
                             node_addresses: Vec::new(),
                             persistent_keepalive: None,
+                            rotated_from: None,
                         });
                         peers.len() - 1
                     }

@@ -293,6 +293,7 @@ mod tests {
                     allowed_ips: vec!["10.244.2.0/24".parse().unwrap()],
                     node_addresses: vec!["172.30.0.12".parse().unwrap()],
                     persistent_keepalive: Some(25),
+                    rotated_from: None,
                 }],
                 blackhole_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
             },

@@ -187,6 +187,7 @@ fn spec(name: &str, key: &PrivateKey, ep: &str, cidr: &str) -> PeerSpec {
         allowed_ips: vec![cidr.parse().unwrap()],
         node_addresses: vec![],
         persistent_keepalive: None,
+        rotated_from: None,
     }
 }
 
@@ -304,6 +305,71 @@ fn a_peer_replaced_mid_stream_takes_over_and_the_old_one_is_refused() {
     assert!(at_b2.is_empty());
     let (_, at_a) = exchange(&b2, &a, b2.seal(&[b_to_a(3)]).udp);
     assert_eq!(at_a, vec![b_to_a(3)]);
+}
+
+#[test]
+fn a_key_rotation_keeps_the_session_and_retires_the_old_key() {
+    let (a, b, ka, kb) = pair();
+    let (_, at_b) = exchange(&a, &b, a.seal(&[a_to_b(1)]).udp);
+    assert_eq!(at_b.len(), 1);
+    let first = receiver_index(&a.seal(&[a_to_b(2)]).udp[0].1);
+    // b starts rotating to kb2: it answers handshakes to both keys.
+    let kb2 = PrivateKey::generate();
+    b.dp.set_next_key(Some(&kb2));
+    assert_eq!(
+        b.dp.rotation_progress(),
+        Some((vec![], vec!["a".to_string()]))
+    );
+    // a sees b's next key announced: the change is in place, the live
+    // session carries on (no packet waits for a handshake)...
+    let diff = a.dp.apply(&DesiredMesh {
+        peers: vec![PeerSpec {
+            rotated_from: Some(kb.public_key()),
+            ..spec("b", &kb2, B_EP, "10.244.2.0/24")
+        }],
+        blackhole_cidrs: vec![],
+    });
+    assert_eq!(diff.updated, vec!["b".to_string()]);
+    let (_, at_b) = exchange(&a, &b, a.seal(&[a_to_b(3)]).udp);
+    assert_eq!(at_b, vec![a_to_b(3)]);
+    let (_, at_a) = exchange(&b, &a, b.seal(&[b_to_a(4)]).udp);
+    assert_eq!(at_a, vec![b_to_a(4)]);
+    // ...and a handshakes with the next key at its next tick; b answers
+    // with it, so it knows a has it.
+    let init = a.tick();
+    assert_eq!(init.udp.len(), 1);
+    let (_, at_b) = exchange(&a, &b, init.udp);
+    assert!(at_b.is_empty());
+    assert_eq!(
+        b.dp.rotation_progress(),
+        Some((vec!["a".to_string()], vec![]))
+    );
+    // The new session carries traffic both ways.
+    let (_, at_b) = exchange(&a, &b, a.seal(&[a_to_b(5)]).udp);
+    assert_eq!(at_b, vec![a_to_b(5)]);
+    let sealed = b.seal(&[b_to_a(6)]).udp;
+    assert_ne!(receiver_index(&sealed[0].1), first, "a new session");
+    let (_, at_a) = exchange(&b, &a, sealed);
+    assert_eq!(at_a, vec![b_to_a(6)]);
+    // b completes the rotation: its key is kb2, and b initiates with it.
+    assert!(b.dp.commit_next_key());
+    assert_eq!(b.dp.public_key(), kb2.public_key());
+    assert_eq!(b.dp.next_public_key(), None);
+    assert_eq!(b.drops(Drop::HandshakeRejected), 0);
+    // A node that still has b's old key is refused, and counted as such.
+    let kc = PrivateKey::generate();
+    let c = Side::new(&kc, "192.0.2.3:51820");
+    c.peers(vec![spec("b", &kb, B_EP, "10.244.2.0/24")]);
+    b.peers(vec![
+        spec("a", &ka, A_EP, "10.244.1.0/24"),
+        spec("c", &kc, "192.0.2.3:51820", "10.244.3.0/24"),
+    ]);
+    let old = c.seal(&[ping([10, 244, 3, 5], [10, 244, 2, 5], 7)]).udp;
+    assert_eq!(old[0].1[0], 1, "an initiation");
+    let out = b.open(c.at, &[old[0].1.clone()]);
+    assert!(out.udp.is_empty(), "no answer to the retired key");
+    assert_eq!(b.drops(Drop::RetiredKey), 1);
+    assert_eq!(b.drops(Drop::HandshakeRejected), 0);
 }
 
 #[test]

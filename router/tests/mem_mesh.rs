@@ -36,6 +36,7 @@ fn spec(name: &str, key: &PrivateKey, i: u8, cidrs: &[&str]) -> PeerSpec {
         allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
         node_addresses: vec![],
         persistent_keepalive: None,
+        rotated_from: None,
     }
 }
 

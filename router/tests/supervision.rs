@@ -147,6 +147,7 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
             problem: Some("warm-start cache /x/mesh-cache.json is corrupt: bad".into()),
             ..Default::default()
         },
+        key: Default::default(),
     }
     .write(&dir)
     .unwrap();

@@ -62,6 +62,7 @@ fn node(key: &str, endpoint: &str, cidr: &str) -> Result<(), String> {
         &TranslateSettings {
             own_name: "node-1",
             own_key: &own,
+            own_next_key: None,
             cluster_cidrs: &[],
             persistent_keepalive: None,
         },

@@ -35,13 +35,6 @@ fn wait_ready(ns: &str, log: &std::path::Path, what: &str) -> Instant {
     })
 }
 
-/// SIGKILLs node `i`'s router and waits until it is gone.
-fn kill_router(lab: &mut Lab, i: usize) {
-    let pid = lab.state.nodes[i].router_pid.take().unwrap();
-    signal(pid, libc::SIGKILL);
-    assert!(netns::wait_exit(pid, Duration::from_secs(5)).is_some());
-}
-
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: signalling a router this lab started.
     unsafe { libc::kill(pid as libc::pid_t, sig) };
@@ -116,7 +109,7 @@ fn router_restarts_keep_pods_addresses_and_connections() {
             .unwrap();
         let signal = Instant::now();
         if kill {
-            kill_router(&mut lab, 0);
+            lab.kill_router(0).unwrap();
         } else {
             lab.stop_router(0).unwrap();
         }
@@ -176,7 +169,7 @@ fn router_restarts_keep_pods_addresses_and_connections() {
             let how = "SIGKILL with the API server down (warm start)";
             probe.assert_flowing(how);
             let signal = Instant::now();
-            kill_router(&mut lab, 0);
+            lab.kill_router(0).unwrap();
             lab.spawn_router(0, &invocation).unwrap();
             let started = Instant::now();
             let first = probe.wait_echo_after(started, how);

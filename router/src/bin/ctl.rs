@@ -6,7 +6,9 @@
 //! - `graph`: the mesh as Graphviz dot from the Node objects, links from
 //!   this node coloured by their handshake (`--svg` renders it with `dot`);
 //! - `check`: pings every peer's gateway through the tunnel and says which
-//!   links are broken and the likely reason.
+//!   links are broken and the likely reason;
+//! - `rotate-key`: replaces the node's key without losing a packet, and
+//!   waits until every peer uses the new one.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -60,6 +62,15 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         timeout: u64,
     },
+    /// Rotate this node's key: the router announces the next key on its
+    /// Node, answers handshakes to both while the peers move over, then
+    /// drops the old one. Waits until it is done (exit 1 if it is not
+    /// within --wait; the rotation goes on in the router).
+    RotateKey {
+        /// Seconds to wait for the rotation to complete (0: do not wait).
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
     /// Remove what tunmesh left on this node after its router stopped
     /// (`kubectl delete -k deploy/` first): the TUN device and its routes
     /// if still there, the CNI conflist and binary, this Node's tunmesh.io
@@ -89,6 +100,7 @@ fn main() -> ExitCode {
         Cmd::Status { json } => status(&cli.state_dir, json),
         Cmd::Graph { kubeconfig, svg } => graph(&cli.state_dir, kubeconfig.as_deref(), svg),
         Cmd::Check { timeout } => check(&cli.state_dir, Duration::from_secs(timeout)),
+        Cmd::RotateKey { wait } => rotate_key(&cli.state_dir, Duration::from_secs(wait)),
         Cmd::Uninstall {
             node_name,
             kubeconfig,
@@ -180,4 +192,65 @@ fn check(dir: &Path, timeout: Duration) -> Result<ExitCode> {
         println!("{broken} link(s) broken");
         Ok(ExitCode::FAILURE)
     }
+}
+
+fn rotate_key(dir: &Path, wait: Duration) -> Result<ExitCode> {
+    let s = read_status(dir)?;
+    if s.kubernetes.is_none() {
+        anyhow::bail!(
+            "this router's peers come from a mesh file, which cannot announce a new key: \
+             change the key in every mesh file instead"
+        );
+    }
+    if let Some(r) = &s.key.rotation {
+        anyhow::bail!(
+            "a rotation to {} is under way already ({} of {} peers on it)",
+            r.next_public_key,
+            r.peers_done.len(),
+            r.peers_done.len() + r.peers_waiting.len()
+        );
+    }
+    let key_file = PathBuf::from(&s.key.key_file);
+    let next_file = tunmesh_router::rotation::next_key_file(&key_file);
+    if next_file.exists() {
+        anyhow::bail!(
+            "{} exists: a rotation was asked for already (the router picks it up within a second)",
+            next_file.display()
+        );
+    }
+    let next = tunmesh_router::PrivateKey::generate();
+    next.write_file(&next_file)?;
+    let from = s.public_key.clone();
+    let to = next.public_key().to_base64();
+    println!("rotating {from} -> {to}");
+    if wait.is_zero() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deadline = std::time::Instant::now() + wait;
+    let mut said = String::new();
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        let Ok(s) = Status::read(dir) else { continue };
+        if s.public_key == to {
+            println!("done: {}", ctl::key_line(&s.key));
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Progress, when it changes (not the key's age, every second).
+        let progress = format!(
+            "{:?}",
+            s.key
+                .rotation
+                .as_ref()
+                .map(|r| (&r.peers_done, r.announced))
+        );
+        if progress != said {
+            println!("{}", ctl::key_line(&s.key));
+            said = progress;
+        }
+    }
+    println!(
+        "not done after {} s; the router goes on with it (tunmesh-ctl status)",
+        wait.as_secs()
+    );
+    Ok(ExitCode::FAILURE)
 }

@@ -39,9 +39,12 @@ pub enum Drop {
     /// Packets that waited for a handshake that never completed: boringtun
     /// gives up after REKEY_ATTEMPT_TIME (90 s) and discards them.
     HandshakeTimeout,
+    /// Inbound: a handshake addressed to a static key this node gave up in
+    /// a key rotation (a peer that still has the old key).
+    RetiredKey,
 }
 
-const N: usize = 13;
+const N: usize = 14;
 
 impl Drop {
     pub const ALL: [Drop; N] = [
@@ -58,6 +61,7 @@ impl Drop {
         Drop::QueueFull,
         Drop::HandshakeQueueFull,
         Drop::HandshakeTimeout,
+        Drop::RetiredKey,
     ];
 
     /// Stable snake_case name, used in status output and (later) metrics labels.
@@ -76,6 +80,7 @@ impl Drop {
             Drop::QueueFull => "queue_full",
             Drop::HandshakeQueueFull => "handshake_queue_full",
             Drop::HandshakeTimeout => "handshake_timeout",
+            Drop::RetiredKey => "retired_key",
         }
     }
 }

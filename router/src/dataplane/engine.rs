@@ -36,13 +36,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use tracing::{debug, warn};
 
 use super::counters::{Counters, Drop};
 use super::io::Batch;
+use super::keys::{NodeKeys, StaticKey, Verified};
 use super::packet;
 use super::peers::{Peer, PeerState, PeerTable};
 use crate::model::DesiredMesh;
@@ -60,6 +60,9 @@ const MESSAGE_DATA: u8 = 4;
 /// How many packets boringtun keeps for a peer while a handshake is in
 /// flight (its `MAX_QUEUE_DEPTH`); it discards more without saying so.
 const HANDSHAKE_QUEUE: u16 = 256;
+/// During a key rotation, how long an initiation goes unanswered before
+/// it is tried with the other key (under boringtun's own retry, 5 s).
+const KEY_FALLBACK: Duration = Duration::from_secs(4);
 
 /// Placeholder address for TUN-bound packets (they have no UDP peer).
 const UNSPECIFIED: SocketAddr =
@@ -100,9 +103,8 @@ pub struct PeerSession {
 /// The data plane of one node: its key, its peers and its counters.
 pub struct Dataplane {
     table: ArcSwap<PeerTable>,
-    secret: x25519::StaticSecret,
-    public: x25519::PublicKey,
-    pub(super) rate_limiter: Arc<RateLimiter>,
+    /// The node's static keys (the next one too during a key rotation).
+    keys: ArcSwap<NodeKeys>,
     pub counters: Counters,
     next_index: AtomicU32,
     apply_lock: Mutex<()>,
@@ -136,8 +138,6 @@ pub struct WorkerSlot {
 impl Dataplane {
     /// A data plane for packets up to `mtu` bytes on the TUN side.
     pub fn new(key: &PrivateKey, mtu: usize) -> Arc<Self> {
-        let secret = x25519::StaticSecret::from(*key.as_bytes());
-        let public = x25519::PublicKey::from(&secret);
         let mut seed = [0u8; 4];
         // The initial index only needs to differ between restarts, so that a
         // peer's stale session index does not match a new session.
@@ -149,9 +149,7 @@ impl Dataplane {
         let start = u32::from_le_bytes(seed) ^ std::process::id() ^ now;
         Arc::new(Dataplane {
             table: ArcSwap::from_pointee(PeerTable::default()),
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
-            secret,
-            public,
+            keys: ArcSwap::from_pointee(NodeKeys::new(StaticKey::new(key, HANDSHAKE_RATE_LIMIT))),
             counters: Counters::default(),
             next_index: AtomicU32::new(start),
             apply_lock: Mutex::new(()),
@@ -166,13 +164,70 @@ impl Dataplane {
     }
 
     pub fn public_key(&self) -> PublicKey {
-        PublicKey::from_bytes(*self.public.as_bytes())
+        self.keys.load().current.public_key()
     }
 
     /// The private key, for the WireGuard UAPI's `get` (served on a
     /// root-only socket, as wireguard-go does).
     pub fn private_key_bytes(&self) -> [u8; 32] {
-        self.secret.to_bytes()
+        self.keys.load().current.secret.to_bytes()
+    }
+
+    /// The key being rotated to, if a rotation is under way.
+    pub fn next_public_key(&self) -> Option<PublicKey> {
+        self.keys.load().next.as_ref().map(|k| k.public_key())
+    }
+
+    /// Starts a key rotation to `next` (`None`: abandons one): handshakes
+    /// addressed to it are answered with it from now on, and each peer's
+    /// session handshakes with it once that peer has used it.
+    pub fn set_next_key(&self, next: Option<&PrivateKey>) {
+        let _guard = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.keys.load_full();
+        let next = next.map(|k| Arc::new(StaticKey::new(k, HANDSHAKE_RATE_LIMIT)));
+        if next.is_none() {
+            // Sessions that moved to the abandoned key go back.
+            for p in &self.table.load().peers {
+                let mut st = p.lock();
+                if st.tunn.static_public() != *keys.current.public.as_bytes() {
+                    use_key(&mut st, &keys.current);
+                }
+            }
+        }
+        self.keys.store(Arc::new(keys.with_next(next)));
+    }
+
+    /// Ends a key rotation: the next key becomes the current one for every
+    /// peer, the old one is retired. False when no rotation was under way.
+    pub fn commit_next_key(&self) -> bool {
+        let _guard = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(keys) = self.keys.load().committed() else {
+            return false;
+        };
+        for p in &self.table.load().peers {
+            let mut st = p.lock();
+            if st.tunn.static_public() != *keys.current.public.as_bytes() {
+                use_key(&mut st, &keys.current);
+            }
+        }
+        self.keys.store(Arc::new(keys));
+        true
+    }
+
+    /// During a rotation: the peers that have completed a handshake with
+    /// the next key (so they know it), and those that have not.
+    pub fn rotation_progress(&self) -> Option<(Vec<String>, Vec<String>)> {
+        let keys = self.keys.load();
+        let next = *keys.next.as_ref()?.public.as_bytes();
+        let (mut done, mut waiting) = (Vec::new(), Vec::new());
+        for p in &self.table.load().peers {
+            if p.lock().confirmed_key == Some(next) {
+                done.push(p.name.clone());
+            } else {
+                waiting.push(p.name.clone());
+            }
+        }
+        Some((done, waiting))
     }
 
     /// The current peer table.
@@ -200,13 +255,14 @@ impl Dataplane {
     }
 
     fn tunn_for(&self, spec: &crate::model::PeerSpec, index: u32) -> Tunn {
+        let keys = self.keys.load();
         Tunn::new(
-            self.secret.clone(),
+            keys.current.secret.clone(),
             x25519::PublicKey::from(*spec.public_key.as_bytes()),
             None,
             spec.persistent_keepalive,
             index,
-            Some(Arc::clone(&self.rate_limiter)),
+            Some(Arc::clone(&keys.current.limiter)),
         )
     }
 
@@ -253,7 +309,9 @@ impl Dataplane {
         let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(mesh.peers.len());
         let mut seen_keys = std::collections::HashSet::new();
         for spec in &mesh.peers {
-            if spec.public_key == self.public_key() || !seen_keys.insert(spec.public_key) {
+            let ours = spec.public_key == self.public_key()
+                || self.next_public_key() == Some(spec.public_key);
+            if ours || !seen_keys.insert(spec.public_key) {
                 warn!(peer = %spec.name, key = %spec.public_key, "skipping peer: its key is our own or another peer's");
                 continue;
             }
@@ -410,6 +468,7 @@ impl Dataplane {
             .udp_rx_datagrams
             .fetch_add(input.n as u64, Ordering::Relaxed);
         let mut handshakes = false;
+        let keys = self.keys.load();
         // As in seal: one lock per run of datagrams from the same peer.
         let mut held: Option<(&Arc<Peer>, MutexGuard<'_, PeerState>)> = None;
         for i in 0..input.n {
@@ -417,38 +476,29 @@ impl Dataplane {
             let src = input.addrs.get(i).copied().unwrap_or(UNSPECIFIED);
             // MACs and load are checked before any Diffie-Hellman work, so a
             // flood of initiations from unknown keys costs little.
-            let parsed = match udp_out.bufs.get_mut(udp_out.n) {
+            // The key the sender addressed (current or next) comes with it.
+            let (parsed, key) = match udp_out.bufs.get_mut(udp_out.n) {
                 None => {
                     self.counters.drop(Drop::QueueFull);
                     continue;
                 }
-                Some(reply) => {
-                    match self
-                        .rate_limiter
-                        .verify_packet(Some(src.ip()), datagram, reply)
-                    {
-                        Ok(p) => p,
-                        Err(TunnResult::WriteToNetwork(cookie)) => {
-                            let len = cookie.len();
-                            self.counters.cookie_replies.fetch_add(1, Ordering::Relaxed);
-                            udp_out.commit(len, src);
-                            continue;
-                        }
-                        Err(TunnResult::Err(WireGuardError::InvalidMac))
-                        | Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
-                            self.counters.drop(Drop::HandshakeRejected);
-                            continue;
-                        }
-                        Err(_) => {
-                            self.counters.drop(Drop::Malformed);
-                            continue;
-                        }
+                Some(reply) => match keys.verify(src.ip(), datagram, reply) {
+                    Verified::Packet(p, key) => (p, key),
+                    Verified::Cookie(len) => {
+                        self.counters.cookie_replies.fetch_add(1, Ordering::Relaxed);
+                        udp_out.commit(len, src);
+                        continue;
                     }
-                }
+                    Verified::Dropped(why) => {
+                        self.counters.drop(why);
+                        continue;
+                    }
+                },
             };
+            let initiation = matches!(parsed, Packet::HandshakeInit(_));
             let (peer, is_data) = match &parsed {
                 Packet::HandshakeInit(h) => {
-                    match parse_handshake_anon(&self.secret, &self.public, h) {
+                    match parse_handshake_anon(&key.secret, &key.public, h) {
                         Ok(half) => (
                             table.by_key(&PublicKey::from_bytes(half.peer_static_public)),
                             false,
@@ -486,10 +536,19 @@ impl Dataplane {
                 continue;
             };
             let buf = if is_data { pkt_buf } else { reply_buf };
+            // An initiation addressed to the other of our keys (a rotation
+            // under way): this peer's handshakes use that key from now on.
+            if initiation && st.tunn.static_public() != *key.public.as_bytes() {
+                use_key(st, key);
+            }
             match st.tunn.decapsulate(Some(src.ip()), datagram, buf) {
                 TunnResult::Done => st.endpoint = Some(src),
                 TunnResult::WriteToNetwork(reply) => {
                     st.endpoint = Some(src);
+                    if !is_data {
+                        // A handshake completed (or was answered) with this key.
+                        st.confirmed_key = Some(st.tunn.static_public());
+                    }
                     let len = reply.len();
                     // A data datagram cannot answer with a reply; if boringtun
                     // ever did, it was written into the TUN batch's slot.
@@ -595,12 +654,31 @@ impl Dataplane {
     /// Returns where to resume when `out` filled first.
     pub fn tick(&self, out: &mut Batch, from: usize) -> Option<usize> {
         let table = self.table.load();
+        let keys = self.keys.load();
         for (i, peer) in table.peers.iter().enumerate().skip(from) {
             let Some(buf) = out.bufs.get_mut(out.n) else {
                 return Some(i);
             };
             let mut st = peer.lock();
             let endpoint = st.endpoint;
+            // During a rotation a peer knows one of our two keys, and which
+            // one is not known here after a restart: an initiation left
+            // unanswered is tried again with the other key.
+            if let Some(next) = &keys.next {
+                if st
+                    .tunn
+                    .initiation_unanswered()
+                    .is_some_and(|d| d >= KEY_FALLBACK)
+                {
+                    let other = if st.tunn.static_public() == *next.public.as_bytes() {
+                        &keys.current
+                    } else {
+                        next
+                    };
+                    use_key(&mut st, other);
+                    st.initiate = true;
+                }
+            }
             let result = if std::mem::take(&mut st.initiate) {
                 st.tunn.format_handshake_initiation(buf, false)
             } else {
@@ -631,6 +709,15 @@ impl Dataplane {
     /// The load limiter's per-second count starts over (the timer thread
     /// calls this every second).
     pub fn reset_rate_limiter(&self) {
-        self.rate_limiter.reset_count();
+        for l in self.keys.load().limiters() {
+            l.reset_count();
+        }
     }
+}
+
+/// Makes `key` the static key of this peer's next handshakes (its sessions
+/// stay).
+fn use_key(st: &mut PeerState, key: &StaticKey) {
+    st.tunn
+        .use_static_key(key.secret.clone(), key.public, Arc::clone(&key.limiter));
 }

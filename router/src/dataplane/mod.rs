@@ -8,6 +8,7 @@ pub mod ab_crates;
 pub mod counters;
 pub mod engine;
 pub mod io;
+pub mod keys;
 pub mod mem;
 pub mod offload;
 pub mod packet;

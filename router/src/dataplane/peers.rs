@@ -36,6 +36,10 @@ pub struct PeerState {
     /// A handshake completed: the packets that waited for it are to be
     /// sealed and sent (`Dataplane::flush_waiting`).
     pub flush: bool,
+    /// Which of this node's static keys (public half) the last handshake
+    /// this peer completed or initiated used: during a key rotation, the
+    /// peer knows the next key once this is it.
+    pub confirmed_key: Option<[u8; 32]>,
 }
 
 /// One peer in a table.
@@ -70,6 +74,7 @@ impl Peer {
                 initiate: spec.endpoint.is_some(),
                 waiting: 0,
                 flush: false,
+                confirmed_key: None,
             })),
             counters: Arc::default(),
         }
@@ -89,16 +94,27 @@ impl Peer {
     }
 
     /// The same session and counters under a changed spec (allowed IPs,
-    /// endpoint). A changed configured endpoint replaces the current one.
+    /// endpoint, key). A changed configured endpoint replaces the current
+    /// one. A changed key (the peer rotated its key, or its router came
+    /// back with a new one) is used from the next handshake on, which
+    /// starts at the next tick; until it completes, the live session goes
+    /// on carrying traffic, so a rotation loses nothing.
     pub fn updated(&self, spec: &PeerSpec) -> Self {
         if spec.endpoint != self.configured_endpoint {
             if let Some(ep) = spec.endpoint {
                 self.lock().endpoint = Some(ep);
             }
         }
+        if spec.public_key != self.public_key {
+            let mut st = self.lock();
+            st.tunn.use_peer_key(boringtun::x25519::PublicKey::from(
+                *spec.public_key.as_bytes(),
+            ));
+            st.initiate = true;
+        }
         Peer {
             name: spec.name.clone(),
-            public_key: self.public_key,
+            public_key: spec.public_key,
             index: self.index,
             allowed_ips: spec.allowed_ips.clone(),
             node_addresses: spec.node_addresses.clone(),
@@ -117,12 +133,16 @@ impl Peer {
     }
 
     /// Whether the spec differs only in ways `updated` can apply in place.
+    /// A key change qualifies only as an announced rotation from this
+    /// peer's current key; any other replaces the session.
     pub fn same_session(&self, spec: &PeerSpec) -> bool {
-        self.public_key == spec.public_key && self.persistent_keepalive == spec.persistent_keepalive
+        self.persistent_keepalive == spec.persistent_keepalive
+            && (self.public_key == spec.public_key || spec.rotated_from == Some(self.public_key))
     }
 
     pub fn same_spec(&self, spec: &PeerSpec) -> bool {
         self.same_session(spec)
+            && self.public_key == spec.public_key
             && self.allowed_ips == spec.allowed_ips
             && self.node_addresses == spec.node_addresses
             && self.configured_endpoint == spec.endpoint

@@ -364,6 +364,7 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
                 allowed_ips,
                 node_addresses,
                 persistent_keepalive,
+                rotated_from: None,
             });
         }
     }

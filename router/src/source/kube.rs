@@ -32,14 +32,15 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Config};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::nodes::{self, Problem, TranslateSettings, ANN_ENDPOINT, ANN_PUBLIC_KEY};
+use super::nodes::{
+    self, Problem, TranslateSettings, ANN_ENDPOINT, ANN_NEXT_PUBLIC_KEY, ANN_PUBLIC_KEY,
+};
 use super::{publish, set_status, PeerSource, Request, SharedStatus, SourceTask, Updates};
-use crate::model::{unix_now, KubeStatus, Nets, ProblemStatus, Snapshot};
-use crate::PublicKey;
+use crate::model::{unix_now, KubeStatus, Nets, OwnKeys, ProblemStatus, Snapshot};
 
 /// Namespace Events about (cluster-scoped) Nodes go to, as kubelet does.
 const EVENT_NAMESPACE: &str = "default";
@@ -151,16 +152,17 @@ fn explain_watch(e: &watcher::Error) -> String {
 pub struct KubeSource {
     client: Client,
     settings: KubeSettings,
-    key: PublicKey,
+    keys: watch::Receiver<OwnKeys>,
 }
 
 impl KubeSource {
-    /// A source for this router (its public key is published on its Node).
-    pub fn new(client: Client, settings: KubeSettings, key: PublicKey) -> Self {
+    /// A source for this router: `keys` are published on its Node (and
+    /// published again whenever they change: a key rotation).
+    pub fn new(client: Client, settings: KubeSettings, keys: watch::Receiver<OwnKeys>) -> Self {
         KubeSource {
             client,
             settings,
-            key,
+            keys,
         }
     }
 }
@@ -177,7 +179,7 @@ impl PeerSource for KubeSource {
         status: SharedStatus,
     ) -> SourceTask {
         let s = *self;
-        Box::pin(run(s.client, s.settings, s.key, updates, requests, status))
+        Box::pin(run(s.client, s.settings, s.keys, updates, requests, status))
     }
 }
 
@@ -186,7 +188,7 @@ impl PeerSource for KubeSource {
 async fn run(
     client: Client,
     settings: KubeSettings,
-    key: PublicKey,
+    mut keys: watch::Receiver<OwnKeys>,
     tx: Updates,
     mut requests: mpsc::UnboundedReceiver<Request>,
     status: SharedStatus,
@@ -206,7 +208,7 @@ async fn run(
 
     let mut st = SourceState {
         settings,
-        key,
+        keys: *keys.borrow_and_update(),
         nodes_api,
         events_api,
         reported: BTreeSet::new(),
@@ -261,6 +263,17 @@ async fn run(
                 }
             },
             _ = resync.tick() => ready,
+            changed = keys.changed() => {
+                if changed.is_err() {
+                    // The router is gone.
+                    return;
+                }
+                st.keys = *keys.borrow_and_update();
+                // Published at once, not at the next resync.
+                st.last_patch = None;
+                st.publish_at = None;
+                ready
+            }
             _ = sleep_until(retry) => ready,
             req = requests.recv() => match req {
                 Some(Request::Reload) => {
@@ -289,7 +302,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 struct SourceState {
     settings: KubeSettings,
-    key: PublicKey,
+    keys: OwnKeys,
     nodes_api: Api<Node>,
     events_api: Api<Event>,
     /// Problems already logged and recorded as Events.
@@ -300,7 +313,7 @@ struct SourceState {
     /// The annotations last patched successfully, and when: the store may
     /// not show them yet on the next rebuild, so the same patch is not
     /// repeated until the store had time to catch up.
-    last_patch: Option<(BTreeMap<&'static str, String>, Instant)>,
+    last_patch: Option<(BTreeMap<&'static str, Option<String>>, Instant)>,
     said_missing: bool,
     said_no_cidr: bool,
     status: SharedStatus,
@@ -319,7 +332,8 @@ impl SourceState {
             all.iter().map(|n| n.as_ref()),
             &TranslateSettings {
                 own_name: &self.settings.node_name,
-                own_key: &self.key,
+                own_key: &self.keys.current,
+                own_next_key: self.keys.next.as_ref(),
                 cluster_cidrs: &self.settings.cluster_cidrs,
                 persistent_keepalive: self.settings.persistent_keepalive,
             },
@@ -372,6 +386,7 @@ impl SourceState {
         };
 
         self.set_status(|s| {
+            s.announced_next_key = t.own.as_ref().and_then(|o| o.next_public_key.clone());
             s.last_sync_unix = Some(unix_now());
             s.nodes = all.len();
             s.problems = t
@@ -409,15 +424,20 @@ impl SourceState {
         if self.publish_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        let key = self.key.to_base64();
+        let key = self.keys.current.to_base64();
+        let next = self.keys.next.map(|k| k.to_base64());
         let endpoint = nodes::own_endpoint(self.settings.endpoint, own, self.settings.listen_port);
-        let mut want = BTreeMap::new();
+        // `None` removes the annotation (a JSON merge patch's null).
+        let mut want: BTreeMap<&'static str, Option<String>> = BTreeMap::new();
         if own.public_key.as_deref() != Some(key.as_str()) {
-            want.insert(ANN_PUBLIC_KEY, key);
+            want.insert(ANN_PUBLIC_KEY, Some(key));
+        }
+        if own.next_public_key != next {
+            want.insert(ANN_NEXT_PUBLIC_KEY, next);
         }
         match endpoint {
             Some(e) if own.endpoint.as_deref() != Some(e.to_string().as_str()) => {
-                want.insert(ANN_ENDPOINT, e.to_string());
+                want.insert(ANN_ENDPOINT, Some(e.to_string()));
             }
             Some(_) => {}
             None if own.force_endpoint.is_none() => {

@@ -31,6 +31,9 @@ use crate::model::{DesiredMesh, PeerSpec};
 use crate::PublicKey;
 
 pub const ANN_PUBLIC_KEY: &str = "tunmesh.io/public-key";
+/// The key a Node is rotating to. While it is there the Node answers
+/// handshakes addressed to either key; peers use this one.
+pub const ANN_NEXT_PUBLIC_KEY: &str = "tunmesh.io/next-public-key";
 pub const ANN_ENDPOINT: &str = "tunmesh.io/endpoint";
 pub const ANN_FORCE_ENDPOINT: &str = "tunmesh.io/force-endpoint";
 pub const ANN_POD_CIDR: &str = "tunmesh.io/pod-cidr";
@@ -56,6 +59,7 @@ pub struct OwnNode {
     pub internal_ip: Option<IpAddr>,
     /// The annotations as they are now, to decide whether to patch.
     pub public_key: Option<String>,
+    pub next_public_key: Option<String>,
     pub endpoint: Option<String>,
     /// A valid `tunmesh.io/force-endpoint` set by the operator.
     pub force_endpoint: Option<SocketAddr>,
@@ -77,6 +81,8 @@ pub struct Translation {
 pub struct TranslateSettings<'a> {
     pub own_name: &'a str,
     pub own_key: &'a PublicKey,
+    /// The key this router is rotating to, if it is.
+    pub own_next_key: Option<&'a PublicKey>,
     /// Routed into the TUN even without a peer (blackholed and counted).
     pub cluster_cidrs: &'a [IpNetwork],
     pub persistent_keepalive: Option<u16>,
@@ -169,6 +175,9 @@ pub fn translate<'n>(
     let mut taken_cidrs: Vec<(IpNetwork, String)> = Vec::new();
     let mut taken_keys: HashMap<[u8; 32], String> = HashMap::new();
     taken_keys.insert(*s.own_key.as_bytes(), s.own_name.to_string());
+    if let Some(k) = s.own_next_key {
+        taken_keys.insert(*k.as_bytes(), s.own_name.to_string());
+    }
 
     for node in nodes {
         let name = node.metadata.name.clone().unwrap_or_default();
@@ -220,6 +229,9 @@ pub fn translate<'n>(
                 pod_cidrs: cidrs,
                 internal_ip: internal_ip(node),
                 public_key: annotation(node, ANN_PUBLIC_KEY).map(str::to_string),
+                next_public_key: annotation(node, ANN_NEXT_PUBLIC_KEY)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string),
                 endpoint: annotation(node, ANN_ENDPOINT).map(str::to_string),
                 force_endpoint: force,
             });
@@ -274,14 +286,49 @@ pub fn translate<'n>(
             }
             continue;
         }
+        // A key rotation under way: the next key is the one to use (the
+        // Node answers both). A bad one is reported and the current key
+        // used, so the peer stays reachable.
+        let next = match annotation(node, ANN_NEXT_PUBLIC_KEY) {
+            None | Some("") => None,
+            Some(v) => match validate::public_key(v) {
+                Err(e) => {
+                    problem(
+                        ann_field(ANN_NEXT_PUBLIC_KEY),
+                        "InvalidPublicKey",
+                        format!("{e}; using {ANN_PUBLIC_KEY}"),
+                    );
+                    None
+                }
+                Ok(k) if k == key => None,
+                Ok(k) => match taken_keys.get(k.as_bytes()) {
+                    Some(other) => {
+                        problem(
+                            ann_field(ANN_NEXT_PUBLIC_KEY),
+                            "DuplicatePublicKey",
+                            format!(
+                                "{} is already the key of Node {other}; using {ANN_PUBLIC_KEY}",
+                                k.to_base64()
+                            ),
+                        );
+                        None
+                    }
+                    None => Some(k),
+                },
+            },
+        };
         taken_keys.insert(*key.as_bytes(), name.clone());
+        if let Some(k) = next {
+            taken_keys.insert(*k.as_bytes(), name.clone());
+        }
         out.mesh.peers.push(PeerSpec {
             name,
-            public_key: key,
+            public_key: next.unwrap_or(key),
             endpoint: Some(endpoint),
             allowed_ips: cidrs,
             node_addresses: internal_ips(node),
             persistent_keepalive: s.persistent_keepalive,
+            rotated_from: next.map(|_| key),
         });
     }
     out.mesh.peers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -363,6 +410,7 @@ mod tests {
             &TranslateSettings {
                 own_name: "a",
                 own_key: &own,
+                own_next_key: None,
                 cluster_cidrs: &cluster,
                 persistent_keepalive: None,
             },
@@ -643,6 +691,43 @@ mod tests {
                 vec!["10.244.0.0/16".parse::<IpNetwork>().unwrap()]
             );
         }
+    }
+
+    #[test]
+    fn a_next_key_is_used_as_a_rotation_from_the_current_one() {
+        let (cur, next) = (key(2), key(3));
+        let b = |next_ann: &'static str| {
+            node(&N {
+                name: "b",
+                age: 1,
+                cidrs: &["10.244.2.0/24"],
+                ann: leak(&[
+                    (ANN_PUBLIC_KEY, Box::leak(cur.to_base64().into_boxed_str())),
+                    (ANN_NEXT_PUBLIC_KEY, next_ann),
+                    (ANN_ENDPOINT, "172.28.0.12:51820"),
+                ]),
+                ip: None,
+            })
+        };
+        let t = run(&[b(Box::leak(next.to_base64().into_boxed_str()))]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        assert_eq!(t.mesh.peers[0].public_key, next);
+        assert_eq!(t.mesh.peers[0].rotated_from, Some(cur));
+        // A bad next key: named, and the current key still used.
+        let t = run(&[b("not-a-key")]);
+        assert_eq!(t.problems.len(), 1);
+        assert_eq!(t.problems[0].field, ann_field(ANN_NEXT_PUBLIC_KEY));
+        assert!(t.problems[0].message.contains("using tunmesh.io/public-key"));
+        assert_eq!(t.mesh.peers[0].public_key, cur);
+        assert_eq!(t.mesh.peers[0].rotated_from, None);
+        // This router's own key as another Node's next key: refused.
+        let t = run(&[b(Box::leak(key(1).to_base64().into_boxed_str()))]);
+        assert_eq!(t.problems[0].reason, "DuplicatePublicKey");
+        assert_eq!(t.mesh.peers[0].public_key, cur);
+        // Empty: no rotation.
+        let t = run(&[b("")]);
+        assert!(t.problems.is_empty());
+        assert_eq!(t.mesh.peers[0].rotated_from, None);
     }
 
     #[test]

@@ -135,6 +135,19 @@ impl Lab {
         self.save()
     }
 
+    /// SIGKILLs node `i`'s router (a crash) and waits until it is gone.
+    pub fn kill_router(&mut self, i: usize) -> Result<()> {
+        let pid = self.state.nodes[i]
+            .router_pid
+            .take()
+            .context("no router running")?;
+        // SAFETY: signalling a router this lab started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        netns::wait_exit(pid, Duration::from_secs(5))
+            .with_context(|| format!("router {pid} still there 5 s after SIGKILL"))?;
+        self.save()
+    }
+
     /// Waits until node `i`'s router has written its first status.
     pub fn wait_router(&self, i: usize) -> Result<()> {
         let n = &self.state.nodes[i];

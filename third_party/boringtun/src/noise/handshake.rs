@@ -938,3 +938,51 @@ mod tests {
             .expect("Should open what we just sealed");
     }
 }
+
+// tunmesh patch (not in boringtun 0.7.1): either static key may change
+// while the sessions it made stay (key rotation).
+impl NoiseParams {
+    fn set_peer_static_public(&mut self, peer_static_public: x25519::PublicKey) {
+        self.static_shared = self.static_private.diffie_hellman(&peer_static_public);
+        self.sending_mac1_key = b2s_hash(LABEL_MAC1, peer_static_public.as_bytes());
+        self.peer_static_public = peer_static_public;
+    }
+}
+
+impl Handshake {
+    /// Our static key for the next handshakes; one in flight is dropped
+    /// (its response could not be read with the new key).
+    pub(crate) fn rekey_static(
+        &mut self,
+        private_key: x25519::StaticSecret,
+        public_key: x25519::PublicKey,
+    ) {
+        self.params.static_private = private_key;
+        self.params.static_public = public_key;
+        self.params.static_shared = self
+            .params
+            .static_private
+            .diffie_hellman(&self.params.peer_static_public);
+        self.drop_in_flight();
+    }
+
+    /// The peer's static key for the next handshakes.
+    pub(crate) fn rekey_peer(&mut self, peer_static_public: x25519::PublicKey) {
+        self.params.set_peer_static_public(peer_static_public);
+        self.cookies = Default::default();
+        self.drop_in_flight();
+    }
+
+    fn drop_in_flight(&mut self) {
+        if !matches!(self.state, HandshakeState::Expired) {
+            self.state = HandshakeState::None;
+        }
+        if !matches!(self.previous, HandshakeState::Expired) {
+            self.previous = HandshakeState::None;
+        }
+    }
+
+    pub(crate) fn static_public_bytes(&self) -> [u8; 32] {
+        self.params.static_public.to_bytes()
+    }
+}

@@ -10,7 +10,9 @@ use std::time::Duration;
 use super::errors::WireGuardError;
 use super::session::Session;
 use super::timers::TimerName;
+use super::rate_limiter::RateLimiter;
 use super::{Tunn, N_SESSIONS};
+use crate::x25519;
 
 #[cfg(feature = "mock-instant")]
 use mock_instant::Instant;
@@ -152,3 +154,36 @@ impl Tunn {
 }
 
 // Tested in tunmesh's router/tests/session_state.rs (through the public API).
+
+// tunmesh patch: key rotation. Either side's static key changes for the
+// next handshake while the sessions already made go on carrying traffic.
+impl Tunn {
+    /// Our static key (and the load limiter that checks MAC1 against it)
+    /// from the next handshake on. Unlike `set_static_private`, the
+    /// sessions stay. `static_public` must be `static_private`'s.
+    pub fn use_static_key(
+        &mut self,
+        static_private: x25519::StaticSecret,
+        static_public: x25519::PublicKey,
+        rate_limiter: std::sync::Arc<RateLimiter>,
+    ) {
+        self.rate_limiter = rate_limiter;
+        self.handshake.rekey_static(static_private, static_public);
+    }
+
+    /// The peer's static key from the next handshake on; the sessions stay.
+    pub fn use_peer_key(&mut self, peer_static_public: x25519::PublicKey) {
+        self.handshake.rekey_peer(peer_static_public);
+    }
+
+    /// The public half of the static key this tunnel handshakes with.
+    pub fn static_public(&self) -> [u8; 32] {
+        self.handshake.static_public_bytes()
+    }
+
+    /// How long our handshake initiation has gone unanswered (`None`: none
+    /// in flight).
+    pub fn initiation_unanswered(&self) -> Option<Duration> {
+        self.handshake.timer().map(|t| t.elapsed())
+    }
+}
