@@ -239,20 +239,23 @@ pub fn render_status(s: &Status, now: u64) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<16} {:<24} {:<14} {:>10} {:>10}  state",
-        "peer", "endpoint", "handshake", "received", "sent"
+        "{:<16} {:<24} {:<14} {:>10} {:>10} {:>8}  state",
+        "peer", "endpoint", "handshake", "received", "sent", "key age"
     );
     for p in &s.peers {
         let (state, age) = peer_state(p, now);
         let _ = writeln!(
             out,
-            "{:<16} {:<24} {:<14} {:>10} {:>10}  {state}",
+            "{:<16} {:<24} {:<14} {:>10} {:>10} {:>8}  {state}",
             p.name,
             p.endpoint.as_deref().unwrap_or("(none)"),
             age.map(|a| format!("{a} s ago"))
                 .unwrap_or_else(|| "never".into()),
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
+            p.key_age_seconds
+                .map(self::age)
+                .unwrap_or_else(|| "-".into()),
         );
     }
     let _ = writeln!(out, "\ndrops: {}", s.counters.drops_summary());

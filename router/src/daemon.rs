@@ -362,6 +362,9 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                     .status(&self.dp, self.announced_next_key().as_deref()),
             },
         );
+        if let Ok(mut k) = self.health.key.lock() {
+            k.clone_from(&s.key);
+        }
         match s.write(&self.settings.state_dir) {
             Ok(()) => *failing = false,
             Err(e) if !*failing => {

@@ -606,6 +606,7 @@ async fn kube_source(args: &Args) -> anyhow::Result<SourceParts> {
     let (announce, keys) = tokio::sync::watch::channel(OwnKeys {
         current: key.public_key(),
         next: next_key.as_ref().map(PrivateKey::public_key),
+        created_unix: rotation::key_created_unix(&key_path),
     });
     let source = Box::new(KubeSource::new(client, settings, keys));
     Ok(SourceParts {

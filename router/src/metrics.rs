@@ -1,6 +1,7 @@
 //! Prometheus metrics and health endpoints over HTTP:
 //! - `/metrics`: per-peer traffic and handshake age, drops by reason, peers,
-//!   reconciles and their errors, the Kubernetes connection, build info
+//!   the node's and each peer's key age, key rotations, reconciles and
+//!   their errors, the Kubernetes connection, build info
 //!   (OpenMetrics text, built fresh from the live counters on each scrape);
 //! - `/healthz`: the main loop is turning (it ticks every second) and every
 //!   data-plane worker is running;
@@ -45,6 +46,8 @@ pub struct Health {
     /// Host settings the router needs and could not make (status.json has
     /// each one and why).
     pub host_problems: AtomicU64,
+    /// The node's key, as of the main loop's last tick.
+    pub key: Mutex<crate::rotation::KeyStatus>,
 }
 
 /// The main loop is considered stuck after this long without a tick.
@@ -67,6 +70,7 @@ impl Health {
             source,
             queues: Mutex::new(Vec::new()),
             host_problems: AtomicU64::new(0),
+            key: Mutex::new(Default::default()),
         })
     }
 
@@ -134,6 +138,8 @@ impl Health {
         let tx_p: Family<Labels, Counter> = Family::default();
         let rx_p: Family<Labels, Counter> = Family::default();
         let hs: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
+        let key_age: Family<Labels, Gauge> = Family::default();
+        let now = crate::status::unix_now();
         for p in &table.peers {
             let l = label("peer", &p.name);
             tx_b.get_or_create(&l)
@@ -149,7 +155,36 @@ impl Health {
             // still say so).
             hs.get_or_create(&l)
                 .set(since.map(|d| d.as_secs_f64()).unwrap_or(-1.0));
+            key_age.get_or_create(&l).set(
+                p.key_created_unix
+                    .map(|c| now.saturating_sub(c) as i64)
+                    .unwrap_or(-1),
+            );
         }
+        reg.register(
+            "peer_key_age_seconds",
+            "Seconds since the peer made its key, as its Node says (-1: unknown, or rotating)",
+            key_age,
+        );
+        let key = self.key.lock().map(|k| k.clone()).unwrap_or_default();
+        gauge(
+            &mut reg,
+            "key_age_seconds",
+            "Seconds since this node's key was made (-1: unknown)",
+            key.key_age_seconds.map(|a| a as i64).unwrap_or(-1),
+        );
+        gauge(
+            &mut reg,
+            "key_rotation_in_progress",
+            "1 while this node rotates its key",
+            i64::from(key.rotation.is_some()),
+        );
+        counter(
+            &mut reg,
+            "key_rotations",
+            "Key rotations this router completed",
+            key.rotations,
+        );
         reg.register(
             "peer_tx_bytes",
             "Bytes sent to the peer through the tunnel (inner packets)",

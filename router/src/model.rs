@@ -34,6 +34,8 @@ pub struct PeerSpec {
     /// the live session carries on. Any other key change replaces the
     /// peer's sessions (a reinstalled node, say).
     pub rotated_from: Option<PublicKey>,
+    /// When the peer made its key (Unix seconds, as its Node says).
+    pub key_created_unix: Option<u64>,
 }
 
 /// The whole mesh a source wants right now: every peer, sorted by name.
@@ -133,6 +135,8 @@ pub struct OwnKeys {
     pub current: PublicKey,
     /// The key being rotated to.
     pub next: Option<PublicKey>,
+    /// When the current key was made (Unix seconds).
+    pub created_unix: Option<u64>,
 }
 
 /// How the last mesh-file reload went.

@@ -346,6 +346,7 @@ mod tests {
                         node_addresses: vec![],
                         persistent_keepalive: None,
                         rotated_from: None,
+                        key_created_unix: None,
                     })
                     .collect(),
                 blackhole_cidrs: vec!["10.244.0.0/16".parse().unwrap()],

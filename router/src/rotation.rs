@@ -69,6 +69,13 @@ pub fn file_age(path: &Path) -> Option<Duration> {
     SystemTime::now().duration_since(m).ok()
 }
 
+/// When the key in `path` was made: the file's modification time (a key
+/// file is written once, and a rotation renames the next one into place).
+pub fn key_created_unix(path: &Path) -> Option<u64> {
+    let m = std::fs::metadata(path).ok()?.modified().ok()?;
+    Some(unix(m))
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -186,6 +193,7 @@ impl Rotation {
             tx.send_replace(OwnKeys {
                 current: dp.public_key(),
                 next: dp.next_public_key(),
+                created_unix: key_created_unix(&self.key_file),
             });
         }
     }

@@ -29,6 +29,10 @@ pub struct PeerStatus {
     pub persistent_keepalive: Option<u16>,
     /// Unix time of the last completed handshake, if any.
     pub latest_handshake_unix: Option<u64>,
+    /// Seconds since the peer made its key (its Node's
+    /// tunmesh.io/public-key-created; none while it rotates, or unknown).
+    #[serde(default)]
+    pub key_age_seconds: Option<u64>,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub rx_packets: u64,
@@ -103,6 +107,7 @@ pub fn peers(dp: &Dataplane) -> Vec<PeerStatus> {
                 node_addresses: p.node_addresses.iter().map(|n| n.to_string()).collect(),
                 persistent_keepalive: p.persistent_keepalive,
                 latest_handshake_unix: at.map(|d| d.as_secs()),
+                key_age_seconds: p.key_created_unix.map(|c| unix_now().saturating_sub(c)),
                 tx_packets: p.counters.tx_packets.load(Relaxed),
                 tx_bytes: p.counters.tx_bytes.load(Relaxed),
                 rx_packets: p.counters.rx_packets.load(Relaxed),

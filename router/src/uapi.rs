@@ -222,6 +222,7 @@ pub fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, Refused>
             node_addresses: p.node_addresses.clone(),
             persistent_keepalive: p.persistent_keepalive,
             rotated_from: None,
+            key_created_unix: p.key_created_unix,
         })
         .collect();
     let mut cur: Option<usize> = None;
@@ -265,6 +266,7 @@ pub fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, Refused>
                             node_addresses: Vec::new(),
                             persistent_keepalive: None,
                             rotated_from: None,
+                            key_created_unix: None,
                         });
                         peers.len() - 1
                     }

@@ -294,6 +294,7 @@ mod tests {
                     node_addresses: vec!["172.30.0.12".parse().unwrap()],
                     persistent_keepalive: Some(25),
                     rotated_from: None,
+                    key_created_unix: None,
                 }],
                 blackhole_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
             },

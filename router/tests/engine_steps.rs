@@ -188,6 +188,7 @@ fn spec(name: &str, key: &PrivateKey, ep: &str, cidr: &str) -> PeerSpec {
         node_addresses: vec![],
         persistent_keepalive: None,
         rotated_from: None,
+        key_created_unix: None,
     }
 }
 

@@ -37,6 +37,7 @@ fn spec(name: &str, key: &PrivateKey, i: u8, cidrs: &[&str]) -> PeerSpec {
         node_addresses: vec![],
         persistent_keepalive: None,
         rotated_from: None,
+        key_created_unix: None,
     }
 }
 

@@ -205,6 +205,42 @@ fn a_key_rotates_under_load_without_losing_a_packet() {
     );
     let ctl_status = ctl(&node2.state_dir, &["status"]).1;
     assert!(ctl_status.contains("last rotation took"), "{ctl_status}");
+
+    // The key's age: node-2's own, and node-2's as its peers know it (from
+    // the Node), in status and metrics.
+    let s2 = lab.fresh_status("node-2").unwrap();
+    assert!(
+        s2.key.key_age_seconds.is_some_and(|a| a < 120),
+        "{:?}",
+        s2.key
+    );
+    let peer_age = lab.wait_status("node-1", Duration::from_secs(30), |s| {
+        s.peers
+            .iter()
+            .any(|p| p.name == "node-2" && p.key_age_seconds.is_some_and(|a| a < 120))
+    });
+    assert!(
+        peer_age.is_some(),
+        "node-1 never showed node-2's new key's age"
+    );
+    let metrics = |ns: &str| {
+        tunmesh_lab::checks::http_get(ns, "127.0.0.1:9475".parse().unwrap(), "/metrics")
+            .expect("metrics")
+            .1
+    };
+    let m2 = metrics(&node2.ns);
+    assert!(m2.contains("tunmesh_key_rotations_total 1"), "{m2}");
+    assert!(
+        m2.contains("tunmesh_drops_total{reason=\"retired_key\"}"),
+        "{m2}"
+    );
+    let m1 = metrics(&node1.ns);
+    let line = m1
+        .lines()
+        .find(|l| l.starts_with("tunmesh_peer_key_age_seconds{peer=\"node-2\"}"))
+        .unwrap_or_else(|| panic!("no key age for node-2 in node-1's metrics:\n{m1}"));
+    let age: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((0..120).contains(&age), "{line}");
     assert_mesh_whole(&lab, "after the rotation");
     lab.down().unwrap();
 }
@@ -347,6 +383,34 @@ fn a_rotation_heals_a_peer_that_was_down_and_survives_a_kill_at_each_step() {
         "node-2's annotations never named the new key alone"
     );
     eprintln!("step 4: killed after the key file was replaced: the Node set right, mesh whole");
+
+    // 5. Periodic rotation: a key older than --key-rotation is rotated by
+    // the router itself.
+    lab.stop_router(1).unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(&kf)
+        .and_then(|f| f.set_modified(two_hours_ago))
+        .unwrap();
+    let mut periodic = grace(30);
+    periodic.extend(["--key-rotation".to_string(), "1h".to_string()]);
+    lab.start_router_with(1, &periodic).unwrap();
+    lab.wait_router(1).unwrap();
+    let rotated = lab.wait_status("node-2", Duration::from_secs(60), |s| {
+        s.key.rotations == 1 && s.key.rotation.is_none()
+    });
+    let rotated = rotated.unwrap_or_else(|| {
+        panic!(
+            "no periodic rotation: {:#?}",
+            lab.router_status("node-2").map(|s| s.key)
+        )
+    });
+    assert_ne!(rotated.public_key, k5.public_key().to_base64());
+    assert_eq!(rotated.key.rotation_period_seconds, Some(3600));
+    assert!(rotated.key.key_age_seconds.is_some_and(|a| a < 120));
+    assert_mesh_whole(&lab, "after a periodic rotation");
+    eprintln!("step 5: a key older than the rotation period was rotated by the router");
 
     // A next key file that is not a key: a clear problem, nothing lost.
     std::fs::write(&next, "not a key\n").unwrap();

@@ -54,6 +54,8 @@ pub struct Peer {
     pub persistent_keepalive: Option<u16>,
     /// The endpoint the source asked for (not the roamed one).
     pub configured_endpoint: Option<SocketAddr>,
+    /// When the peer made its key (Unix seconds), if its Node says.
+    pub key_created_unix: Option<u64>,
     state: Arc<Mutex<PeerState>>,
     pub counters: Arc<PeerCounters>,
 }
@@ -68,6 +70,7 @@ impl Peer {
             node_addresses: spec.node_addresses.clone(),
             persistent_keepalive: spec.persistent_keepalive,
             configured_endpoint: spec.endpoint,
+            key_created_unix: spec.key_created_unix,
             state: Arc::new(Mutex::new(PeerState {
                 tunn,
                 endpoint: spec.endpoint,
@@ -120,6 +123,7 @@ impl Peer {
             node_addresses: spec.node_addresses.clone(),
             persistent_keepalive: self.persistent_keepalive,
             configured_endpoint: spec.endpoint,
+            key_created_unix: spec.key_created_unix,
             state: Arc::clone(&self.state),
             counters: Arc::clone(&self.counters),
         }
@@ -146,6 +150,7 @@ impl Peer {
             && self.allowed_ips == spec.allowed_ips
             && self.node_addresses == spec.node_addresses
             && self.configured_endpoint == spec.endpoint
+            && self.key_created_unix == spec.key_created_unix
     }
 }
 

@@ -365,6 +365,7 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
                 node_addresses,
                 persistent_keepalive,
                 rotated_from: None,
+                key_created_unix: None,
             });
         }
     }

@@ -37,7 +37,8 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::nodes::{
-    self, Problem, TranslateSettings, ANN_ENDPOINT, ANN_NEXT_PUBLIC_KEY, ANN_PUBLIC_KEY,
+    self, Problem, TranslateSettings, ANN_ENDPOINT, ANN_KEY_CREATED, ANN_NEXT_PUBLIC_KEY,
+    ANN_PUBLIC_KEY,
 };
 use super::{publish, set_status, PeerSource, Request, SharedStatus, SourceTask, Updates};
 use crate::model::{unix_now, KubeStatus, Nets, OwnKeys, ProblemStatus, Snapshot};
@@ -434,6 +435,14 @@ impl SourceState {
         }
         if own.next_public_key != next {
             want.insert(ANN_NEXT_PUBLIC_KEY, next);
+        }
+        let created = self
+            .keys
+            .created_unix
+            .and_then(|t| k8s_openapi::jiff::Timestamp::from_second(t as i64).ok())
+            .map(|t| t.to_string());
+        if created.is_some() && own.key_created != created {
+            want.insert(ANN_KEY_CREATED, created);
         }
         match endpoint {
             Some(e) if own.endpoint.as_deref() != Some(e.to_string().as_str()) => {

@@ -35,6 +35,8 @@ pub const ANN_PUBLIC_KEY: &str = "tunmesh.io/public-key";
 /// handshakes addressed to either key; peers use this one.
 pub const ANN_NEXT_PUBLIC_KEY: &str = "tunmesh.io/next-public-key";
 pub const ANN_ENDPOINT: &str = "tunmesh.io/endpoint";
+/// When the Node's current key was made (RFC 3339), for key-age reporting.
+pub const ANN_KEY_CREATED: &str = "tunmesh.io/public-key-created";
 pub const ANN_FORCE_ENDPOINT: &str = "tunmesh.io/force-endpoint";
 pub const ANN_POD_CIDR: &str = "tunmesh.io/pod-cidr";
 
@@ -60,6 +62,7 @@ pub struct OwnNode {
     /// The annotations as they are now, to decide whether to patch.
     pub public_key: Option<String>,
     pub next_public_key: Option<String>,
+    pub key_created: Option<String>,
     pub endpoint: Option<String>,
     /// A valid `tunmesh.io/force-endpoint` set by the operator.
     pub force_endpoint: Option<SocketAddr>,
@@ -229,6 +232,7 @@ pub fn translate<'n>(
                 pod_cidrs: cidrs,
                 internal_ip: internal_ip(node),
                 public_key: annotation(node, ANN_PUBLIC_KEY).map(str::to_string),
+                key_created: annotation(node, ANN_KEY_CREATED).map(str::to_string),
                 next_public_key: annotation(node, ANN_NEXT_PUBLIC_KEY)
                     .filter(|v| !v.is_empty())
                     .map(str::to_string),
@@ -317,6 +321,22 @@ pub fn translate<'n>(
                 },
             },
         };
+        // The key's age is reporting only: a bad timestamp is named and
+        // otherwise ignored.
+        let created = match annotation(node, ANN_KEY_CREATED) {
+            None | Some("") => None,
+            Some(v) => match v.parse::<k8s_openapi::jiff::Timestamp>() {
+                Ok(t) => u64::try_from(t.as_second()).ok(),
+                Err(e) => {
+                    problem(
+                        ann_field(ANN_KEY_CREATED),
+                        "InvalidTimestamp",
+                        format!("{v:?} is not an RFC 3339 time: {e}"),
+                    );
+                    None
+                }
+            },
+        };
         taken_keys.insert(*key.as_bytes(), name.clone());
         if let Some(k) = next {
             taken_keys.insert(*k.as_bytes(), name.clone());
@@ -329,6 +349,8 @@ pub fn translate<'n>(
             node_addresses: internal_ips(node),
             persistent_keepalive: s.persistent_keepalive,
             rotated_from: next.map(|_| key),
+            // The next key is being made now.
+            key_created_unix: if next.is_some() { None } else { created },
         });
     }
     out.mesh.peers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -717,7 +739,9 @@ mod tests {
         let t = run(&[b("not-a-key")]);
         assert_eq!(t.problems.len(), 1);
         assert_eq!(t.problems[0].field, ann_field(ANN_NEXT_PUBLIC_KEY));
-        assert!(t.problems[0].message.contains("using tunmesh.io/public-key"));
+        assert!(t.problems[0]
+            .message
+            .contains("using tunmesh.io/public-key"));
         assert_eq!(t.mesh.peers[0].public_key, cur);
         assert_eq!(t.mesh.peers[0].rotated_from, None);
         // This router's own key as another Node's next key: refused.
