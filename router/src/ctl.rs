@@ -149,8 +149,8 @@ pub fn render_status(s: &Status, now: u64) -> String {
     }
     let _ = writeln!(
         out,
-        "interface:   {} (UDP port {})",
-        s.interface, s.listen_port
+        "interface:   {} (UDP port {}, MTU {})",
+        s.interface, s.listen_port, s.mtu
     );
     if !s.queues.is_empty() {
         let each: Vec<String> = s
@@ -239,14 +239,14 @@ pub fn render_status(s: &Status, now: u64) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<16} {:<24} {:<14} {:>10} {:>10} {:>8}  state",
-        "peer", "endpoint", "handshake", "received", "sent", "key age"
+        "{:<16} {:<24} {:<14} {:>10} {:>10} {:>8} {:>8}  state",
+        "peer", "endpoint", "handshake", "received", "sent", "key age", "path MTU"
     );
     for p in &s.peers {
         let (state, age) = peer_state(p, now);
         let _ = writeln!(
             out,
-            "{:<16} {:<24} {:<14} {:>10} {:>10} {:>8}  {state}",
+            "{:<16} {:<24} {:<14} {:>10} {:>10} {:>8} {:>8}  {state}",
             p.name,
             p.endpoint.as_deref().unwrap_or("(none)"),
             age.map(|a| format!("{a} s ago"))
@@ -255,6 +255,9 @@ pub fn render_status(s: &Status, now: u64) -> String {
             bytes(p.tx_bytes),
             p.key_age_seconds
                 .map(self::age)
+                .unwrap_or_else(|| "-".into()),
+            p.path_mtu
+                .map(|m| m.to_string())
                 .unwrap_or_else(|| "-".into()),
         );
     }
@@ -399,6 +402,18 @@ pub fn ping(dst: IpAddr, id: u16, timeout: Duration) -> Result<Option<Duration>,
     Ok(None)
 }
 
+/// `; path MTU ...` when the path to `p` is narrower than `mtu` (packets
+/// between the two get ICMP too-big), else nothing.
+pub fn narrow_path(p: &PeerStatus, mtu: u16) -> String {
+    match p.path_mtu {
+        Some(path) if path < mtu => format!(
+            "; path MTU {path} is below the MTU in use ({mtu}): packets over {path} bytes to it get \
+             ICMP too-big from the gateway (counted as too_big)"
+        ),
+        _ => String::new(),
+    }
+}
+
 /// One link checked: a peer's gateway pinged through the tunnel.
 #[derive(Debug, Clone)]
 pub struct LinkCheck {
@@ -436,7 +451,11 @@ pub fn check(s: &Status, timeout: Duration, now: u64) -> Result<Vec<LinkCheck>, 
             };
             let verdict = match (rtt, p.endpoint.as_deref(), peer_state(p, now)) {
                 _ if verdict.is_some() => verdict.unwrap_or_default(),
-                (Some(rtt), _, _) => format!("ok ({:.1} ms)", rtt.as_secs_f64() * 1000.0),
+                (Some(rtt), _, _) => format!(
+                    "ok ({:.1} ms){}",
+                    rtt.as_secs_f64() * 1000.0,
+                    narrow_path(p, s.mtu)
+                ),
                 (None, None, _) => "BROKEN: no endpoint (the peer published none and never reached this node)".into(),
                 (None, Some(ep), ("no handshake", _)) => format!(
                     "BROKEN: no handshake with {ep}: UDP {} blocked between the nodes, or the peer's router is down or has another key",

@@ -34,6 +34,8 @@ use crate::status::{self, RealQueue, Status};
 
 /// How often the status snapshot is rewritten and the health tick given.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often each peer's path MTU is looked up again.
+pub const PATH_MTU_INTERVAL: Duration = Duration::from_secs(5);
 /// How long after a failed apply the last snapshot is applied again.
 pub const RETRY: Duration = Duration::from_secs(2);
 
@@ -52,6 +54,8 @@ pub struct Settings {
     pub start: crate::warm::StartStatus,
     /// The private key's file (named in the handed-over mesh).
     pub key_file: PathBuf,
+    /// The TUN device's and pods' MTU.
+    pub mtu: u16,
     /// What this process does once it has handed over.
     pub after_handover: handover::AfterHandover,
 }
@@ -85,6 +89,10 @@ pub struct Daemon<H, C> {
     pub handover: Option<tokio::net::UnixListener>,
     /// Key rotation, stepped every second.
     pub rotation: crate::rotation::Rotation,
+    /// Where routes are looked up for each peer's path MTU (none: not).
+    pub paths: Option<hostnet::HostNet>,
+    /// The path MTUs last found, by peer.
+    pub path_mtus: std::collections::BTreeMap<String, u16>,
 }
 
 async fn accept(l: &Option<tokio::net::UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
@@ -118,6 +126,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         let resync = self.settings.resync;
         let mut host_check = tokio::time::interval_at(Instant::now() + resync, resync);
+        let mut path_check = tokio::time::interval(PATH_MTU_INTERVAL);
         let mut status_failing = false;
         // After a failed apply, the latest snapshot is applied again then.
         let mut retry_at: Option<Instant> = None;
@@ -157,6 +166,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                     self.health.host_problems.store(self.host_problems.len() as u64, Ordering::Relaxed);
                 }
                 _ = tick.tick() => self.report(&mut status_failing),
+                _ = path_check.tick() => self.check_paths().await,
                 conn = accept(&self.handover) => match conn {
                     Ok(conn) => {
                         if let Err(e) = self.hand_over(conn) {
@@ -313,6 +323,58 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         }
     }
 
+    /// Each peer's path MTU: the MTU of the route to its endpoint (a path
+    /// MTU the kernel learned included) and of the peer's own underlay
+    /// link (its Node says), less WireGuard's overhead for the endpoint's
+    /// family. The data plane answers packets over it with ICMP.
+    async fn check_paths(&mut self) {
+        let Some(host) = &self.paths else { return };
+        let published: std::collections::HashMap<&str, Option<u16>> = self
+            .reconciler
+            .last()
+            .map(|s| {
+                s.mesh
+                    .peers
+                    .iter()
+                    .map(|p| (p.name.as_str(), p.underlay_mtu))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut found = Vec::new();
+        for (name, ep) in self.dp.peer_endpoints() {
+            let Some(ep) = ep else { continue };
+            let route = match host.route_mtu(ep.ip()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(peer = %name, error = %e, "looking up the path MTU");
+                    None
+                }
+            };
+            let theirs = published
+                .get(name.as_str())
+                .copied()
+                .flatten()
+                .map(u32::from);
+            let Some(m) = route.into_iter().chain(theirs).min() else {
+                continue;
+            };
+            let overhead = if ep.is_ipv4() { 60 } else { 80 };
+            let path =
+                u16::try_from(m.saturating_sub(overhead).clamp(576, 65535)).unwrap_or(u16::MAX);
+            if self.path_mtus.get(&name) != Some(&path) {
+                if path < self.settings.mtu {
+                    warn!(peer = %name, path_mtu = path, mtu = self.settings.mtu,
+                          "the path to this peer is narrower than the MTU in use: bigger packets to it get ICMP too-big from the gateway");
+                } else {
+                    info!(peer = %name, path_mtu = path, "path MTU");
+                }
+            }
+            found.push((name, path));
+        }
+        self.dp.set_path_mtus(&found);
+        self.path_mtus = found.into_iter().collect();
+    }
+
     /// The next key the API shows on this router's Node.
     fn announced_next_key(&self) -> Option<String> {
         self.source_status
@@ -336,6 +398,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
     /// The health tick and the status snapshot.
     fn report(&mut self, failing: &mut bool) {
         self.rotate();
+        self.dp.set_gateways(self.reconciler.pod_cidrs());
         self.health.last_tick.store(unix_now(), Ordering::Relaxed);
         let queues = status::queues(&self.queues);
         if let Ok(mut q) = self.health.queues.lock() {
@@ -360,6 +423,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 key: self
                     .rotation
                     .status(&self.dp, self.announced_next_key().as_deref()),
+                mtu: self.settings.mtu,
             },
         );
         if let Ok(mut k) = self.health.key.lock() {

@@ -68,6 +68,97 @@ impl HostNet {
         }
     }
 
+    /// Every link's MTU and whether it is up, by index.
+    async fn link_mtus(&self) -> Result<std::collections::HashMap<u32, (String, u32, bool)>> {
+        use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+        let mut out = std::collections::HashMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(l) = links.try_next().await.map_err(nl("listing links"))? {
+            let mut name = String::new();
+            let mut mtu = 0;
+            for a in &l.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name.clone_from(n),
+                    LinkAttribute::Mtu(m) => mtu = *m,
+                    _ => {}
+                }
+            }
+            let up = l.header.flags.contains(LinkFlags::Up);
+            out.insert(l.header.index, (name, mtu, up));
+        }
+        Ok(out)
+    }
+
+    /// The MTU of the route to `dst` (`ip route get`): the route's own or
+    /// a learned path MTU if it has one, else its device's. `None`: no route.
+    pub async fn route_mtu(&self, dst: IpAddr) -> Result<Option<u32>> {
+        use rtnetlink::packet_route::route::RouteMetric;
+        let msg = match dst {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        let mut routes = self.handle.route().get(msg).execute();
+        let route = match routes.try_next().await {
+            Ok(Some(r)) => r,
+            // Unreachable: no route, not an error of ours.
+            Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
+            Err(e) => return Err(nl(format!("looking up the route to {dst}"))(e)),
+        };
+        let mut oif = None;
+        for a in &route.attributes {
+            match a {
+                RouteAttribute::Metrics(m) => {
+                    if let Some(mtu) = m.iter().find_map(|x| match x {
+                        RouteMetric::Mtu(v) if *v > 0 => Some(*v),
+                        _ => None,
+                    }) {
+                        return Ok(Some(mtu));
+                    }
+                }
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        let Some(oif) = oif else { return Ok(None) };
+        Ok(self.link_mtus().await?.get(&oif).map(|(_, mtu, _)| *mtu))
+    }
+
+    /// The underlay's MTU: the smallest among links that are up and hold a
+    /// global address (not loopback, not `except`: the TUN device), and
+    /// whether one of them has an IPv4 address (WireGuard over IPv4 costs
+    /// 60 bytes, over IPv6 80). `None`: no such link.
+    pub async fn underlay_mtu(&self, except: &str) -> Result<Option<(u32, bool)>> {
+        use rtnetlink::packet_route::address::AddressScope;
+        let links = self.link_mtus().await?;
+        let mut best: Option<(u32, bool)> = None;
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(a) = addrs.try_next().await.map_err(nl("listing addresses"))? {
+            if a.header.scope != AddressScope::Universe {
+                continue;
+            }
+            let Some((name, mtu, up)) = links.get(&a.header.index) else {
+                continue;
+            };
+            if !*up || name == except || name == "lo" {
+                continue;
+            }
+            let v4 = a
+                .attributes
+                .iter()
+                .any(|x| matches!(x, AddressAttribute::Address(IpAddr::V4(_))));
+            best = Some(match best {
+                None => (*mtu, v4),
+                Some((m, b4)) if *mtu < m => (*mtu, v4 || (b4 && *mtu == m)),
+                Some((m, b4)) => (m, b4 || (v4 && *mtu == m)),
+            });
+        }
+        Ok(best)
+    }
+
     /// Deletes the link `name` (its routes go with it); false if there was
     /// no such link.
     pub async fn delete_link(&self, name: &str) -> Result<bool> {
@@ -305,6 +396,10 @@ pub fn prepare_sysctls(proc_sys: &std::path::Path, tun: &str, recheck: bool) -> 
         ("net.ipv4.ip_forward".to_string(), "1"),
         ("net.ipv6.conf.all.forwarding".to_string(), "1"),
         (format!("net.ipv4.conf.{tun}.rp_filter"), "2"),
+        // The ICMP "fragmentation needed" the router writes to the TUN
+        // comes from the pod's gateway, an address of this host: without
+        // this the kernel drops it as a martian source.
+        (format!("net.ipv4.conf.{tun}.accept_local"), "1"),
     ];
     let mut problems = Vec::new();
     for (key, value) in wanted {
@@ -341,6 +436,7 @@ mod tests {
             std::fs::write(dir.join("net/ipv4/ip_forward"), "0\n").unwrap();
             std::fs::write(dir.join("net/ipv6/conf/all/forwarding"), "1\n").unwrap();
             std::fs::write(dir.join("net/ipv4/conf/tm0/rp_filter"), "1\n").unwrap();
+            std::fs::write(dir.join("net/ipv4/conf/tm0/accept_local"), "0\n").unwrap();
             FakeProcSys(dir)
         }
 
@@ -370,6 +466,7 @@ mod tests {
         let problems = prepare_sysctls(&root.0, "tm0", false);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(root.read("net/ipv4/conf/tm0/rp_filter"), "2");
+        assert_eq!(root.read("net/ipv4/conf/tm0/accept_local"), "1");
         assert_eq!(root.read("net/ipv6/conf/all/forwarding"), "1");
     }
 
@@ -377,7 +474,11 @@ mod tests {
     fn a_missing_sysctl_is_reported_with_its_key_and_path() {
         let root = FakeProcSys::new("missing");
         let problems = prepare_sysctls(&root.0, "nosuch0", false);
-        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems.len(),
+            2,
+            "rp_filter and accept_local: {problems:?}"
+        );
         assert!(
             problems[0].contains("net.ipv4.conf.nosuch0.rp_filter"),
             "{}",

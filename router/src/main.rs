@@ -96,9 +96,12 @@ struct Args {
     /// Name of the TUN device the router creates.
     #[arg(long, env = "TUNMESH_INTERFACE", default_value = DEFAULT_INTERFACE)]
     interface: String,
-    /// MTU of the TUN device and of pods (underlay MTU minus 80).
-    #[arg(long, env = "TUNMESH_MTU", default_value_t = DEFAULT_MTU)]
-    mtu: u16,
+    /// MTU of the TUN device and of pods. Default: derived from the
+    /// underlay (its smallest link's MTU, less 60 for WireGuard over IPv4 or
+    /// 80 over IPv6 only); each peer's path MTU is found either way, and a
+    /// packet too big for it gets ICMP from the pod's gateway.
+    #[arg(long, env = "TUNMESH_MTU")]
+    mtu: Option<u16>,
     /// Use TUN offloads (virtio headers: TSO/USO super-packets are segmented
     /// by the router, received TCP segments are coalesced). Falls back to
     /// plain packets if the kernel refuses.
@@ -290,7 +293,7 @@ fn open_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Res
     let (udp_gso, udp_gro) = udp.offloads();
     let port = udp.port();
     let tuns = retry_busy("TUN device", || {
-        TunDevice::create_queues(&args.interface, args.mtu, args.offload, n)
+        TunDevice::create_queues(&args.interface, mtu(args), args.offload, n)
     })
     .with_context(|| {
         format!(
@@ -343,12 +346,12 @@ fn ab_queues(args: &Args, port: u16, n: usize, buf_size: usize) -> anyhow::Resul
         return Ok(None);
     }
     let tuns: Vec<Arc<dyn TunIo>> = if c.tunrs {
-        TunrsTun::create_queues(&args.interface, args.mtu, n, buf_size)?
+        TunrsTun::create_queues(&args.interface, mtu(args), n, buf_size)?
             .into_iter()
             .map(|t| Arc::new(t) as Arc<dyn TunIo>)
             .collect()
     } else {
-        TunDevice::create_queues(&args.interface, args.mtu, args.offload, n)?
+        TunDevice::create_queues(&args.interface, mtu(args), args.offload, n)?
             .into_iter()
             .map(|t| Arc::new(t) as Arc<dyn TunIo>)
             .collect()
@@ -572,7 +575,7 @@ fn file_source(args: &Args, path: &Path) -> anyhow::Result<SourceParts> {
 
 /// Node objects' source: the key from the state directory (made on first
 /// start), the rest from the flags.
-async fn kube_source(args: &Args) -> anyhow::Result<SourceParts> {
+async fn kube_source(args: &Args, underlay_mtu: Option<u16>) -> anyhow::Result<SourceParts> {
     let Some(name) = args.node_name.clone().filter(|n| !n.is_empty()) else {
         bail!("no peer source: give --node-name (or NODE_NAME) to use the Kubernetes API, or --mesh-file");
     };
@@ -594,6 +597,7 @@ async fn kube_source(args: &Args) -> anyhow::Result<SourceParts> {
         cluster_cidrs: args.cluster_cidrs.clone(),
         persistent_keepalive: Some(args.persistent_keepalive).filter(|k| *k > 0),
         resync: Duration::from_secs(args.resync_seconds.max(1)),
+        underlay_mtu,
     };
     // A rotation that was under way when this router last stopped goes on.
     let next_key = match rotation::read_next(&rotation::next_key_file(&key_path)) {
@@ -636,10 +640,53 @@ async fn parked() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// The MTU in use (resolved at start: `--mtu` or the underlay's).
+fn mtu(args: &Args) -> u16 {
+    args.mtu.unwrap_or(DEFAULT_MTU)
+}
+
+/// `--mtu`, or the underlay's smallest link less WireGuard's overhead; and
+/// the underlay MTU to publish for the peers.
+async fn resolve_mtu(args: &Args, host: &HostNet) -> (u16, Option<u16>) {
+    let underlay = match host.underlay_mtu(&args.interface).await {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(error = %e, "cannot read the underlay's MTU");
+            None
+        }
+    };
+    let published = underlay.and_then(|(m, _)| u16::try_from(m).ok());
+    if let Some(m) = args.mtu {
+        return (m, published);
+    }
+    match underlay {
+        Some((m, v4)) => {
+            let overhead = if v4 { 60 } else { 80 };
+            let mtu =
+                u16::try_from(m.saturating_sub(overhead).clamp(576, 65535)).unwrap_or(DEFAULT_MTU);
+            info!(
+                underlay_mtu = m,
+                mtu, "MTU derived from the underlay (--mtu not set)"
+            );
+            (mtu, published)
+        }
+        None => {
+            warn!(
+                mtu = DEFAULT_MTU,
+                "no underlay link with an address found; MTU {DEFAULT_MTU}"
+            );
+            (DEFAULT_MTU, published)
+        }
+    }
+}
+
+async fn run(mut args: Args) -> anyhow::Result<()> {
     if args.parked {
         return parked().await;
     }
+    let host = HostNet::connect()?;
+    let (resolved, underlay_mtu) = resolve_mtu(&args, &host).await;
+    args.mtu = Some(resolved);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -647,11 +694,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
     let src = match &args.mesh_file {
         Some(path) => file_source(&args, path)?,
-        None => kube_source(&args).await?,
+        None => kube_source(&args, underlay_mtu).await?,
     };
 
     // The data plane: its queues (TUN queue + UDP socket each).
-    let dp = Dataplane::new(&src.key, usize::from(args.mtu));
+    let dp = Dataplane::new(&src.key, usize::from(mtu(&args)));
     if let Some(next) = &src.next_key {
         info!(next = %next.public_key(), "a key rotation is under way: answering handshakes to both keys");
         dp.set_next_key(Some(next));
@@ -690,11 +737,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // The host side.
-    let host = HostNet::connect()?;
     let index = host.link_index(&args.interface).await?;
     let host_problems = hostnet::prepare_sysctls(&args.proc_sys, &args.interface, false);
     info!(
-        interface = %args.interface, mtu = args.mtu, port, queues, public_key = %dp.public_key(),
+        interface = %args.interface, mtu = mtu(&args), port, queues, public_key = %dp.public_key(),
         node = %src.node_name, source = src.source.kind(),
         rcvbuf = q.rcvbuf, sndbuf = q.sndbuf, tun_offload = q.tun_offload,
         udp_gso = q.udp_gso, udp_gro = q.udp_gro, io = q.io_kind, "router up"
@@ -756,12 +802,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         host,
         index,
         name: args.interface.clone(),
-        mtu: u32::from(args.mtu),
+        mtu: u32::from(mtu(&args)),
     };
     let identity = NodeIdentity {
         node_name: src.node_name,
         interface: args.interface.clone(),
-        mtu: args.mtu,
+        mtu: mtu(&args),
         cluster_cidrs: src.cluster_cidrs,
     };
     let owner = warm::Owner::new(&identity.node_name, &dp.public_key(), &args.interface, port);
@@ -846,6 +892,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             uapi_socket,
             start,
             key_file: src.key_file.clone(),
+            mtu: resolved,
             after_handover: args.after_handover,
         },
         uapi_changes,
@@ -854,6 +901,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         workers,
         cache,
         rotation,
+        paths: HostNet::connect()
+            .inspect_err(|e| warn!(error = %e, "no path MTU lookups"))
+            .ok(),
+        path_mtus: Default::default(),
         handover: match tunmesh_router::handover::listen(&handover_dir) {
             Ok(l) => Some(l),
             Err(e) => {

@@ -139,6 +139,7 @@ impl Health {
         let rx_p: Family<Labels, Counter> = Family::default();
         let hs: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
         let key_age: Family<Labels, Gauge> = Family::default();
+        let path_mtu: Family<Labels, Gauge> = Family::default();
         let now = crate::status::unix_now();
         for p in &table.peers {
             let l = label("peer", &p.name);
@@ -150,7 +151,11 @@ impl Health {
                 .inc_by(p.counters.tx_packets.load(Ordering::Relaxed));
             rx_p.get_or_create(&l)
                 .inc_by(p.counters.rx_packets.load(Ordering::Relaxed));
-            let since: Option<Duration> = p.lock().tunn.time_since_last_handshake();
+            let (since, path): (Option<Duration>, u16) = {
+                let st = p.lock();
+                (st.tunn.time_since_last_handshake(), st.path_mtu)
+            };
+            path_mtu.get_or_create(&l).set(i64::from(path));
             // -1: no handshake yet (a gauge cannot be absent per peer and
             // still say so).
             hs.get_or_create(&l)
@@ -161,6 +166,11 @@ impl Health {
                     .unwrap_or(-1),
             );
         }
+        reg.register(
+            "peer_path_mtu_bytes",
+            "The largest inner packet the path to the peer carries (0: unknown); bigger ones get ICMP too-big",
+            path_mtu,
+        );
         reg.register(
             "peer_key_age_seconds",
             "Seconds since the peer made its key, as its Node says (-1: unknown, or rotating)",

@@ -36,6 +36,9 @@ pub struct PeerSpec {
     pub rotated_from: Option<PublicKey>,
     /// When the peer made its key (Unix seconds, as its Node says).
     pub key_created_unix: Option<u64>,
+    /// The MTU of the peer's own underlay link, as its Node says: the path
+    /// to it is no wider than that.
+    pub underlay_mtu: Option<u16>,
 }
 
 /// The whole mesh a source wants right now: every peer, sorted by name.

@@ -347,6 +347,7 @@ mod tests {
                         persistent_keepalive: None,
                         rotated_from: None,
                         key_created_unix: None,
+                        underlay_mtu: None,
                     })
                     .collect(),
                 blackhole_cidrs: vec!["10.244.0.0/16".parse().unwrap()],

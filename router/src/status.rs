@@ -33,6 +33,10 @@ pub struct PeerStatus {
     /// tunmesh.io/public-key-created; none while it rotates, or unknown).
     #[serde(default)]
     pub key_age_seconds: Option<u64>,
+    /// The largest inner packet the path to the peer carries (none:
+    /// unknown yet).
+    #[serde(default)]
+    pub path_mtu: Option<u16>,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub rx_packets: u64,
@@ -83,6 +87,9 @@ pub struct Status {
     /// The node's key: its age, a rotation under way, the last one.
     #[serde(default)]
     pub key: crate::rotation::KeyStatus,
+    /// The TUN device's and pods' MTU.
+    #[serde(default)]
+    pub mtu: u16,
 }
 
 /// Peer statuses from the data plane's current table.
@@ -92,9 +99,13 @@ pub fn peers(dp: &Dataplane) -> Vec<PeerStatus> {
         .peers
         .iter()
         .map(|p| {
-            let (since, endpoint) = {
+            let (since, endpoint, path_mtu) = {
                 let st = p.lock();
-                (st.tunn.time_since_last_handshake(), st.endpoint)
+                (
+                    st.tunn.time_since_last_handshake(),
+                    st.endpoint,
+                    st.path_mtu,
+                )
             };
             let at = since
                 .and_then(|d: Duration| now.checked_sub(d))
@@ -107,6 +118,7 @@ pub fn peers(dp: &Dataplane) -> Vec<PeerStatus> {
                 node_addresses: p.node_addresses.iter().map(|n| n.to_string()).collect(),
                 persistent_keepalive: p.persistent_keepalive,
                 latest_handshake_unix: at.map(|d| d.as_secs()),
+                path_mtu: Some(path_mtu).filter(|m| *m > 0),
                 key_age_seconds: p.key_created_unix.map(|c| unix_now().saturating_sub(c)),
                 tx_packets: p.counters.tx_packets.load(Relaxed),
                 tx_bytes: p.counters.tx_bytes.load(Relaxed),
@@ -161,6 +173,7 @@ pub struct Context<'a> {
     pub host_problems: &'a [String],
     pub start: &'a crate::warm::StartStatus,
     pub key: crate::rotation::KeyStatus,
+    pub mtu: u16,
 }
 
 impl Status {
@@ -182,6 +195,7 @@ impl Status {
             workers: dp.workers(),
             start: c.start.clone(),
             key: c.key,
+            mtu: c.mtu,
         }
     }
 }

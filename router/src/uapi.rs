@@ -223,6 +223,7 @@ pub fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, Refused>
             persistent_keepalive: p.persistent_keepalive,
             rotated_from: None,
             key_created_unix: p.key_created_unix,
+            underlay_mtu: None,
         })
         .collect();
     let mut cur: Option<usize> = None;
@@ -267,6 +268,7 @@ pub fn set(dp: &Dataplane, port: u16, lines: &[String]) -> Result<bool, Refused>
                             persistent_keepalive: None,
                             rotated_from: None,
                             key_created_unix: None,
+                            underlay_mtu: None,
                         });
                         peers.len() - 1
                     }

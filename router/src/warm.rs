@@ -295,6 +295,7 @@ mod tests {
                     persistent_keepalive: Some(25),
                     rotated_from: None,
                     key_created_unix: None,
+                    underlay_mtu: None,
                 }],
                 blackhole_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
             },

@@ -78,9 +78,10 @@ impl Side {
             &packets.iter().map(|p| (any, p.clone())).collect::<Vec<_>>(),
         );
         let mut out = batch(&self.dp);
-        self.dp.seal(&self.dp.table(), &input, &mut out);
+        let mut tun = batch(&self.dp);
+        self.dp.seal(&self.dp.table(), &input, &mut out, &mut tun);
         Out {
-            tun: vec![],
+            tun: drain(&mut tun),
             udp: drain_udp(&mut out),
         }
     }
@@ -189,6 +190,7 @@ fn spec(name: &str, key: &PrivateKey, ep: &str, cidr: &str) -> PeerSpec {
         persistent_keepalive: None,
         rotated_from: None,
         key_created_unix: None,
+        underlay_mtu: None,
     }
 }
 

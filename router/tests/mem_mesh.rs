@@ -38,6 +38,7 @@ fn spec(name: &str, key: &PrivateKey, i: u8, cidrs: &[&str]) -> PeerSpec {
         persistent_keepalive: None,
         rotated_from: None,
         key_created_unix: None,
+        underlay_mtu: None,
     }
 }
 

@@ -148,6 +148,7 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
             ..Default::default()
         },
         key: Default::default(),
+        mtu: 1420,
     }
     .write(&dir)
     .unwrap();

@@ -42,9 +42,13 @@ pub enum Drop {
     /// Inbound: a handshake addressed to a static key this node gave up in
     /// a key rotation (a peer that still has the old key).
     RetiredKey,
+    /// Outbound: longer than the path MTU to its peer allows (and not to
+    /// be fragmented): answered with ICMP "fragmentation needed" or
+    /// "packet too big" from the pod's gateway (`icmp_too_big_sent`).
+    TooBig,
 }
 
-const N: usize = 14;
+const N: usize = 15;
 
 impl Drop {
     pub const ALL: [Drop; N] = [
@@ -62,6 +66,7 @@ impl Drop {
         Drop::HandshakeQueueFull,
         Drop::HandshakeTimeout,
         Drop::RetiredKey,
+        Drop::TooBig,
     ];
 
     /// Stable snake_case name, used in status output and (later) metrics labels.
@@ -81,6 +86,7 @@ impl Drop {
             Drop::HandshakeQueueFull => "handshake_queue_full",
             Drop::HandshakeTimeout => "handshake_timeout",
             Drop::RetiredKey => "retired_key",
+            Drop::TooBig => "too_big",
         }
     }
 }
@@ -94,6 +100,9 @@ pub struct Counters {
     pub udp_rx_datagrams: AtomicU64,
     pub udp_tx_datagrams: AtomicU64,
     pub cookie_replies: AtomicU64,
+    /// ICMP "fragmentation needed" / "packet too big" replies written to
+    /// the TUN for packets too big for their peer's path.
+    pub icmp_too_big_sent: AtomicU64,
 }
 
 impl Counters {
@@ -124,6 +133,7 @@ impl Counters {
             udp_rx_datagrams: self.udp_rx_datagrams.load(Relaxed),
             udp_tx_datagrams: self.udp_tx_datagrams.load(Relaxed),
             cookie_replies: self.cookie_replies.load(Relaxed),
+            icmp_too_big_sent: self.icmp_too_big_sent.load(Relaxed),
         }
     }
 }
@@ -137,6 +147,8 @@ pub struct CountersSnapshot {
     pub udp_rx_datagrams: u64,
     pub udp_tx_datagrams: u64,
     pub cookie_replies: u64,
+    #[serde(default)]
+    pub icmp_too_big_sent: u64,
 }
 
 impl CountersSnapshot {

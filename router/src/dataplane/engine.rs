@@ -105,6 +105,8 @@ pub struct Dataplane {
     table: ArcSwap<PeerTable>,
     /// The node's static keys (the next one too during a key rotation).
     keys: ArcSwap<NodeKeys>,
+    /// This node's gateway on each pod network: the source of ICMP replies.
+    gateways: ArcSwap<(Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>)>,
     pub counters: Counters,
     next_index: AtomicU32,
     apply_lock: Mutex<()>,
@@ -150,6 +152,7 @@ impl Dataplane {
         Arc::new(Dataplane {
             table: ArcSwap::from_pointee(PeerTable::default()),
             keys: ArcSwap::from_pointee(NodeKeys::new(StaticKey::new(key, HANDSHAKE_RATE_LIMIT))),
+            gateways: ArcSwap::from_pointee((None, None)),
             counters: Counters::default(),
             next_index: AtomicU32::new(start),
             apply_lock: Mutex::new(()),
@@ -171,6 +174,43 @@ impl Dataplane {
     /// root-only socket, as wireguard-go does).
     pub fn private_key_bytes(&self) -> [u8; 32] {
         self.keys.load().current.secret.to_bytes()
+    }
+
+    /// This node's pod CIDRs: their first hosts (the gateways) answer for
+    /// the router with ICMP.
+    pub fn set_gateways(&self, pod_cidrs: &[ipnetwork::IpNetwork]) {
+        let first = |net: &ipnetwork::IpNetwork| tunmesh_contract::validate::first_host(*net);
+        let v4 = pod_cidrs.iter().map(first).find_map(|ip| match ip {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let v6 = pod_cidrs.iter().map(first).find_map(|ip| match ip {
+            std::net::IpAddr::V6(a) => Some(a),
+            std::net::IpAddr::V4(_) => None,
+        });
+        if **self.gateways.load() != (v4, v6) {
+            self.gateways.store(Arc::new((v4, v6)));
+        }
+    }
+
+    /// Each peer's current endpoint, by name.
+    pub fn peer_endpoints(&self) -> Vec<(String, Option<SocketAddr>)> {
+        self.table
+            .load()
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.lock().endpoint))
+            .collect()
+    }
+
+    /// Sets each peer's path MTU (by name; peers not named keep theirs).
+    pub fn set_path_mtus(&self, mtus: &[(String, u16)]) {
+        let table = self.table.load();
+        for (name, mtu) in mtus {
+            if let Some(p) = table.by_name(name) {
+                p.lock().path_mtu = *mtu;
+            }
+        }
     }
 
     /// The key being rotated to, if a rotation is under way.
@@ -371,8 +411,10 @@ impl Dataplane {
     /// Seal: encrypts packets `0..input.n` read from the TUN into `out`
     /// (datagrams addressed to their peers' endpoints). `out` needs room
     /// for `input.n` more; a packet that finds none is dropped as
-    /// `queue_full`.
-    pub fn seal(&self, table: &PeerTable, input: &Batch, out: &mut Batch) {
+    /// `queue_full`. A packet longer than its peer's path MTU gets an ICMP
+    /// reply in `tun_out` instead (to be written to the TUN).
+    pub fn seal(&self, table: &PeerTable, input: &Batch, out: &mut Batch, tun_out: &mut Batch) {
+        let gateways = self.gateways.load();
         self.counters
             .tun_rx_packets
             .fetch_add(input.n as u64, Ordering::Relaxed);
@@ -412,6 +454,28 @@ impl Dataplane {
             let Some((_, st)) = held.as_mut() else {
                 continue;
             };
+            if st.path_mtu != 0 && pkt.len() > usize::from(st.path_mtu) {
+                let (gw4, gw6) = **gateways;
+                let reply = match tun_out.slot(tun_out.n) {
+                    Some(slot) => packet::too_big(pkt, usize::from(st.path_mtu), gw4, gw6, slot),
+                    None => packet::TooBig::Silent,
+                };
+                match reply {
+                    packet::TooBig::Pass => {}
+                    packet::TooBig::Silent => {
+                        self.counters.drop(Drop::TooBig);
+                        continue;
+                    }
+                    packet::TooBig::Reply(len) => {
+                        tun_out.commit(len, UNSPECIFIED);
+                        self.counters.drop(Drop::TooBig);
+                        self.counters
+                            .icmp_too_big_sent
+                            .fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            }
             let endpoint = st.endpoint;
             // With no session, boringtun keeps the packet for after the
             // handshake (and answers with the initiation, or with Done when

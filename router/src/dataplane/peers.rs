@@ -40,6 +40,10 @@ pub struct PeerState {
     /// this peer completed or initiated used: during a key rotation, the
     /// peer knows the next key once this is it.
     pub confirmed_key: Option<[u8; 32]>,
+    /// The largest inner packet the path to this peer carries (the
+    /// underlay's MTU on the way, less WireGuard's overhead); 0: unknown,
+    /// nothing is refused.
+    pub path_mtu: u16,
 }
 
 /// One peer in a table.
@@ -78,6 +82,7 @@ impl Peer {
                 waiting: 0,
                 flush: false,
                 confirmed_key: None,
+                path_mtu: 0,
             })),
             counters: Arc::default(),
         }

@@ -213,8 +213,10 @@ impl Dataplane {
             if arrived(got, &mut tun_errors) {
                 busy = true;
                 let table = self.batch_table();
-                self.seal(&table, &from_tun, &mut to_udp);
+                self.seal(&table, &from_tun, &mut to_udp, &mut to_tun);
                 self.send_udp(&mut to_udp, udp);
+                // ICMP replies to packets too big for their path.
+                self.send_tun(&mut to_tun, tun);
             }
             if busy {
                 continue;

@@ -366,6 +366,7 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
                 persistent_keepalive,
                 rotated_from: None,
                 key_created_unix: None,
+                underlay_mtu: None,
             });
         }
     }

@@ -38,7 +38,7 @@ use tracing::{error, info, warn};
 
 use super::nodes::{
     self, Problem, TranslateSettings, ANN_ENDPOINT, ANN_KEY_CREATED, ANN_NEXT_PUBLIC_KEY,
-    ANN_PUBLIC_KEY,
+    ANN_PUBLIC_KEY, ANN_UNDERLAY_MTU,
 };
 use super::{publish, set_status, PeerSource, Request, SharedStatus, SourceTask, Updates};
 use crate::model::{unix_now, KubeStatus, Nets, OwnKeys, ProblemStatus, Snapshot};
@@ -69,6 +69,8 @@ pub struct KubeSettings {
     pub persistent_keepalive: Option<u16>,
     /// Rebuild from the store this often even without a change.
     pub resync: Duration,
+    /// This node's underlay MTU, published for the peers' path MTU.
+    pub underlay_mtu: Option<u16>,
 }
 
 /// Why no Kubernetes client could be made.
@@ -443,6 +445,10 @@ impl SourceState {
             .map(|t| t.to_string());
         if created.is_some() && own.key_created != created {
             want.insert(ANN_KEY_CREATED, created);
+        }
+        let mtu = self.settings.underlay_mtu.map(|m| m.to_string());
+        if mtu.is_some() && own.underlay_mtu != mtu {
+            want.insert(ANN_UNDERLAY_MTU, mtu);
         }
         match endpoint {
             Some(e) if own.endpoint.as_deref() != Some(e.to_string().as_str()) => {

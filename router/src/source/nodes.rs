@@ -35,6 +35,8 @@ pub const ANN_PUBLIC_KEY: &str = "tunmesh.io/public-key";
 /// handshakes addressed to either key; peers use this one.
 pub const ANN_NEXT_PUBLIC_KEY: &str = "tunmesh.io/next-public-key";
 pub const ANN_ENDPOINT: &str = "tunmesh.io/endpoint";
+/// The MTU of the Node's underlay link (its router measures it).
+pub const ANN_UNDERLAY_MTU: &str = "tunmesh.io/underlay-mtu";
 /// When the Node's current key was made (RFC 3339), for key-age reporting.
 pub const ANN_KEY_CREATED: &str = "tunmesh.io/public-key-created";
 pub const ANN_FORCE_ENDPOINT: &str = "tunmesh.io/force-endpoint";
@@ -63,6 +65,7 @@ pub struct OwnNode {
     pub public_key: Option<String>,
     pub next_public_key: Option<String>,
     pub key_created: Option<String>,
+    pub underlay_mtu: Option<String>,
     pub endpoint: Option<String>,
     /// A valid `tunmesh.io/force-endpoint` set by the operator.
     pub force_endpoint: Option<SocketAddr>,
@@ -233,6 +236,7 @@ pub fn translate<'n>(
                 internal_ip: internal_ip(node),
                 public_key: annotation(node, ANN_PUBLIC_KEY).map(str::to_string),
                 key_created: annotation(node, ANN_KEY_CREATED).map(str::to_string),
+                underlay_mtu: annotation(node, ANN_UNDERLAY_MTU).map(str::to_string),
                 next_public_key: annotation(node, ANN_NEXT_PUBLIC_KEY)
                     .filter(|v| !v.is_empty())
                     .map(str::to_string),
@@ -337,6 +341,21 @@ pub fn translate<'n>(
                 }
             },
         };
+        // A bad MTU is named and ignored (the route's MTU still applies).
+        let underlay_mtu = match annotation(node, ANN_UNDERLAY_MTU) {
+            None | Some("") => None,
+            Some(v) => match v.parse::<u16>() {
+                Ok(m) if m >= 576 => Some(m),
+                _ => {
+                    problem(
+                        ann_field(ANN_UNDERLAY_MTU),
+                        "InvalidMTU",
+                        format!("{v:?} is not an MTU (576-65535); ignored"),
+                    );
+                    None
+                }
+            },
+        };
         taken_keys.insert(*key.as_bytes(), name.clone());
         if let Some(k) = next {
             taken_keys.insert(*k.as_bytes(), name.clone());
@@ -351,6 +370,7 @@ pub fn translate<'n>(
             rotated_from: next.map(|_| key),
             // The next key is being made now.
             key_created_unix: if next.is_some() { None } else { created },
+            underlay_mtu,
         });
     }
     out.mesh.peers.sort_by(|a, b| a.name.cmp(&b.name));

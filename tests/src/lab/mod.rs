@@ -66,6 +66,9 @@ pub struct LabOptions {
     /// Real nodes: containerd, kubelet and kube-proxy run tunmesh's
     /// DaemonSet and the pods (`kubelet` module).
     pub kubelet: bool,
+    /// Underlay links with another MTU than 1500: (node name, MTU), set on
+    /// both ends of that node's link before its router starts.
+    pub underlay_mtus: Vec<(String, u32)>,
 }
 
 impl Default for LabOptions {
@@ -78,6 +81,7 @@ impl Default for LabOptions {
             router_args: Vec::new(),
             mesh_file: false,
             kubelet: false,
+            underlay_mtus: Vec::new(),
         }
     }
 }
@@ -139,6 +143,8 @@ pub struct LabState {
     pub cni_bin: PathBuf,
     #[serde(default)]
     pub router_args: Vec<String>,
+    #[serde(default)]
+    pub underlay_mtus: Vec<(String, u32)>,
     /// Image archives every real node imports (kubelet labs).
     #[serde(default)]
     pub node_images: Vec<PathBuf>,
@@ -227,6 +233,7 @@ impl Lab {
                 router_bin,
                 cni_bin,
                 router_args: opts.router_args.clone(),
+                underlay_mtus: opts.underlay_mtus.clone(),
                 node_images: Vec::new(),
             },
             keep: false,

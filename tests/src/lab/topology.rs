@@ -156,6 +156,24 @@ impl Lab {
         self.save()?;
         add_netns(&ns)?;
         self.plug_underlay(&ns, &format!("n{i}"), &node.underlay_ip.to_string())?;
+        if let Some((_, mtu)) = self
+            .state
+            .underlay_mtus
+            .iter()
+            .find(|(n, _)| *n == node.name)
+        {
+            let mtu = mtu.to_string();
+            ip(&["-n", &ns, "link", "set", "eth0", "mtu", &mtu])?;
+            ip(&[
+                "-n",
+                &self.state.underlay_ns,
+                "link",
+                "set",
+                &format!("n{i}"),
+                "mtu",
+                &mtu,
+            ])?;
+        }
         // Real nodes register themselves (kubelet).
         if let Some(cp) = self.state.control_plane.as_ref().filter(|cp| !cp.kubelets) {
             cp.register_node(&node.name, &node.underlay_ip.to_string())?;
