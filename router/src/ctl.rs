@@ -24,7 +24,10 @@ use tunmesh_contract::validate::first_host;
 use crate::dataplane::offload::{fold, sum16};
 use crate::hostnet::HostNet;
 use crate::source::kube::{client, explain, ClientError};
-use crate::source::nodes::{ANN_ENDPOINT, ANN_FORCE_ENDPOINT, ANN_PUBLIC_KEY};
+use crate::source::nodes::{
+    ANN_ENDPOINT, ANN_FORCE_ENDPOINT, ANN_KEY_CREATED, ANN_NEXT_PUBLIC_KEY, ANN_PUBLIC_KEY,
+    ANN_UNDERLAY_MTU,
+};
 use crate::status::{PeerStatus, Status, STATUS_FILE};
 
 /// A session older than this is dead (WireGuard's REJECT_AFTER_TIME).
@@ -567,7 +570,8 @@ pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
     done.push(remove(&u.cni_bin_dir.join(PLUGIN_TYPE), "CNI plugin")?);
     let api: Api<Node> = Api::all(client(u.kubeconfig.as_deref()).await?);
     let patch = serde_json::json!({ "metadata": { "annotations": {
-        ANN_PUBLIC_KEY: null, ANN_ENDPOINT: null,
+        ANN_PUBLIC_KEY: null, ANN_ENDPOINT: null, ANN_NEXT_PUBLIC_KEY: null,
+        ANN_KEY_CREATED: null, ANN_UNDERLAY_MTU: null,
     }}});
     api.patch(&u.node_name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -576,7 +580,8 @@ pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
             message: explain(&e),
         })?;
     done.push(format!(
-        "removed {ANN_PUBLIC_KEY} and {ANN_ENDPOINT} from Node {} (an operator's {ANN_FORCE_ENDPOINT} is left alone)",
+        "removed {ANN_PUBLIC_KEY}, {ANN_ENDPOINT}, {ANN_NEXT_PUBLIC_KEY}, {ANN_KEY_CREATED} and \
+         {ANN_UNDERLAY_MTU} from Node {} (an operator's {ANN_FORCE_ENDPOINT} is left alone)",
         u.node_name
     ));
     if u.purge {

@@ -184,9 +184,13 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
     /// Applies `snap`; on failure says so and returns when to try again.
     async fn apply(&mut self, snap: &crate::model::Snapshot, kind: &str) -> Option<Instant> {
         match self.reconciler.apply(snap).await {
-            Ok(_) => {
+            Ok(applied) => {
                 self.health.ready.store(true, Ordering::Relaxed);
                 self.health.reconciles.fetch_add(1, Ordering::Relaxed);
+                // New peers get their path MTU now, not at the next check.
+                if !applied.peers.added.is_empty() || !applied.peers.replaced.is_empty() {
+                    self.check_paths().await;
+                }
                 if let Some(c) = &mut self.cache {
                     c.applied(snap);
                 }
