@@ -272,12 +272,14 @@ fn the_image_runs_as_the_daemonset_runs_it() {
 
     // Without the host's /proc/sys/net the router runs, and says what it
     // could not set and why.
-    // Each of the three settings it needs is off beforehand (the new TUN
-    // takes the default strict rp_filter), so it must name exactly these.
+    // Each of the four settings it needs is off beforehand (the new TUN
+    // takes the default strict rp_filter and accept_local 0), so it must
+    // name exactly these.
     for off in [
         "net.ipv4.ip_forward=0",
         "net.ipv6.conf.all.forwarding=0",
         "net.ipv4.conf.default.rp_filter=1",
+        "net.ipv4.conf.default.accept_local=0",
     ] {
         exec_output(&n1.ns, "sysctl", &["-q", "-w", off]).unwrap();
     }
@@ -285,6 +287,7 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         "net.ipv4.ip_forward".to_string(),
         "net.ipv6.conf.all.forwarding".to_string(),
         rp.clone(),
+        rp.replace("rp_filter", "accept_local"),
     ];
     run("router-no-proc", false);
     let status = wait_status(&podman, "router-no-proc", &n1.state_dir, |s| {
@@ -318,7 +321,7 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         checks::http_get(&n1.ns, "127.0.0.1:9475".parse().ok()?, "/metrics").ok()
     })
     .expect("the router's /metrics on port 9475 (the ConfigMap's address)");
-    // The gauge says three: the settings that were off, not the length of
+    // The gauge says four: the settings that were off, not the length of
     // the list it is computed from.
     let gauge = format!("tunmesh_host_problems {}", expected.len());
     assert!(
