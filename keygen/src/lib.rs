@@ -112,11 +112,7 @@ impl PrivateKey {
             writeln!(f, "{}", self.to_base64())?;
             f.sync_all()?;
             drop(f);
-            std::fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok(())
+            rename_durably(&tmp, path)
         })();
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -142,6 +138,17 @@ impl PrivateKey {
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+/// Renames `from` over `to` and syncs the directory, so that after a crash
+/// the directory holds one of the two files under `to`, never neither
+/// (a key file replaced in a rotation, a new key file written).
+pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    match to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }
 

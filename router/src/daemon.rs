@@ -89,8 +89,8 @@ pub struct Daemon<H, C> {
     pub handover: Option<tokio::net::UnixListener>,
     /// Key rotation, stepped every second.
     pub rotation: crate::rotation::Rotation,
-    /// Where routes are looked up for each peer's path MTU (none: not).
-    pub paths: Option<hostnet::HostNet>,
+    /// Where routes are looked up for each peer's path MTU.
+    pub paths: hostnet::HostNet,
     /// The path MTUs last found, by peer.
     pub path_mtus: std::collections::BTreeMap<String, u16>,
 }
@@ -332,7 +332,6 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
     /// link (its Node says), less WireGuard's overhead for the endpoint's
     /// family. The data plane answers packets over it with ICMP.
     async fn check_paths(&mut self) {
-        let Some(host) = &self.paths else { return };
         let published: std::collections::HashMap<&str, Option<u16>> = self
             .reconciler
             .last()
@@ -344,16 +343,22 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                     .collect()
             })
             .unwrap_or_default();
+        let peers: Vec<(String, std::net::SocketAddr)> = self
+            .dp
+            .peer_endpoints()
+            .into_iter()
+            .filter_map(|(name, ep)| Some((name, ep?)))
+            .collect();
+        let ips: Vec<std::net::IpAddr> = peers.iter().map(|(_, ep)| ep.ip()).collect();
+        let routes = match self.paths.route_mtus(&ips).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "looking up path MTUs");
+                vec![None; ips.len()]
+            }
+        };
         let mut found = Vec::new();
-        for (name, ep) in self.dp.peer_endpoints() {
-            let Some(ep) = ep else { continue };
-            let route = match host.route_mtu(ep.ip()).await {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(peer = %name, error = %e, "looking up the path MTU");
-                    None
-                }
-            };
+        for ((name, ep), route) in peers.into_iter().zip(routes) {
             let theirs = published
                 .get(name.as_str())
                 .copied()
@@ -362,9 +367,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             let Some(m) = route.into_iter().chain(theirs).min() else {
                 continue;
             };
-            let overhead = if ep.is_ipv4() { 60 } else { 80 };
-            let path =
-                u16::try_from(m.saturating_sub(overhead).clamp(576, 65535)).unwrap_or(u16::MAX);
+            let path = hostnet::inner_mtu(m, ep.is_ipv4());
             if self.path_mtus.get(&name) != Some(&path) {
                 if path < self.settings.mtu {
                     warn!(peer = %name, path_mtu = path, mtu = self.settings.mtu,
@@ -402,7 +405,6 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
     /// The health tick and the status snapshot.
     fn report(&mut self, failing: &mut bool) {
         self.rotate();
-        self.dp.set_gateways(self.reconciler.pod_cidrs());
         self.health.last_tick.store(unix_now(), Ordering::Relaxed);
         let queues = status::queues(&self.queues);
         if let Ok(mut q) = self.health.queues.lock() {

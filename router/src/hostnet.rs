@@ -27,7 +27,30 @@ fn nl(context: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
     }
 }
 
-/// A netlink handle for the current network namespace.
+/// WireGuard's overhead over an IPv4 underlay (IP 20, UDP 8, WireGuard 32).
+pub const WG_OVERHEAD_V4: u32 = 60;
+/// Over IPv6 (IP 40).
+pub const WG_OVERHEAD_V6: u32 = 80;
+
+/// The largest inner packet a link (or path) of `mtu` bytes carries in
+/// WireGuard over IPv4 (`ipv4`) or IPv6, never under IPv4's 576.
+pub fn inner_mtu(mtu: u32, ipv4: bool) -> u16 {
+    let overhead = if ipv4 { WG_OVERHEAD_V4 } else { WG_OVERHEAD_V6 };
+    u16::try_from(mtu.saturating_sub(overhead).clamp(576, 65535)).unwrap_or(u16::MAX)
+}
+
+/// What a route lookup says of the MTU on the way.
+enum RouteMtu {
+    /// The route's own, or a path MTU the kernel learned.
+    Mtu(u32),
+    /// None of its own: the device's (by index).
+    Device(u32),
+    NoRoute,
+}
+
+/// A netlink handle for the current network namespace (clones share the
+/// connection).
+#[derive(Clone)]
 pub struct HostNet {
     handle: Handle,
 }
@@ -89,9 +112,32 @@ impl HostNet {
         Ok(out)
     }
 
-    /// The MTU of the route to `dst` (`ip route get`): the route's own or
-    /// a learned path MTU if it has one, else its device's. `None`: no route.
-    pub async fn route_mtu(&self, dst: IpAddr) -> Result<Option<u32>> {
+    /// The MTU of the route to each of `dsts` (`ip route get`): the
+    /// route's own or a learned path MTU if it has one, else its device's.
+    /// `None`: no route. The links are listed once for all of them.
+    pub async fn route_mtus(&self, dsts: &[IpAddr]) -> Result<Vec<Option<u32>>> {
+        let mut links = None;
+        let mut out = Vec::with_capacity(dsts.len());
+        for dst in dsts {
+            let mtu = match self.route_mtu_or_oif(*dst).await? {
+                RouteMtu::Mtu(m) => Some(m),
+                RouteMtu::Device(oif) => {
+                    if links.is_none() {
+                        links = Some(self.link_mtus().await?);
+                    }
+                    links
+                        .as_ref()
+                        .and_then(|l| l.get(&oif))
+                        .map(|(_, mtu, _)| *mtu)
+                }
+                RouteMtu::NoRoute => None,
+            };
+            out.push(mtu);
+        }
+        Ok(out)
+    }
+
+    async fn route_mtu_or_oif(&self, dst: IpAddr) -> Result<RouteMtu> {
         use rtnetlink::packet_route::route::RouteMetric;
         let msg = match dst {
             IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
@@ -105,7 +151,7 @@ impl HostNet {
         let route = match routes.try_next().await {
             Ok(Some(r)) => r,
             // Unreachable: no route, not an error of ours.
-            Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
+            Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Ok(RouteMtu::NoRoute),
             Err(e) => return Err(nl(format!("looking up the route to {dst}"))(e)),
         };
         let mut oif = None;
@@ -116,15 +162,14 @@ impl HostNet {
                         RouteMetric::Mtu(v) if *v > 0 => Some(*v),
                         _ => None,
                     }) {
-                        return Ok(Some(mtu));
+                        return Ok(RouteMtu::Mtu(mtu));
                     }
                 }
                 RouteAttribute::Oif(i) => oif = Some(*i),
                 _ => {}
             }
         }
-        let Some(oif) = oif else { return Ok(None) };
-        Ok(self.link_mtus().await?.get(&oif).map(|(_, mtu, _)| *mtu))
+        Ok(oif.map_or(RouteMtu::NoRoute, RouteMtu::Device))
     }
 
     /// The underlay's MTU: the smallest among links that are up and hold a
@@ -452,6 +497,15 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn inner_mtu_is_the_link_less_wireguards_overhead() {
+        assert_eq!(inner_mtu(1500, true), 1440);
+        assert_eq!(inner_mtu(1500, false), 1420);
+        assert_eq!(inner_mtu(1380, true), 1320);
+        assert_eq!(inner_mtu(600, true), 576, "never under IPv4's minimum");
+        assert_eq!(inner_mtu(70000, true), u16::MAX);
     }
 
     #[test]

@@ -661,9 +661,7 @@ async fn resolve_mtu(args: &Args, host: &HostNet) -> (u16, Option<u16>) {
     }
     match underlay {
         Some((m, v4)) => {
-            let overhead = if v4 { 60 } else { 80 };
-            let mtu =
-                u16::try_from(m.saturating_sub(overhead).clamp(576, 65535)).unwrap_or(DEFAULT_MTU);
+            let mtu = hostnet::inner_mtu(m, v4);
             info!(
                 underlay_mtu = m,
                 mtu, "MTU derived from the underlay (--mtu not set)"
@@ -798,6 +796,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             log_file: None,
         },
     };
+    let paths = host.clone();
     let link = TunLink {
         host,
         index,
@@ -901,9 +900,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         workers,
         cache,
         rotation,
-        paths: HostNet::connect()
-            .inspect_err(|e| warn!(error = %e, "no path MTU lookups"))
-            .ok(),
+        paths,
         path_mtus: Default::default(),
         handover: match tunmesh_router::handover::listen(&handover_dir) {
             Ok(l) => Some(l),

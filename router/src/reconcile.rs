@@ -27,17 +27,27 @@ use crate::model::{DesiredMesh, Nets, Snapshot};
 /// Applies the peer set (the data plane).
 pub trait MeshApplier {
     fn apply_mesh(&self, mesh: &DesiredMesh) -> MeshDiff;
+    /// This node's gateways (the source of the data plane's ICMP replies).
+    fn set_gateways(&self, gateways: &[IpAddr]);
 }
 
 impl MeshApplier for Dataplane {
     fn apply_mesh(&self, mesh: &DesiredMesh) -> MeshDiff {
         self.apply(mesh)
     }
+
+    fn set_gateways(&self, gateways: &[IpAddr]) {
+        Dataplane::set_gateways(self, gateways)
+    }
 }
 
 impl<T: MeshApplier> MeshApplier for std::sync::Arc<T> {
     fn apply_mesh(&self, mesh: &DesiredMesh) -> MeshDiff {
         (**self).apply_mesh(mesh)
+    }
+
+    fn set_gateways(&self, gateways: &[IpAddr]) {
+        (**self).set_gateways(gateways)
     }
 }
 
@@ -205,6 +215,7 @@ impl<M: MeshApplier, H: HostApplier, C: CniFiles> Reconciler<M, H, C> {
             .configure_link(&gateways)
             .await
             .map_err(ReconcileError::Link)?;
+        self.mesh.set_gateways(&gateways);
         if !cidrs.is_empty() {
             let conflist = self
                 .cni
@@ -244,6 +255,8 @@ mod tests {
     }
 
     impl MeshApplier for FakeMesh {
+        fn set_gateways(&self, _: &[IpAddr]) {}
+
         fn apply_mesh(&self, mesh: &DesiredMesh) -> MeshDiff {
             let mut a = self.applied.lock().unwrap();
             let before: Vec<String> = a

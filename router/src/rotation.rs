@@ -62,18 +62,20 @@ pub fn read_next(path: &Path) -> Result<Option<PrivateKey>, String> {
     }
 }
 
-/// Seconds since `path` was last written (a key file: since the key was
-/// made, as it is written once and renamed into place).
-pub fn file_age(path: &Path) -> Option<Duration> {
-    let m = std::fs::metadata(path).ok()?.modified().ok()?;
-    SystemTime::now().duration_since(m).ok()
-}
-
 /// When the key in `path` was made: the file's modification time (a key
 /// file is written once, and a rotation renames the next one into place).
+fn key_made(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).ok()?.modified().ok()
+}
+
+/// `key_made` in Unix seconds.
 pub fn key_created_unix(path: &Path) -> Option<u64> {
-    let m = std::fs::metadata(path).ok()?.modified().ok()?;
-    Some(unix(m))
+    key_made(path).map(unix)
+}
+
+/// How long ago the key in `path` was made.
+fn key_age(path: &Path) -> Option<Duration> {
+    SystemTime::now().duration_since(key_made(path)?).ok()
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -236,7 +238,7 @@ impl Rotation {
             None => {
                 let due = self
                     .period
-                    .is_some_and(|p| file_age(&self.key_file).is_some_and(|age| age >= p));
+                    .is_some_and(|p| key_age(&self.key_file).is_some_and(|age| age >= p));
                 if due {
                     info!("the key is older than the rotation period: rotating");
                     if let Err(e) = PrivateKey::generate().write_file(&self.next_file) {
@@ -252,10 +254,9 @@ impl Rotation {
             }
             Some(k) if in_dp != Some(k.public_key()) => {
                 dp.set_next_key(Some(&k));
-                self.started = std::fs::metadata(&self.next_file)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .or(Some(SystemTime::now()));
+                // Asked for when the next key was written (a restart
+                // resumes the same window).
+                self.started = key_made(&self.next_file).or(Some(SystemTime::now()));
                 info!(next = %k.public_key(), "key rotation: answering handshakes to both keys, announcing the next one");
                 self.announce(dp);
                 None
@@ -281,12 +282,7 @@ impl Rotation {
             return None;
         }
         let from = dp.public_key();
-        if let Err(e) = std::fs::rename(&self.next_file, &self.key_file).and_then(|()| {
-            match self.key_file.parent().filter(|d| !d.as_os_str().is_empty()) {
-                Some(dir) => std::fs::File::open(dir)?.sync_all(),
-                None => Ok(()),
-            }
-        }) {
+        if let Err(e) = tunmesh_keygen::rename_durably(&self.next_file, &self.key_file) {
             self.set_problem(Some(format!(
                 "replacing {} with {}: {e}",
                 self.key_file.display(),
@@ -330,7 +326,7 @@ impl Rotation {
         });
         KeyStatus {
             key_file: self.key_file.display().to_string(),
-            key_age_seconds: file_age(&self.key_file).map(|d| d.as_secs()),
+            key_age_seconds: key_age(&self.key_file).map(|d| d.as_secs()),
             rotation_period_seconds: self.period.map(|p| p.as_secs()),
             rotation,
             last_rotation: self.last.clone(),

@@ -353,6 +353,18 @@ pub fn parse_iperf3(v: &serde_json::Value, reverse: bool) -> Result<Iperf> {
     })
 }
 
+/// `iperf3` (no extra arguments) on a thread of its own, as the load
+/// under a fault a test brings about meanwhile; join it for the result.
+pub fn iperf3_in_background(
+    client: &str,
+    server: &str,
+    server_ip: IpAddr,
+    seconds: u32,
+) -> std::thread::JoinHandle<Result<Iperf>> {
+    let (client, server) = (client.to_string(), server.to_string());
+    std::thread::spawn(move || iperf3(&client, &server, server_ip, seconds, &[]))
+}
+
 /// iperf3 from namespace `client` to `server_ip` in namespace `server`.
 /// `extra` goes to the client (e.g. `-R`, `-P 4`, `-u -b 0`).
 pub fn iperf3(

@@ -124,10 +124,8 @@ fn a_new_router_takes_over_without_losing_a_packet() {
     let probe = Probe::start(&a.ns, &b.ns, b.ipv4);
     let stream = TimedStream::start(&a.ns, &b.ns, b.ipv4);
     probe.wait_echo_after(Instant::now(), "before the handover");
-    let (a_ns, b_ns, b_ip) = (a.ns.clone(), b.ns.clone(), b.ipv4);
-    let iperf = std::thread::spawn(move || {
-        tunmesh_lab::checks::iperf3(&a_ns, &b_ns, b_ip.into(), IPERF_SECONDS, &[])
-    });
+    let iperf =
+        tunmesh_lab::checks::iperf3_in_background(&a.ns, &b.ns, b.ipv4.into(), IPERF_SECONDS);
     // Until iperf3 runs.
     std::thread::sleep(Duration::from_secs(2));
 

@@ -176,21 +176,18 @@ impl Dataplane {
         self.keys.load().current.secret.to_bytes()
     }
 
-    /// This node's pod CIDRs: their first hosts (the gateways) answer for
+    /// This node's gateways on its pod networks (the reconciler's, as it
+    /// puts them on the TUN device): the first of each family answers for
     /// the router with ICMP.
-    pub fn set_gateways(&self, pod_cidrs: &[ipnetwork::IpNetwork]) {
-        let first = |net: &ipnetwork::IpNetwork| tunmesh_contract::validate::first_host(*net);
-        let v4 = pod_cidrs.iter().map(first).find_map(|ip| match ip {
-            std::net::IpAddr::V4(a) => Some(a),
-            std::net::IpAddr::V6(_) => None,
-        });
-        let v6 = pod_cidrs.iter().map(first).find_map(|ip| match ip {
-            std::net::IpAddr::V6(a) => Some(a),
-            std::net::IpAddr::V4(_) => None,
-        });
-        if **self.gateways.load() != (v4, v6) {
-            self.gateways.store(Arc::new((v4, v6)));
+    pub fn set_gateways(&self, gateways: &[std::net::IpAddr]) {
+        let (mut v4, mut v6) = (None, None);
+        for ip in gateways {
+            match ip {
+                std::net::IpAddr::V4(a) => v4 = v4.or(Some(*a)),
+                std::net::IpAddr::V6(a) => v6 = v6.or(Some(*a)),
+            }
         }
+        self.gateways.store(Arc::new((v4, v6)));
     }
 
     /// Each peer's current endpoint, by name.
@@ -348,9 +345,9 @@ impl Dataplane {
         let mut diff = MeshDiff::default();
         let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(mesh.peers.len());
         let mut seen_keys = std::collections::HashSet::new();
+        let (own, own_next) = (self.public_key(), self.next_public_key());
         for spec in &mesh.peers {
-            let ours = spec.public_key == self.public_key()
-                || self.next_public_key() == Some(spec.public_key);
+            let ours = spec.public_key == own || own_next == Some(spec.public_key);
             if ours || !seen_keys.insert(spec.public_key) {
                 warn!(peer = %spec.name, key = %spec.public_key, "skipping peer: its key is our own or another peer's");
                 continue;

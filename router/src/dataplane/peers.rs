@@ -103,10 +103,10 @@ impl Peer {
 
     /// The same session and counters under a changed spec (allowed IPs,
     /// endpoint, key). A changed configured endpoint replaces the current
-    /// one. A changed key (the peer rotated its key, or its router came
-    /// back with a new one) is used from the next handshake on, which
-    /// starts at the next tick; until it completes, the live session goes
-    /// on carrying traffic, so a rotation loses nothing.
+    /// one. A changed key (only an announced rotation gets here, see
+    /// `same_session`) is used from the next handshake on, which starts at
+    /// the next tick; until it completes, the live session goes on carrying
+    /// traffic, so a rotation loses nothing.
     pub fn updated(&self, spec: &PeerSpec) -> Self {
         if spec.endpoint != self.configured_endpoint {
             if let Some(ep) = spec.endpoint {

@@ -775,6 +775,42 @@ mod tests {
     }
 
     #[test]
+    fn key_age_and_underlay_mtu_annotations_are_read_and_bad_ones_named() {
+        let k = Box::leak(key(2).to_base64().into_boxed_str());
+        let b = |created: &'static str, mtu: &'static str| {
+            node(&N {
+                name: "b",
+                age: 1,
+                cidrs: &["10.244.2.0/24"],
+                ann: leak(&[
+                    (ANN_PUBLIC_KEY, k),
+                    (ANN_ENDPOINT, "172.28.0.12:51820"),
+                    (ANN_KEY_CREATED, created),
+                    (ANN_UNDERLAY_MTU, mtu),
+                ]),
+                ip: None,
+            })
+        };
+        let t = run(&[b("2026-12-01T00:00:00Z", "1380")]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        assert_eq!(t.mesh.peers[0].key_created_unix, Some(1_796_083_200));
+        assert_eq!(t.mesh.peers[0].underlay_mtu, Some(1380));
+        // Bad values: each named with its field, ignored, the peer kept.
+        let t = run(&[b("yesterday", "9")]);
+        let fields: Vec<&str> = t.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [ann_field(ANN_KEY_CREATED), ann_field(ANN_UNDERLAY_MTU)],
+            "{:?}",
+            t.problems
+        );
+        assert_eq!(t.problems[1].reason, "InvalidMTU");
+        assert_eq!(t.mesh.peers.len(), 1);
+        assert_eq!(t.mesh.peers[0].key_created_unix, None);
+        assert_eq!(t.mesh.peers[0].underlay_mtu, None);
+    }
+
+    #[test]
     fn own_node_and_endpoint() {
         let own = key(1).to_base64();
         let nodes = vec![node(&N {
