@@ -231,6 +231,15 @@ pub fn render_status(s: &Status, now: u64) -> String {
             let _ = writeln!(out, "start:       {kind}");
         }
     }
+    if let Some(f) = &s.handovers.last_failure {
+        let _ = writeln!(
+            out,
+            "handover:    {} failed, the last {} s ago: {}",
+            s.handovers.failed,
+            crate::model::unix_now().saturating_sub(f.at_unix),
+            f.message
+        );
+    }
     for p in &s.host_problems {
         let _ = writeln!(out, "host:        PROBLEM: {p}");
     }

@@ -93,6 +93,8 @@ pub struct Daemon<H, C> {
     pub paths: hostnet::HostNet,
     /// The path MTUs last found, by peer.
     pub path_mtus: std::collections::BTreeMap<String, u16>,
+    /// Handovers to a successor that failed, and the last one's why.
+    pub handovers: crate::status::HandoverStatus,
 }
 
 async fn accept(l: &Option<tokio::net::UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
@@ -169,8 +171,8 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 _ = path_check.tick() => self.check_paths().await,
                 conn = accept(&self.handover) => match conn {
                     Ok(conn) => {
-                        if let Err(e) = self.hand_over(conn) {
-                            warn!(error = %e, "handover did not happen; this router goes on serving");
+                        if let Err(f) = self.hand_over(conn) {
+                            self.report_handover(&f, &requests);
                         }
                     }
                     Err(e) => warn!(error = %e, "handover socket"),
@@ -224,20 +226,31 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         }
     }
 
-    /// Serves one successor (see `handover`): on success the process exits
-    /// here, leaving device, routes, sockets and sessions to it; on any
-    /// failure the workers run again and the error says why.
-    fn hand_over(&mut self, conn: tokio::net::UnixStream) -> Result<(), HandoverError> {
-        let sock = conn.into_std()?;
-        sock.set_nonblocking(false)?;
-        let hello = handover::read_hello(&sock)?;
+    /// Serves one successor (see `handover`). When the successor forwards,
+    /// this process exits here (or parks), leaving device, routes, sockets
+    /// and sessions to it. On any failure the workers run again: with the
+    /// same sessions while the successor cannot have sealed (no Ack yet),
+    /// with fresh handshakes once it may have; the failure says at which
+    /// step and why.
+    fn hand_over(&mut self, conn: tokio::net::UnixStream) -> Result<(), HandoverFailure> {
+        use handover::{Outcome, Progress, Released, LEGACY_FORMAT};
+        let early = |why: String| HandoverFailure {
+            step: "before the state was sent",
+            why,
+            resumed: Resumed::NotStopped,
+        };
+        let sock = conn
+            .into_std()
+            .and_then(|s| s.set_nonblocking(false).map(|()| s))
+            .map_err(|e| early(e.to_string()))?;
+        let hello = handover::read_hello(&sock).map_err(|e| early(e.to_string()))?;
         let refuse = |why: String| {
             let _ = handover::send(&sock, &Reply::Refuse(why.clone()), &[]);
-            HandoverError::Refused(why)
+            early(format!("refused: {why}"))
         };
-        if hello.format != handover::FORMAT {
+        if hello.format != handover::FORMAT && hello.format != LEGACY_FORMAT {
             return Err(refuse(format!(
-                "the new router speaks handover format {}, this one {}",
+                "the new router speaks handover format {}, this one {} (or {LEGACY_FORMAT})",
                 hello.format,
                 handover::FORMAT
             )));
@@ -249,20 +262,20 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             return Err(refuse("this router's queues cannot be handed over".into()));
         };
         let (tun_offload, udp_offload) = (tun0.offload(), udp0.offloads().1);
-        info!(pid = hello.pid, "handing over to a new router");
-        // From here on nothing is read or sealed until the answer.
-        self.stop.store(true, Ordering::Relaxed);
-        self.dp.wake_workers();
-        for h in self.workers.drain(..) {
-            let _ = h.join();
-        }
+        info!(
+            pid = hello.pid,
+            format = hello.format,
+            "handing over to a new router"
+        );
+        // From here on nothing is read or sealed until it commits or resumes.
+        self.stop_workers();
         let stopped_unix_nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let sessions = self.dp.export_sessions(handover::COUNTER_MARGIN);
         let state = handover::State {
-            format: handover::FORMAT,
+            format: hello.format,
             pid: std::process::id(),
             stopped_unix_nanos,
             public_key: self.dp.public_key().to_base64(),
@@ -286,36 +299,93 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 Answer::Nack(why) => Err(HandoverError::Nack(why)),
             }
         });
-        match answered {
-            Ok(()) => {
-                // Committed: this process never seals again. Not
-                // `shutdown`: the device, the routes, the API socket's path
-                // and the sockets are the new router's now.
-                let _ = handover::send(
-                    &sock,
-                    &handover::Released {
-                        pid: std::process::id(),
-                    },
-                    &[],
-                );
-                info!(pid = hello.pid, peers = sessions.len(), after = ?self.settings.after_handover, "handed over");
-                if self.settings.after_handover == handover::AfterHandover::Wait {
-                    // Every descriptor is close-on-exec: the parked image
-                    // holds none of them.
-                    let e = handover::park();
-                    error!(error = %e, "could not park after the handover; exiting");
-                }
-                std::process::exit(0);
+        if let Err(e) = answered {
+            // The successor sealed nothing: the sessions go on as they were.
+            self.resume(false);
+            return Err(HandoverFailure {
+                step: "before its Ack",
+                why: silence(&e, handover::ACK_TIMEOUT),
+                resumed: Resumed::SameSessions,
+            });
+        }
+        let released = handover::send(
+            &sock,
+            &Released {
+                pid: std::process::id(),
+            },
+            &[],
+        );
+        if hello.format == LEGACY_FORMAT {
+            // That version starts its workers at Released: committed now.
+            warn!(
+                pid = hello.pid,
+                "the new router speaks the legacy handover format: committing at its Ack"
+            );
+            self.commit(hello.pid, sessions.len());
+        }
+        // From Released on the successor may seal: a failure now means
+        // fresh sessions. Until Forwarding, everything to resume is here.
+        let forwarding = released
+            .and_then(|()| {
+                sock.set_read_timeout(Some(handover::FORWARD_TIMEOUT))?;
+                handover::recv::<Progress>(&sock)
+            })
+            .map(|(p, _)| p);
+        match forwarding {
+            Ok(Progress::Forwarding) => {
+                let _ = handover::send(&sock, &Outcome::Committed, &[]);
+                self.commit(hello.pid, sessions.len())
             }
             Err(e) => {
-                self.resume();
-                Err(e)
+                let why = silence(&e, handover::FORWARD_TIMEOUT);
+                let _ = handover::send(&sock, &Outcome::Resuming(why.clone()), &[]);
+                drop(sock);
+                self.resume(true);
+                Err(HandoverFailure {
+                    step: "after its Ack, before it was forwarding",
+                    why,
+                    resumed: Resumed::FreshSessions,
+                })
             }
         }
     }
 
-    /// Starts the workers again on the same queues (a handover that failed).
-    fn resume(&mut self) {
+    /// The handover is committed: this process never seals again. Not
+    /// `shutdown`: the device, the routes, the API socket's path and the
+    /// sockets are the new router's now.
+    fn commit(&self, pid: u32, peers: usize) -> ! {
+        info!(pid, peers, after = ?self.settings.after_handover, "handed over");
+        if self.settings.after_handover == handover::AfterHandover::Wait {
+            // Every descriptor is close-on-exec: the parked image holds
+            // none of them.
+            let e = handover::park();
+            error!(error = %e, "could not park after the handover; exiting");
+        }
+        std::process::exit(0);
+    }
+
+    /// Stops the data-plane workers and waits for them.
+    fn stop_workers(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.dp.wake_workers();
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+
+    /// Starts the workers again on the same queues (a handover that
+    /// failed). `fresh`: every session is dropped first and every peer
+    /// handshaken with at once, because the successor may have sealed with
+    /// those keys.
+    fn resume(&mut self, fresh: bool) {
+        if fresh {
+            let peers = self.dp.fresh_sessions();
+            self.dp.first_tick_at_once.store(true, Ordering::Relaxed);
+            info!(
+                peers,
+                "sessions dropped: handshaking afresh with every peer"
+            );
+        }
         let io = status::queue_io(&self.queues);
         self.stop = Arc::new(AtomicBool::new(false));
         match self.dp.spawn(&io, Arc::clone(&self.stop)) {
@@ -325,6 +395,27 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             }
             Err(e) => error!(error = %e, "starting the workers again failed; /healthz fails"),
         }
+    }
+
+    /// A failed handover: in the log, status, metrics and an Event on
+    /// this router's Node.
+    fn report_handover(&mut self, f: &HandoverFailure, requests: &mpsc::UnboundedSender<Request>) {
+        warn!(step = f.step, reason = %f.why, resumed = f.resumed.text(), "handover failed; this router goes on serving");
+        let reason = if f.resumed == Resumed::NotStopped {
+            "HandoverRefused"
+        } else {
+            "HandoverFailed"
+        };
+        self.health
+            .handover_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let message = f.to_string();
+        self.handovers.failed += 1;
+        self.handovers.last_failure = Some(crate::status::HandoverFailureStatus {
+            at_unix: unix_now(),
+            message: message.clone(),
+        });
+        let _ = requests.send(Request::Event { reason, message });
     }
 
     /// Each peer's path MTU: the MTU of the route to its endpoint (a path
@@ -430,6 +521,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                     .rotation
                     .status(&self.dp, self.announced_next_key().as_deref()),
                 mtu: self.settings.mtu,
+                handovers: self.handovers.clone(),
             },
         );
         if let Ok(mut k) = self.health.key.lock() {
@@ -450,10 +542,60 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         if let Some(sock) = &self.settings.uapi_socket {
             let _ = std::fs::remove_file(sock);
         }
-        self.stop.store(true, Ordering::Relaxed);
-        self.dp.wake_workers();
-        for h in self.workers.drain(..) {
-            let _ = h.join();
+        self.stop_workers();
+    }
+}
+
+/// How a failed handover left this router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumed {
+    /// It had not stopped yet (a refused or broken Hello).
+    NotStopped,
+    /// It resumed with its sessions: the successor sealed nothing.
+    SameSessions,
+    /// It resumed with fresh handshakes: the successor may have sealed.
+    FreshSessions,
+}
+
+impl Resumed {
+    pub fn text(self) -> &'static str {
+        match self {
+            Resumed::NotStopped => "never stopped",
+            Resumed::SameSessions => "resumed with its sessions",
+            Resumed::FreshSessions => "resumed with fresh handshakes with every peer",
         }
+    }
+}
+
+/// A handover that did not happen, and where it broke off.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("a new router took over and failed {step}: {why}; this router {}", .resumed.text())]
+pub struct HandoverFailure {
+    pub step: &'static str,
+    pub why: String,
+    pub resumed: Resumed,
+}
+
+/// What a successor's failure to answer says: silent for the whole
+/// timeout, gone, or something else.
+fn silence(e: &HandoverError, timeout: Duration) -> String {
+    match e {
+        HandoverError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!("it said nothing for {} s", timeout.as_secs_f32())
+        }
+        HandoverError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            "it closed the handover socket (it exited or died)".into()
+        }
+        other => other.to_string(),
     }
 }

@@ -9,6 +9,7 @@
 //! valid key, endpoint and CIDR are the `tunmesh-contract` crate's, shared
 //! with the plugin.
 
+pub mod app;
 pub mod ctl;
 pub mod daemon;
 pub mod dataplane;

@@ -48,6 +48,8 @@ pub struct Health {
     pub host_problems: AtomicU64,
     /// The node's key, as of the main loop's last tick.
     pub key: Mutex<crate::rotation::KeyStatus>,
+    /// Handovers to a new router that failed (this one resumed).
+    pub handover_failures: AtomicU64,
 }
 
 /// The main loop is considered stuck after this long without a tick.
@@ -71,6 +73,7 @@ impl Health {
             queues: Mutex::new(Vec::new()),
             host_problems: AtomicU64::new(0),
             key: Mutex::new(Default::default()),
+            handover_failures: AtomicU64::new(0),
         })
     }
 
@@ -194,6 +197,12 @@ impl Health {
             "key_rotations",
             "Key rotations this router completed",
             key.rotations,
+        );
+        counter(
+            &mut reg,
+            "handover_failures",
+            "Handovers to a new router on this node that failed: this router resumed (tunmesh-ctl status says at which step and why)",
+            self.handover_failures.load(Ordering::Relaxed),
         );
         reg.register(
             "peer_tx_bytes",

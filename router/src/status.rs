@@ -90,6 +90,24 @@ pub struct Status {
     /// The TUN device's and pods' MTU.
     #[serde(default)]
     pub mtu: u16,
+    /// Handovers to a new router on this node that failed (this router
+    /// resumed), and why the last one did.
+    #[serde(default)]
+    pub handovers: HandoverStatus,
+}
+
+/// Handovers that did not happen, as the router that resumed saw them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandoverStatus {
+    pub failed: u64,
+    pub last_failure: Option<HandoverFailureStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandoverFailureStatus {
+    pub at_unix: u64,
+    /// Which step it broke off at, why, and how this router resumed.
+    pub message: String,
 }
 
 /// Peer statuses from the data plane's current table.
@@ -174,6 +192,7 @@ pub struct Context<'a> {
     pub start: &'a crate::warm::StartStatus,
     pub key: crate::rotation::KeyStatus,
     pub mtu: u16,
+    pub handovers: HandoverStatus,
 }
 
 impl Status {
@@ -196,6 +215,7 @@ impl Status {
             start: c.start.clone(),
             key: c.key,
             mtu: c.mtu,
+            handovers: c.handovers,
         }
     }
 }

@@ -149,6 +149,13 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
         },
         key: Default::default(),
         mtu: 1420,
+        handovers: tunmesh_router::status::HandoverStatus {
+            failed: 2,
+            last_failure: Some(tunmesh_router::status::HandoverFailureStatus {
+                at_unix: tunmesh_router::status::unix_now(),
+                message: "a new router took over and failed after its Ack: gone".into(),
+            }),
+        },
     }
     .write(&dir)
     .unwrap();
@@ -164,6 +171,10 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
         text.contains(
             "start:       cold: cache refused: warm-start cache /x/mesh-cache.json is corrupt"
         ),
+        "{text}"
+    );
+    assert!(
+        text.contains("handover:    2 failed, the last 0 s ago: a new router took over and failed after its Ack: gone"),
         "{text}"
     );
     let line = text

@@ -311,3 +311,207 @@ fn a_new_router_takes_over_without_losing_a_packet() {
     probe.stop();
     lab.down().unwrap();
 }
+
+/// The state letter of process `pid` (`T` when stopped), if it is there.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// Node `node`'s `replay` drops (a data message whose counter was seen
+/// already: what a reused nonce looks like at the receiver).
+fn replays(lab: &Lab, node: &str) -> u64 {
+    let st = lab.fresh_status(node).expect("status");
+    st.counters.drops.get("replay").copied().unwrap_or(0)
+}
+
+/// The routers holding node `ns`'s UDP port, by pid (`ss`).
+fn port_holders(ns: &str) -> Vec<u32> {
+    let out = netns::exec(ns, "ss", &["-Hunap", "sport", "=", ":51820"]).unwrap_or_default();
+    let mut pids: Vec<u32> = out
+        .split("pid=")
+        .skip(1)
+        .filter_map(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    pids.sort();
+    pids.dedup();
+    pids
+}
+
+/// Issue 24: the handover commits only once the successor forwards. A
+/// successor killed at each step of the handover (it stops itself there,
+/// a test-build fault, and the test SIGKILLs it), one that panics right
+/// after taking over, and one silent past the timeout: every time the old
+/// router goes on serving, pods on two nodes keep talking with at most
+/// 100 ms of silence, node-2 sees no replayed counter (no (key, counter)
+/// pair used twice), and node-1 ends with one router, holding the port.
+#[test]
+fn a_successor_that_dies_at_any_step_leaves_the_old_router_serving() {
+    if !require_root("a_successor_that_dies_at_any_step_leaves_the_old_router_serving") {
+        return;
+    }
+    let mut lab = Lab::for_test(2, 1);
+    let a = lab.pod("node-1-pod-1").unwrap().clone();
+    let b = lab.pod("node-2-pod-1").unwrap().clone();
+    let node1 = lab.node("node-1").unwrap().clone();
+    let faults = lab.faults_bin();
+    assert!(faults.is_file(), "{} is missing", faults.display());
+    let invocation = lab
+        .router_invocation(0, &lab.state.router_args.clone())
+        .unwrap();
+    let old = lab.state.nodes[0].router_pid.unwrap();
+    let probe = Probe::start(&a.ns, &b.ns, b.ipv4);
+    probe.wait_echo_after(Instant::now(), "before the first handover");
+    // Traffic both ways besides the probe, so that a successor that ran its
+    // workers has sealed with the handed-over sessions.
+    let (an, bn, bip) = (a.ns.clone(), b.ns.clone(), b.ipv4);
+    let iperf = std::thread::spawn(move || {
+        tunmesh_lab::checks::iperf3(&an, &bn, bip.into(), 40, &["-b", "300M"])
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut failures = 0;
+    let mut longest = Duration::ZERO;
+    let cases: Vec<(String, bool)> = handover::Step::ALL
+        .iter()
+        .map(|s| (format!("stop:{s}"), true))
+        .chain([("panic:after-workers".to_string(), false)])
+        .collect();
+    for (fault, stops) in &cases {
+        let replays_before = replays(&lab, "node-2");
+        let t0 = Instant::now();
+        lab.spawn_router_as(0, &faults, &invocation, &[("TUNMESH_TEST_FAULT", fault)])
+            .unwrap();
+        let successor = lab.state.nodes[0].router_pid.unwrap();
+        if *stops {
+            let stopped = netns::wait_for(Duration::from_secs(20), || {
+                (proc_state(successor) == Some('T')).then_some(())
+            });
+            assert!(
+                stopped.is_some(),
+                "{fault}: the successor never reached its step (state {:?}); node-1's log:\n{}",
+                proc_state(successor),
+                std::fs::read_to_string(&node1.log).unwrap_or_default()
+            );
+            // SAFETY: killing the successor this test started.
+            unsafe { libc::kill(successor as i32, libc::SIGKILL) };
+        }
+        assert!(
+            netns::wait_exit(successor, Duration::from_secs(10)).is_some(),
+            "{fault}: the successor is still there"
+        );
+        probe.wait_echo_after(Instant::now(), fault);
+        std::thread::sleep(Duration::from_millis(500));
+        let silence = probe.silence(t0, Instant::now()).unwrap();
+        longest = longest.max(silence);
+        failures += 1;
+        let st = lab
+            .wait_status("node-1", Duration::from_secs(5), |s| {
+                s.handovers.failed == failures
+            })
+            .unwrap_or_else(|| {
+                panic!("{fault}: node-1's router does not report the failed handover")
+            });
+        let why = st.handovers.last_failure.clone().unwrap().message;
+        let replayed = replays(&lab, "node-2") - replays_before;
+        eprintln!(
+            "{fault}: the old router resumed; longest silence {:.1} ms; node-2 replay drops +{replayed}; {why}",
+            silence.as_secs_f64() * 1e3
+        );
+        assert!(netns::is_running(old), "{fault}: the old router exited");
+        assert_eq!(
+            port_holders(&node1.ns),
+            vec![old],
+            "{fault}: not the old router alone holding node-1's port"
+        );
+        assert!(
+            silence <= Duration::from_millis(100),
+            "{fault}: pods were silent for {silence:?}"
+        );
+        assert_eq!(replayed, 0, "{fault}: node-2 saw replayed counters");
+        let after_ack = !matches!(fault.as_str(), "stop:after-hello" | "stop:after-state");
+        assert_eq!(
+            why.contains("fresh handshakes"),
+            after_ack,
+            "{fault}: resumed the wrong way: {why}"
+        );
+    }
+    lab.state.nodes[0].router_pid = Some(old);
+
+    // Silent past the timeout: stopped after its Ack and not killed. The
+    // old router resumes by itself after FORWARD_TIMEOUT; the successor,
+    // continued afterwards, hears that it resumed and exits without
+    // taking the node.
+    let replays_before = replays(&lab, "node-2");
+    lab.spawn_router_as(
+        0,
+        &faults,
+        &invocation,
+        &[("TUNMESH_TEST_FAULT", "stop:after-ack")],
+    )
+    .unwrap();
+    let successor = lab.state.nodes[0].router_pid.unwrap();
+    netns::wait_for(Duration::from_secs(20), || {
+        (proc_state(successor) == Some('T')).then_some(())
+    })
+    .expect("the successor stops after its Ack");
+    failures += 1;
+    lab.wait_status("node-1", Duration::from_secs(10), |s| {
+        s.handovers.failed == failures
+    })
+    .expect("the old router resumes by itself once the successor is silent past the timeout");
+    let resumed = Instant::now();
+    // SAFETY: continuing the successor this test stopped.
+    unsafe { libc::kill(successor as i32, libc::SIGCONT) };
+    assert!(
+        netns::wait_exit(successor, Duration::from_secs(10)).is_some(),
+        "the continued successor did not give up"
+    );
+    let log = std::fs::read_to_string(&node1.log).unwrap_or_default();
+    assert!(
+        log.contains("took the node back"),
+        "the continued successor's log does not say why it stopped"
+    );
+    probe.wait_echo_after(resumed, "after the silent successor");
+    lab.state.nodes[0].router_pid = Some(old);
+    assert_eq!(port_holders(&node1.ns), vec![old]);
+    assert_eq!(
+        replays(&lab, "node-2") - replays_before,
+        0,
+        "node-2 saw replayed counters"
+    );
+    eprintln!(
+        "a successor silent past the timeout: the old router resumed by itself; the successor, continued, stopped"
+    );
+
+    // And a good successor still takes over, with the old router parked.
+    let t = Instant::now();
+    lab.spawn_router(0, &invocation).unwrap();
+    let new = lab.state.nodes[0].router_pid.unwrap();
+    assert!(netns::wait_exit(old, Duration::from_secs(10)).is_some());
+    let st = lab
+        .wait_status("node-1", Duration::from_secs(10), |s| {
+            s.start.kind == "handover"
+        })
+        .expect("the new router took over");
+    probe.wait_echo_after(Instant::now(), "after the good handover");
+    std::thread::sleep(Duration::from_millis(500));
+    let silence = probe.silence(t, Instant::now()).unwrap();
+    assert!(silence <= Duration::from_millis(100), "{silence:?}");
+    assert_eq!(port_holders(&node1.ns), vec![new]);
+    eprintln!(
+        "successors killed at {} steps and one panicking: the old router resumed each time, longest silence {:.1} ms; \
+         then a good successor took over ({} us gap)",
+        handover::Step::ALL.len(),
+        longest.as_secs_f64() * 1e3,
+        st.start.handover_gap_us.unwrap_or(0)
+    );
+    let _ = iperf.join();
+    probe.stop();
+    lab.down().unwrap();
+}

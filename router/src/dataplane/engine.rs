@@ -120,6 +120,9 @@ pub struct Dataplane {
     /// are to stop, so they stop at once rather than within `POLL` (none if
     /// the kernel refused one: they then notice within `POLL`).
     pub(super) wake: Option<std::os::fd::OwnedFd>,
+    /// Worker threads of the current generation that have entered their
+    /// loops (a successor says it is forwarding once all of them have).
+    pub(super) running: std::sync::atomic::AtomicUsize,
     /// Sessions handed over by the previous process, taken by the peers the
     /// next `apply` creates (by name and key).
     adopt: Mutex<std::collections::HashMap<String, PeerSession>>,
@@ -159,6 +162,7 @@ impl Dataplane {
             workers: Mutex::new(Vec::new()),
             first_tick_at_once: std::sync::atomic::AtomicBool::new(false),
             wake: super::eventfd(),
+            running: std::sync::atomic::AtomicUsize::new(0),
             adopt: Mutex::new(std::collections::HashMap::new()),
             // Room for the largest inner packet plus WireGuard's overhead, and
             // never less than a handshake initiation (148 bytes).
@@ -321,6 +325,40 @@ impl Dataplane {
                 }
             })
             .collect()
+    }
+
+    /// Drops every peer's sessions: each gets a new session index and a
+    /// new `Tunn`, and handshakes at the next tick (when its endpoint is
+    /// known). For a router resuming after a successor that may have sealed
+    /// with the old keys: nothing sealed from here on can share a nonce with
+    /// what it sent, and nothing it received can be replayed here. Counters
+    /// and path MTUs stay. Returns how many peers there are.
+    pub fn fresh_sessions(&self) -> usize {
+        let _guard = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.table.load_full();
+        let mut peers = Vec::with_capacity(old.peers.len());
+        let mut taken: std::collections::HashSet<u32> = std::collections::HashSet::new();
+        for p in &old.peers {
+            let index = loop {
+                let i = self.new_index(&old);
+                if taken.insert(i) {
+                    break i;
+                }
+            };
+            let keys = self.keys.load();
+            let tunn = Tunn::new(
+                keys.current.secret.clone(),
+                x25519::PublicKey::from(*p.public_key.as_bytes()),
+                None,
+                p.persistent_keepalive,
+                index,
+                Some(Arc::clone(&keys.current.limiter)),
+            );
+            peers.push(Arc::new(p.fresh(index, tunn)));
+        }
+        let n = peers.len();
+        self.table.store(Arc::new(PeerTable::new(peers)));
+        n
     }
 
     /// Hands the peers the next `apply` creates these sessions (matched by

@@ -134,6 +134,35 @@ impl Peer {
         }
     }
 
+    /// The same peer with a new session (`index`, `tunn`): its current
+    /// endpoint, path MTU and counters kept, a handshake at the next tick.
+    pub fn fresh(&self, index: u32, tunn: Tunn) -> Self {
+        let (endpoint, path_mtu) = {
+            let st = self.lock();
+            (st.endpoint, st.path_mtu)
+        };
+        Peer {
+            name: self.name.clone(),
+            public_key: self.public_key,
+            index,
+            allowed_ips: self.allowed_ips.clone(),
+            node_addresses: self.node_addresses.clone(),
+            persistent_keepalive: self.persistent_keepalive,
+            configured_endpoint: self.configured_endpoint,
+            key_created_unix: self.key_created_unix,
+            state: Arc::new(Mutex::new(PeerState {
+                tunn,
+                endpoint,
+                initiate: endpoint.is_some(),
+                waiting: 0,
+                flush: false,
+                confirmed_key: None,
+                path_mtu,
+            })),
+            counters: Arc::clone(&self.counters),
+        }
+    }
+
     /// Locks the session. A poisoned lock (a panic elsewhere while holding
     /// it) still yields the state: the session data stays usable.
     #[inline]

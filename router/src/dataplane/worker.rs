@@ -56,6 +56,7 @@ impl Dataplane {
             ));
         };
         self.rearm();
+        self.running.store(0, Ordering::Relaxed);
         // A new generation: the slots of workers stopped before are gone.
         self.workers
             .lock()
@@ -144,6 +145,20 @@ impl Dataplane {
         }
     }
 
+    /// Waits until every worker of the current generation (`spawn`'s
+    /// queues and the timer thread) has entered its loop, for at most
+    /// `timeout`; whether they all did.
+    pub fn wait_running(&self, workers: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.running.load(Ordering::Relaxed) < workers {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        true
+    }
+
     /// The data-plane threads and how each is doing.
     pub fn workers(&self) -> Vec<WorkerSlot> {
         self.workers
@@ -191,6 +206,7 @@ impl Dataplane {
         let mut udp_errors = ErrorLog::new("receiving UDP");
         let mut poll_errors = ErrorLog::new("waiting for packets");
         let fds = tun.raw_fd().zip(udp.raw_fd());
+        self.running.fetch_add(1, Ordering::Relaxed);
         while !stop.load(Ordering::Relaxed) {
             let mut busy = false;
             let got = udp.recv_batch(&mut from_udp, Duration::ZERO);
@@ -244,6 +260,7 @@ impl Dataplane {
         // initiations go now, not a tick later. (Not on a cold start: nodes
         // starting together would cross their initiations for nothing.)
         let mut first = self.first_tick_at_once.load(Ordering::Relaxed);
+        self.running.fetch_add(1, Ordering::Relaxed);
         while !stop.load(Ordering::Relaxed) {
             if !std::mem::take(&mut first) {
                 match self.wake_fd() {

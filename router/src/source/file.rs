@@ -203,7 +203,12 @@ impl PeerSource for FileSource {
     ) -> SourceTask {
         Box::pin(async move {
             publish(&updates, self.snapshot(self.file.mesh.clone()));
-            while let Some(Request::Reload) = requests.recv().await {
+            while let Some(req) = requests.recv().await {
+                if let Request::Event { reason, message } = req {
+                    // No API to record it in: the log holds it.
+                    warn!(reason, "{message}");
+                    continue;
+                }
                 let (ok, message) = match self.reload() {
                     Ok((snap, message)) => {
                         info!(file = %self.path.display(), result = %message, "mesh file reloaded");

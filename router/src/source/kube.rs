@@ -283,6 +283,16 @@ async fn run(
                     info!("reload asked for: nothing to reload (Node objects are watched continuously)");
                     false
                 }
+                Some(Request::Event { reason, message }) => {
+                    let own = st.settings.node_name.clone();
+                    let uid = store
+                        .state()
+                        .iter()
+                        .find(|n| n.metadata.name.as_deref() == Some(own.as_str()))
+                        .and_then(|n| n.metadata.uid.clone());
+                    st.emit(&own, uid, None, reason, message);
+                    false
+                }
                 // The router is gone.
                 None => return,
             },
@@ -505,23 +515,41 @@ impl SourceState {
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(p.node.as_str()))
             .and_then(|n| n.metadata.uid.clone());
+        self.emit(
+            &p.node,
+            uid,
+            Some(p.field.clone()),
+            p.reason,
+            format!("{}: {}", p.field, p.message),
+        );
+    }
+
+    /// Records a Warning Event on Node `node`, in the background.
+    fn emit(
+        &self,
+        node: &str,
+        uid: Option<String>,
+        field: Option<String>,
+        reason: &'static str,
+        message: String,
+    ) {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let ev = Event {
             metadata: ObjectMeta {
-                generate_name: Some(format!("{}.tunmesh.", p.node)),
+                generate_name: Some(format!("{node}.tunmesh.")),
                 namespace: Some(EVENT_NAMESPACE.into()),
                 ..Default::default()
             },
             involved_object: ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Node".into()),
-                name: Some(p.node.clone()),
+                name: Some(node.to_string()),
                 uid,
-                field_path: Some(p.field.clone()),
+                field_path: field,
                 ..Default::default()
             },
-            reason: Some(p.reason.into()),
-            message: Some(format!("{}: {}", p.field, p.message)),
+            reason: Some(reason.into()),
+            message: Some(message),
             type_: Some("Warning".into()),
             source: Some(EventSource {
                 component: Some("tunmesh-router".into()),
@@ -535,7 +563,7 @@ impl SourceState {
             ..Default::default()
         };
         let api = self.events_api.clone();
-        let node = p.node.clone();
+        let node = node.to_string();
         tokio::spawn(async move {
             if let Err(e) = api.create(&PostParams::default(), &ev).await {
                 warn!(%node, error = %explain(&e), "recording an Event failed");

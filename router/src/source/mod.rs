@@ -21,10 +21,16 @@ pub mod kube;
 pub mod nodes;
 
 /// What the router asks of its source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Read the configuration again (SIGHUP).
     Reload,
+    /// Tell the operator, where this source can (a Warning Event on this
+    /// router's Node; the log only, with a mesh file).
+    Event {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// The channel a source publishes on: the latest snapshot (`None` until it

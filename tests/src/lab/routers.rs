@@ -79,15 +79,38 @@ impl Lab {
     /// Starts node `i`'s router with an invocation made beforehand by
     /// `router_invocation` (a restart measured from a fault spawns at once,
     /// without reading the ConfigMap first).
-    pub fn spawn_router(&mut self, i: usize, (args, env): &(Vec<String>, Env)) -> Result<()> {
+    pub fn spawn_router(&mut self, i: usize, invocation: &(Vec<String>, Env)) -> Result<()> {
+        let bin = self.state.router_bin.clone();
+        self.spawn_router_as(i, &bin, invocation, &[])
+    }
+
+    /// Starts `bin` as node `i`'s router (the test build with faults, say)
+    /// with `invocation` and `extra_env` besides; records its PID.
+    pub fn spawn_router_as(
+        &mut self,
+        i: usize,
+        bin: &std::path::Path,
+        (args, env): &(Vec<String>, Env),
+        extra_env: &[(&str, &str)],
+    ) -> Result<()> {
         let n = &self.state.nodes[i];
         // A previous run's status would look like this one's.
         let _ = std::fs::remove_file(n.state_dir.join(tunmesh_router::status::STATUS_FILE));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let child = netns::spawn(&n.ns, &self.state.router_bin, &args, &env, &n.log)?;
+        let mut env: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        env.extend_from_slice(extra_env);
+        let child = netns::spawn(&n.ns, bin, &args, &env, &n.log)?;
         self.state.nodes[i].router_pid = Some(child.id());
         self.save()
+    }
+
+    /// The router built for tests with handover faults
+    /// (`tunmesh-router-faults`), next to the lab's router.
+    pub fn faults_bin(&self) -> std::path::PathBuf {
+        self.state
+            .router_bin
+            .with_file_name("tunmesh-router-faults")
     }
 
     /// The arguments and environment node `i`'s router runs with: its own

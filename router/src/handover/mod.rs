@@ -1,31 +1,53 @@
 //! Handover: a starting router takes the running one's place without a
-//! packet lost and without a new handshake.
+//! packet lost and without a new handshake, and commits only once it
+//! forwards: a new version that dies right after taking over leaves the
+//! node to the old router, not to nobody.
 //!
 //! The running router listens on `<state-dir>/handover.sock` (0600). A new
 //! one that finds it there connects and, over that stream:
 //!
 //! ```text
 //! new  -> old   Hello { format, pid }
-//! old           refuses (Refuse: another format) and goes on, or stops its
-//!               workers (nothing is read or sealed from here on)
+//! old           refuses (Refuse: a format it does not speak) and goes on,
+//!               or stops its workers (nothing is read or sealed from here on)
 //! old  -> new   State (the mesh, every peer's live session with its send
 //!               counters COUNTER_MARGIN ahead) + the TUN queues and UDP
-//!               sockets (SCM_RIGHTS)
+//!               sockets (SCM_RIGHTS); the old keeps its own copies
 //! new  -> old   Ack, or Nack { why } when it cannot use the state
-//! old           on Ack: exits at once (leaving device, routes and sockets
-//!               to the new one); on Nack, an error or no answer within
-//!               ACK_TIMEOUT: starts its workers again and goes on serving
-//! old  -> new   Released, then exits or parks (see `AfterHandover`)
-//! new           after Released (or, without it, once the old process is
-//!               gone) starts its workers; if the old one is still there
-//!               and said nothing, it exits without sending anything
+//! old  -> new   Released: the Ack is taken, the old stays stopped unless
+//!               this handover fails
+//! new           adopts the sessions, starts its workers, and once they run:
+//! new  -> old   Forwarding
+//! old  -> new   Committed, then exits or parks (see `AfterHandover`)
 //! ```
 //!
-//! So at no moment do two processes seal with the same keys: the old one
-//! stops before the state leaves it and resumes only if no Ack came; the
-//! new one seals only once the old one has exited. Packets that arrive
-//! meanwhile wait in the kernel's queues (the same TUN queues and sockets,
-//! now the new process's) and are read by the new workers.
+//! Until Forwarding the old router keeps everything it needs to resume:
+//! its descriptors, its peers and their sessions. It resumes when the new
+//! one refuses (Nack), when no Ack comes within `ACK_TIMEOUT`, when the
+//! socket closes before Forwarding (the new one died), or when Forwarding
+//! does not come within `FORWARD_TIMEOUT` of Released (it then says
+//! `Resuming` first, and the new one, if it is alive after all, stops).
+//!
+//! Nonces: no (key, counter) pair is ever used twice. The old process stops
+//! sealing before the state leaves it; the new one seals with counters
+//! starting `COUNTER_MARGIN` past the old ones, and only after Released. If
+//! the old resumes before it took an Ack, the new one sealed nothing and the
+//! sessions go on as they were. If it resumes after an Ack, the new one may
+//! have sealed any number of packets with those keys: the old router then
+//! drops every session and handshakes afresh with every peer (new keys, new
+//! indices; `Dataplane::fresh_sessions`), so nothing it seals can collide
+//! with what the new one sent, and nothing the new one received can be
+//! replayed to it.
+//!
+//! The new router seals nothing unless Released came: an old router that
+//! gave up on the Ack (and resumed with the sessions it had) closes the
+//! socket instead, and the new one exits without sending anything.
+//! Packets that arrive while neither runs its workers wait in the kernel's
+//! queues (the same TUN queues and sockets) and are read by whichever does.
+//!
+//! A new router that finds an old one speaking format 1 (the protocol
+//! before the commit at Forwarding) takes over in that format: the old one
+//! then commits at the Ack, as it always did.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -40,23 +62,31 @@ use crate::dataplane::PeerSession;
 use crate::source::file::RawFile;
 use crate::PublicKey;
 
+pub mod successor;
+
 /// The socket's file name in the state directory.
 pub const SOCKET: &str = "handover.sock";
-/// The handover format this router speaks (both sides must).
-pub const FORMAT: u32 = 1;
+/// The handover format this router speaks first: the commit at Forwarding.
+pub const FORMAT: u32 = 2;
+/// The format before it (the old router committed at the Ack), still
+/// spoken with a router of that version, either way.
+pub const LEGACY_FORMAT: u32 = 1;
 /// How far ahead of the old process's send counters the new one starts.
 /// The old one sends nothing after the export; the margin is there so that
 /// even a packet sealed by mistake in between could not share a nonce.
 pub const COUNTER_MARGIN: u64 = 1 << 16;
-/// How long the old router waits for the new one's answer.
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the new router waits for the old one's Released (or exit).
-pub const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the old router waits for the new one's answer to the state
+/// (the new one checks it and adopts the descriptors: milliseconds).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the old router waits for Forwarding after Released (the new
+/// one adopts the sessions and starts its workers: milliseconds), and the
+/// new one for Released and for the old one's last word.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most file descriptors one handover carries (queues are at most a
 /// few; two descriptors each).
 pub const MAX_FDS: usize = 64;
 /// The largest message accepted (a mesh of thousands of peers fits).
-const MAX_MESSAGE: u32 = 64 << 20;
+pub const MAX_MESSAGE: u32 = 64 << 20;
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET)
@@ -72,11 +102,34 @@ pub enum HandoverError {
     #[error("the running router refused the handover: {0}")]
     Refused(String),
     #[error("the handed-over state cannot be used: {0}")]
-    Unusable(String),
+    Unusable(#[from] StateError),
+    #[error("a handover message of {0} bytes (at most {MAX_MESSAGE})")]
+    TooLarge(u64),
+    #[error("{got} descriptors came for {queues} queues")]
+    Descriptors { got: usize, queues: usize },
+    #[error("adopting a handed-over descriptor: {0}")]
+    Adopt(#[source] std::io::Error),
     #[error("the new router answered {0}")]
     Nack(String),
-    #[error("the previous router (pid {0}) neither released nor exited after the handover")]
-    OldStayed(u32),
+    #[error("the running router did not confirm our Ack (it may have resumed on its own): {0}")]
+    NotReleased(#[source] Box<HandoverError>),
+    #[error("the running router resumed before this one was forwarding: {0}")]
+    Resumed(String),
+}
+
+/// Why a handed-over state cannot be used, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("format {0}, this router reads {FORMAT}")]
+    Format(u32),
+    #[error("the running router's key is {theirs}, this one's {ours}")]
+    Key { theirs: String, ours: String },
+    #[error("the running router's interface is {theirs}, this one's {ours}")]
+    Interface { theirs: String, ours: String },
+    #[error("no queues")]
+    NoQueues,
+    #[error("{field}: {problem}")]
+    Field { field: String, problem: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,11 +152,91 @@ pub enum Answer {
     Nack(String),
 }
 
-/// The old router's last word: it got the Ack, has stopped for good and
-/// is letting go of everything (exiting, or parking: see `AfterHandover`).
+/// The old router took the Ack: it stays stopped unless this handover
+/// fails (the new one dies or stays silent before Forwarding).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Released {
     pub pid: u32,
+}
+
+/// The new router's workers run: from here on the node is its.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Progress {
+    Forwarding,
+}
+
+/// The old router's last word after Released.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Outcome {
+    /// It lets go of everything (exiting, or parking: `AfterHandover`).
+    Committed,
+    /// Forwarding came too late: it serves again, and the new one must stop.
+    Resuming(String),
+}
+
+/// Where in a handover the new router is: the points a test build can make
+/// it fail at (`Faults`), and what the old one reports a failure after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    /// Hello sent, the state not read yet.
+    AfterHello,
+    /// The state and the descriptors arrived, not answered yet.
+    AfterState,
+    /// Ack sent, Released not read yet.
+    AfterAck,
+    /// Released read: the node is about to be this router's.
+    AfterReleased,
+    /// Sessions adopted and peers in place, workers not started.
+    BeforeWorkers,
+    /// Workers running, Forwarding not sent yet.
+    AfterWorkers,
+}
+
+impl Step {
+    pub const ALL: [Step; 6] = [
+        Step::AfterHello,
+        Step::AfterState,
+        Step::AfterAck,
+        Step::AfterReleased,
+        Step::BeforeWorkers,
+        Step::AfterWorkers,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::AfterHello => "after-hello",
+            Step::AfterState => "after-state",
+            Step::AfterAck => "after-ack",
+            Step::AfterReleased => "after-released",
+            Step::BeforeWorkers => "before-workers",
+            Step::AfterWorkers => "after-workers",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| s.name() == text)
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Faults a test build injects into the new router's side of a handover.
+/// The router itself passes `NoFaults`: nothing in it can trigger one.
+pub trait Faults: Send + Sync {
+    /// Called as the new router reaches `step`.
+    fn at(&self, step: Step);
+}
+
+/// The router's own: no fault anywhere.
+pub struct NoFaults;
+
+impl Faults for NoFaults {
+    fn at(&self, _: Step) {}
 }
 
 /// What the old router does once it has handed over.
@@ -222,23 +355,30 @@ fn b64(bytes: [u8; 32]) -> String {
     PublicKey::from_bytes(bytes).to_base64()
 }
 
-fn key32(text: &str, what: &str) -> Result<[u8; 32], String> {
+fn key32(text: &str, field: String) -> Result<[u8; 32], StateError> {
     PublicKey::from_base64(text)
         .map(|k| *k.as_bytes())
-        .map_err(|e| format!("{what}: {e}"))
+        .map_err(|e| StateError::Field {
+            field,
+            problem: e.to_string(),
+        })
 }
 
 impl WireSession {
-    pub fn to_session(&self) -> Result<PeerSession, String> {
+    pub fn to_session(&self) -> Result<PeerSession, StateError> {
         let label = format!("sessions[{:?}]", self.name);
+        let field = |f: &str, problem: String| StateError::Field {
+            field: format!("{label}.{f}"),
+            problem,
+        };
         let public_key = tunmesh_contract::validate::public_key(&self.public_key)
-            .map_err(|e| format!("{label}.public_key: {e}"))?;
+            .map_err(|e| field("public_key", e.to_string()))?;
         let endpoint = self
             .endpoint
             .as_deref()
             .map(tunmesh_contract::validate::endpoint)
             .transpose()
-            .map_err(|e| format!("{label}.endpoint: {e}"))?;
+            .map_err(|e| field("endpoint", e.to_string()))?;
         let mut sessions = Vec::new();
         for (slot, k) in &self.sessions {
             sessions.push((
@@ -246,8 +386,8 @@ impl WireSession {
                 SessionState {
                     receiving_index: k.receiving_index,
                     sending_index: k.sending_index,
-                    receiving_key: key32(&k.receiving_key, &format!("{label}.receiving_key"))?,
-                    sending_key: key32(&k.sending_key, &format!("{label}.sending_key"))?,
+                    receiving_key: key32(&k.receiving_key, format!("{label}.receiving_key"))?,
+                    sending_key: key32(&k.sending_key, format!("{label}.sending_key"))?,
                     sending_counter: k.sending_counter,
                     replay_next: k.replay_next,
                     replay_received: k.replay_received,
@@ -293,7 +433,7 @@ pub fn send<T: Serialize>(
     let len = u32::try_from(body.len())
         .ok()
         .filter(|l| *l <= MAX_MESSAGE)
-        .ok_or_else(|| HandoverError::Unusable("message too large".into()))?;
+        .ok_or(HandoverError::TooLarge(body.len() as u64))?;
     let mut head = len.to_be_bytes();
     send_with_fds(sock, &mut head, fds)?;
     (&*sock).write_all(&body)?;
@@ -312,7 +452,7 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
     (&*sock).read_exact(&mut head[n..])?;
     let len = u32::from_be_bytes(head);
     if len > MAX_MESSAGE {
-        return Err(HandoverError::Unusable(format!("a message of {len} bytes")));
+        return Err(HandoverError::TooLarge(u64::from(len)));
     }
     let mut body = vec![0u8; len as usize];
     (&*sock).read_exact(&mut body)?;
@@ -472,25 +612,24 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Checks a received state against this router; why not, if it does not fit.
-pub fn check(st: &State, public_key: &PublicKey, interface: &str) -> Result<(), String> {
-    if st.format != FORMAT {
-        return Err(format!("format {}, this router reads {FORMAT}", st.format));
+pub fn check(st: &State, public_key: &PublicKey, interface: &str) -> Result<(), StateError> {
+    if st.format != FORMAT && st.format != LEGACY_FORMAT {
+        return Err(StateError::Format(st.format));
     }
     if st.public_key != public_key.to_base64() {
-        return Err(format!(
-            "the running router's key is {}, this one's {}",
-            st.public_key,
-            public_key.to_base64()
-        ));
+        return Err(StateError::Key {
+            theirs: st.public_key.clone(),
+            ours: public_key.to_base64(),
+        });
     }
     if st.interface != interface {
-        return Err(format!(
-            "the running router's interface is {}, this one's {interface}",
-            st.interface
-        ));
+        return Err(StateError::Interface {
+            theirs: st.interface.clone(),
+            ours: interface.to_string(),
+        });
     }
     if st.queues == 0 {
-        return Err("no queues".into());
+        return Err(StateError::NoQueues);
     }
     Ok(())
 }

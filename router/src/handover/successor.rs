@@ -1,0 +1,202 @@
+//! The new router's side of a handover: ask the running one, take its
+//! state and descriptors, and, once this router's workers run, tell it so
+//! (`Forwarding`), which is when the node becomes this router's.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::{
+    check, recv, send, socket_path, Answer, Faults, HandoverError, Hello, Outcome, Progress,
+    Released, Reply, State, Step, FORMAT, FORWARD_TIMEOUT, LEGACY_FORMAT,
+};
+use crate::dataplane::tun::TunDevice;
+use crate::dataplane::udp::UdpSocket;
+use crate::dataplane::PeerSession;
+use crate::model::Snapshot;
+use crate::status::RealQueue;
+use crate::PublicKey;
+
+/// How long a starting router keeps trying to reach a running one whose
+/// handover socket is there but which handed over to someone else first
+/// (two new routers at once: the second takes over from the first).
+const HANDOVER_RETRY: Duration = Duration::from_secs(10);
+
+/// What a handover gave this router: the running one's queues, mesh and
+/// sessions. The old process is stopped (it sent Released) and waits for
+/// `confirm` before it lets go for good.
+pub struct Taken {
+    /// Its TUN queues and UDP sockets, TUN first, `queues` of each.
+    pub queues: Vec<RealQueue>,
+    pub tun_offload: bool,
+    pub snapshot: Snapshot,
+    pub sessions: Vec<PeerSession>,
+    pub from_pid: u32,
+    pub stopped_unix_nanos: u128,
+    /// The format spoken (the legacy one commits at the Ack: no `confirm`).
+    pub format: u32,
+    sock: UnixStream,
+}
+
+/// What this router is, for checking the state it is handed.
+pub struct Me<'a> {
+    pub state_dir: &'a Path,
+    pub public_key: &'a PublicKey,
+    pub interface: &'a str,
+    /// This router's UDP port: while something holds it, a router runs
+    /// here (or is about to listen).
+    pub port: u16,
+}
+
+/// Takes over from the router running on this node, if one is: `None` when
+/// there is none (no socket, or nobody behind it). An error when one runs
+/// but the handover failed (it goes on serving, or this router could not
+/// be sure it stopped): this router must then not start.
+pub fn take_over(me: &Me, faults: &dyn Faults) -> Result<Option<Taken>, HandoverError> {
+    let path = socket_path(me.state_dir);
+    let began = Instant::now();
+    let mut format = FORMAT;
+    let (sock, state, fds) = loop {
+        let sock = match UnixStream::connect(&path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            // Nobody behind the socket: a router that crashed (start now),
+            // or one that handed over and whose successor does not listen
+            // yet while it holds the port (ask it, once it does).
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                if !super::port_busy(me.port) || began.elapsed() > HANDOVER_RETRY {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        info!(socket = %path.display(), format, "a router runs on this node; asking it to hand over");
+        sock.set_read_timeout(Some(super::ACK_TIMEOUT))?;
+        let hello = Hello {
+            format,
+            pid: std::process::id(),
+        };
+        let got = send(&sock, &hello, &[]).and_then(|()| {
+            faults.at(Step::AfterHello);
+            recv::<Reply>(&sock)
+        });
+        match got {
+            Ok((Reply::State(state), fds)) => break (sock, state, fds),
+            // A router of the version before speaks the legacy format only.
+            Ok((Reply::Refuse(why), _)) if format == FORMAT && why.contains("format") => {
+                info!(reason = %why, "the running router speaks an older handover format; asking in format {LEGACY_FORMAT}");
+                format = LEGACY_FORMAT;
+            }
+            Ok((Reply::Refuse(why), _)) => return Err(HandoverError::Refused(why)),
+            // Nothing was handed over: the one we reached went away (it
+            // handed over to another new router, or died). Try again: the
+            // winner listens on the same path once it runs.
+            Err(HandoverError::Io(e)) if began.elapsed() < HANDOVER_RETRY => {
+                info!(error = %e, "the running router went away before handing over; trying again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    faults.at(Step::AfterState);
+    let taken = match adopt(&state, fds, me) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = send(&sock, &Answer::Nack(e.to_string()), &[]);
+            return Err(e);
+        }
+    };
+    send(&sock, &Answer::Ack, &[])?;
+    faults.at(Step::AfterAck);
+    // We seal nothing until the old router said it took the Ack: one that
+    // gave up waiting for it resumed with the same sessions, and closed
+    // the socket instead of answering.
+    sock.set_read_timeout(Some(FORWARD_TIMEOUT))?;
+    recv::<Released>(&sock).map_err(|e| HandoverError::NotReleased(Box::new(e)))?;
+    faults.at(Step::AfterReleased);
+    let (queues, snapshot, sessions) = taken;
+    Ok(Some(Taken {
+        queues,
+        tun_offload: state.tun_offload,
+        snapshot,
+        sessions,
+        from_pid: state.pid,
+        stopped_unix_nanos: state.stopped_unix_nanos,
+        format,
+        sock,
+    }))
+}
+
+/// The state checked and made usable: the queues, the mesh, the sessions.
+type Adopted = (Vec<RealQueue>, Snapshot, Vec<PeerSession>);
+
+fn adopt(state: &State, fds: Vec<std::os::fd::OwnedFd>, me: &Me) -> Result<Adopted, HandoverError> {
+    check(state, me.public_key, me.interface)?;
+    if fds.len() != 2 * state.queues {
+        return Err(HandoverError::Descriptors {
+            got: fds.len(),
+            queues: state.queues,
+        });
+    }
+    let mesh = crate::source::file::validate(&state.mesh).map_err(|p| {
+        HandoverError::Unusable(super::StateError::Field {
+            field: "mesh".into(),
+            problem: p.join("; "),
+        })
+    })?;
+    let sessions = state
+        .sessions
+        .iter()
+        .map(|s| s.to_session())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut fds = fds.into_iter();
+    let mut tuns = Vec::new();
+    for fd in fds.by_ref().take(state.queues) {
+        tuns.push(Arc::new(
+            TunDevice::adopt(fd, me.interface, state.tun_offload).map_err(HandoverError::Adopt)?,
+        ));
+    }
+    let mut udps = Vec::new();
+    for fd in fds {
+        udps.push(Arc::new(
+            UdpSocket::adopt(fd, state.udp_offload).map_err(HandoverError::Adopt)?,
+        ));
+    }
+    let queues = tuns.into_iter().zip(udps).collect();
+    let snapshot = Snapshot {
+        mesh: mesh.mesh,
+        pod_cidrs: mesh.node.pod_cidrs,
+    };
+    Ok((queues, snapshot, sessions))
+}
+
+impl Taken {
+    /// Tells the old router that this one's workers run, and waits for its
+    /// last word. `Err` when it resumed meanwhile (Forwarding came after
+    /// its timeout): this router must stop its workers and exit. A closed
+    /// socket means the old one is gone, which is fine too.
+    pub fn confirm(&self) -> Result<(), HandoverError> {
+        if self.format == LEGACY_FORMAT {
+            // That router committed at the Ack.
+            return Ok(());
+        }
+        send(&self.sock, &Progress::Forwarding, &[])?;
+        match recv::<Outcome>(&self.sock) {
+            Ok((Outcome::Committed, _)) => Ok(()),
+            Ok((Outcome::Resuming(why), _)) => Err(HandoverError::Resumed(why)),
+            Err(HandoverError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                warn!("the previous router closed the handover without a last word (it is gone)");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "no last word from the previous router; going on");
+                Ok(())
+            }
+        }
+    }
+}
