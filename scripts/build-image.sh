@@ -73,6 +73,10 @@ if [ -z "$(find "$base" -mtime -7 2>/dev/null)" ]; then
     mv "$base.new" "$base"
 fi
 
+# The reference portmap plugin, chained after tunmesh-cni for hostPort,
+# built from the module deploy/cni-plugins pins (cached; Go needed).
+cni_dir=$("$here/scripts/cni-plugins.sh")
+
 work=$(mktemp -d /tmp/tunmesh-image.XXXXXX)
 store="$work/store"
 podman_() { podman --root "$store/root" --runroot "$store/run" --tmpdir "$store/tmp" --storage-driver vfs "$@"; }
@@ -81,7 +85,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 ctx="$work/context"
-mkdir -p "$ctx/bin" "$store/tmp"
+mkdir -p "$ctx/bin" "$ctx/cni" "$store/tmp"
+install -m 0755 "$cni_dir/portmap" "$ctx/cni/portmap"
+cp "$cni_dir/VERSIONS" "$ctx/cni/VERSIONS"
 cp "$here/deploy/Dockerfile" "$ctx/"
 ln "$base" "$ctx/base.tar" 2>/dev/null || cp "$base" "$ctx/base.tar"
 for b in "${bins[@]}"; do

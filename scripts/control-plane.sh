@@ -8,6 +8,9 @@
 #                                  e2e.test (the upstream end-to-end tests), for
 #                                  the kubelet lab; pause from the same release
 #   tests/controlplane/coredns     CoreDNS with a small plugin set
+#   deploy/cni-plugins             the reference portmap plugin the image
+#                                  carries (scripts/cni-plugins.sh), for the
+#                                  tests that chain it
 # Each module is cached on its own, keyed by its go.mod, go.sum and the Go
 # version, so changing one pin rebuilds only that module. The directory
 # printed on stdout holds links to all of them.
@@ -121,17 +124,19 @@ if [[ ! -x "$node_dir/pause" ]]; then
 fi
 build_module coredns "-s -w" . coredns
 coredns_dir=$MODULE_DIR
+cni_dir=$(TUNMESH_CACHE=$cache_root "$here/scripts/cni-plugins.sh")
 
 # One directory with all of them, named after what it links to.
-key=$(echo "$kube_dir $etcd_dir $cnitool_dir $node_dir $coredns_dir" | sha256sum | cut -c1-16)
+key=$(echo "$kube_dir $etcd_dir $cnitool_dir $node_dir $coredns_dir $cni_dir" | sha256sum | cut -c1-16)
 bin="$cache_root/control-plane/$key/bin"
-if [[ ! -e "$bin/coredns" ]]; then
+if [[ ! -e "$bin/portmap" ]]; then
     mkdir -p "$bin"
     for t in kube-apiserver kube-controller-manager kubectl; do ln -sfn "$kube_dir/$t" "$bin/$t"; done
     ln -sfn "$etcd_dir/etcd" "$bin/etcd"
     ln -sfn "$cnitool_dir/cnitool" "$bin/cnitool"
     for t in kubelet kube-proxy kube-scheduler agnhost e2e.test pause; do ln -sfn "$node_dir/$t" "$bin/$t"; done
     ln -sfn "$coredns_dir/coredns" "$bin/coredns"
+    ln -sfn "$cni_dir/portmap" "$bin/portmap"
 fi
 if [[ $built -eq 1 ]]; then
     echo "control-plane: all built in $((SECONDS - start)) s" >&2

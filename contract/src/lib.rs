@@ -10,5 +10,5 @@
 pub mod nodestate;
 pub mod validate;
 
-pub use nodestate::{NodeState, NodeStateError, PluginSettings};
+pub use nodestate::{Chain, NodeState, NodeStateError, PluginSettings};
 pub use validate::Invalid;

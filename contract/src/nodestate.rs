@@ -18,6 +18,14 @@ pub const NETWORK_NAME: &str = "tunmesh";
 pub const PLUGIN_TYPE: &str = "tunmesh-cni";
 /// File name of the conflist in the CNI configuration directory.
 pub const CONFLIST_FILE: &str = "10-tunmesh.conflist";
+/// The reference `portmap` plugin as tunmesh installs it beside its own
+/// (the DaemonSet's init step; a name of its own, so that a node's own
+/// `portmap`, of whatever version, is left alone), chained for hostPort.
+pub const PORTMAP_TYPE: &str = "tunmesh-portmap";
+/// The CNI versions every plugin of the list speaks (a runtime passes one
+/// version to the whole chain): tunmesh-cni's, which the chained portmap
+/// (containernetworking/plugins, deploy/cni-plugins) speaks too.
+pub const CONFLIST_VERSIONS: &[&str] = &["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeState {
@@ -155,20 +163,38 @@ pub struct PluginSettings {
     pub log_file: Option<PathBuf>,
 }
 
-/// The CNI network configuration list for this node: version 1.0.0 for
-/// runtimes that know no newer one, 1.1.0 offered through `cniVersions`.
-pub fn conflist(settings: &PluginSettings) -> serde_json::Value {
+/// What the conflist chains after tunmesh-cni.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Chain {
+    /// `tunmesh-portmap` with the `portMappings` capability: the runtime
+    /// passes each pod's hostPorts, and the plugin DNATs them (and
+    /// masquerades hairpin and localhost traffic, `snat`).
+    pub portmap: bool,
+}
+
+/// The CNI network configuration list for this node: tunmesh-cni, then
+/// what `chain` names; version 1.0.0 for runtimes that know no newer one,
+/// 1.1.0 offered through `cniVersions`.
+pub fn conflist(settings: &PluginSettings, chain: Chain) -> serde_json::Value {
     let mut plugin = serde_json::json!({ "type": PLUGIN_TYPE });
     if let (Some(obj), Ok(serde_json::Value::Object(s))) =
         (plugin.as_object_mut(), serde_json::to_value(settings))
     {
         obj.extend(s);
     }
+    let mut plugins = vec![plugin];
+    if chain.portmap {
+        plugins.push(serde_json::json!({
+            "type": PORTMAP_TYPE,
+            "capabilities": { "portMappings": true },
+            "snat": true,
+        }));
+    }
     serde_json::json!({
         "cniVersion": "1.0.0",
-        "cniVersions": ["0.3.1", "0.4.0", "1.0.0", "1.1.0"],
+        "cniVersions": CONFLIST_VERSIONS,
         "name": NETWORK_NAME,
-        "plugins": [plugin],
+        "plugins": plugins,
     })
 }
 
@@ -176,6 +202,7 @@ pub fn conflist(settings: &PluginSettings) -> serde_json::Value {
 pub fn write_conflist(
     conf_dir: &Path,
     settings: &PluginSettings,
+    chain: Chain,
 ) -> Result<PathBuf, NodeStateError> {
     let path = conf_dir.join(CONFLIST_FILE);
     let io = |path: &Path| {
@@ -188,7 +215,7 @@ pub fn write_conflist(
     };
     std::fs::create_dir_all(conf_dir).map_err(io(conf_dir))?;
     // NB: a `Value` always encodes.
-    let json = serde_json::to_vec_pretty(&conflist(settings)).unwrap_or_default();
+    let json = serde_json::to_vec_pretty(&conflist(settings, chain)).unwrap_or_default();
     write_atomic(&path, &json).map_err(io(&path))?;
     Ok(path)
 }
@@ -238,14 +265,25 @@ mod tests {
 
     #[test]
     fn conflist_shape() {
-        let c = conflist(&PluginSettings {
+        let settings = PluginSettings {
             router_state_dir: "/var/lib/tunmesh".into(),
             data_dir: "/var/lib/tunmesh/cni".into(),
             log_file: None,
-        });
+        };
+        let c = conflist(&settings, Chain { portmap: true });
         assert_eq!(c["name"], "tunmesh");
+        assert_eq!(c["cniVersion"], "1.0.0");
+        assert_eq!(
+            c["cniVersions"],
+            serde_json::json!(["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+        );
         assert_eq!(c["plugins"][0]["type"], "tunmesh-cni");
         assert_eq!(c["plugins"][0]["routerStateDir"], "/var/lib/tunmesh");
         assert_eq!(c["plugins"][0]["dataDir"], "/var/lib/tunmesh/cni");
+        assert_eq!(c["plugins"][1]["type"], "tunmesh-portmap");
+        assert_eq!(c["plugins"][1]["capabilities"]["portMappings"], true);
+        assert_eq!(c["plugins"][1]["snat"], true);
+        let alone = conflist(&settings, Chain::default());
+        assert_eq!(alone["plugins"].as_array().map(Vec::len), Some(1));
     }
 }

@@ -18,7 +18,7 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use socket2::{Domain, Protocol, Socket, Type};
-use tunmesh_contract::nodestate::{CONFLIST_FILE, PLUGIN_TYPE};
+use tunmesh_contract::nodestate::{CONFLIST_FILE, PLUGIN_TYPE, PORTMAP_TYPE};
 use tunmesh_contract::validate::first_host;
 
 use crate::dataplane::offload::{fold, sum16};
@@ -577,6 +577,10 @@ pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
     });
     done.push(remove(&u.cni_conf_dir.join(CONFLIST_FILE), "CNI conflist")?);
     done.push(remove(&u.cni_bin_dir.join(PLUGIN_TYPE), "CNI plugin")?);
+    done.push(remove(
+        &u.cni_bin_dir.join(PORTMAP_TYPE),
+        "chained portmap plugin",
+    )?);
     let api: Api<Node> = Api::all(client(u.kubeconfig.as_deref()).await?);
     let patch = serde_json::json!({ "metadata": { "annotations": {
         ANN_PUBLIC_KEY: null, ANN_ENDPOINT: null, ANN_NEXT_PUBLIC_KEY: null,

@@ -76,6 +76,8 @@ pub struct CniStateFiles {
     pub state_dir: PathBuf,
     pub conf_dir: Option<PathBuf>,
     pub plugin: PluginSettings,
+    /// What the conflist chains after tunmesh-cni (portmap for hostPort).
+    pub chain: tunmesh_contract::Chain,
 }
 
 impl CniFiles for CniStateFiles {
@@ -83,7 +85,7 @@ impl CniFiles for CniStateFiles {
         state.write(&self.state_dir)?;
         self.conf_dir
             .as_deref()
-            .map(|dir| write_conflist(dir, &self.plugin))
+            .map(|dir| write_conflist(dir, &self.plugin, self.chain))
             .transpose()
     }
 }

@@ -31,6 +31,19 @@ pub mod soak;
 
 pub use lab::{Lab, LabOptions};
 
+/// The reference portmap plugin the image carries as `tunmesh-portmap`
+/// (`scripts/cni-plugins.sh`, linked into the control plane's directory by
+/// `scripts/control-plane.sh`): what the tests chain.
+pub fn portmap_bin() -> anyhow::Result<std::path::PathBuf> {
+    let p = controlplane::binaries()?.join("portmap");
+    anyhow::ensure!(
+        p.is_file(),
+        "{} is missing (scripts/control-plane.sh builds it)",
+        p.display()
+    );
+    Ok(p)
+}
+
 /// True when running as root (namespaces need it).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

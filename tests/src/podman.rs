@@ -3,7 +3,8 @@
 //! machine changes), run in a node's network namespace with
 //! `nsenter --net`, so it keeps the host's /sys and cgroups, which
 //! `ip netns exec` would hide. runc, not crun (crun refuses this machine's
-//! hybrid cgroups); CNI networks from the node's tunmesh conflist.
+//! hybrid cgroups); CNI networks from the node's tunmesh conflist, with
+//! the reference portmap chained (as the DaemonSet installs it).
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -27,11 +28,20 @@ impl Podman {
             .parent()
             .map(PathBuf::from)
             .unwrap_or_default();
+        // portmap under tunmesh's name, as the DaemonSet installs it.
+        let chained = dir.join("cni-bin");
+        std::fs::create_dir_all(&chained).expect("podman's CNI directory");
+        let link = chained.join(tunmesh_contract::nodestate::PORTMAP_TYPE);
+        if !link.exists() {
+            let portmap = crate::portmap_bin().expect("portmap");
+            std::os::unix::fs::symlink(portmap, &link).expect("linking portmap");
+        }
         let conf = format!(
-            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\"]\nnetwork_config_dir = \"{}\"\n\
+            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"{}\"]\nnetwork_config_dir = \"{}\"\n\
              [containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\
              [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\n",
             plugin_dir.display(),
+            chained.display(),
             node.state_dir.with_file_name("cni-conf").display(),
             dir.join("events.log").display(),
         );

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::Output;
 
 use serde_json::{json, Value};
-use tunmesh_contract::nodestate::{write_conflist, NodeState, PluginSettings, CONFLIST_FILE};
+use tunmesh_contract::nodestate::{
+    write_conflist, Chain, NodeState, PluginSettings, CONFLIST_FILE, PORTMAP_TYPE,
+};
 use tunmesh_lab::lab::find_binary;
 use tunmesh_lab::netns::{self, add_netns, exec, ip, run_cni, Cleanup};
 use tunmesh_lab::require_root;
@@ -447,6 +449,11 @@ fn concurrent_adds_get_distinct_addresses_and_exhaustion_is_an_error() {
     assert_eq!(small.allocations().as_object().unwrap().len(), 13);
 }
 
+/// Upstream's `cnitool` (libcni) runs the conflist the router writes: the
+/// plugin, then the reference portmap plugin chained after it with the
+/// pod's hostPorts as libcni passes a runtime's (`CAP_ARGS`); add, check,
+/// delete, and the DNAT rules portmap made, there after ADD and gone
+/// after DEL.
 #[test]
 fn cnitool_adds_checks_and_deletes() {
     if !require_root("cnitool_adds_checks_and_deletes") {
@@ -456,9 +463,24 @@ fn cnitool_adds_checks_and_deletes() {
     let mut node = Node::new("tool", &["10.96.5.0/24", "fd00:96:5::/64"]);
     let pod = node.pod(1);
     let conf_dir = node.dir.join("net.d");
-    write_conflist(&conf_dir, &node.settings()).unwrap();
+    write_conflist(&conf_dir, &node.settings(), Chain { portmap: true }).unwrap();
     assert!(conf_dir.join(CONFLIST_FILE).exists());
-    let cni_path = node.plugin.parent().unwrap().display().to_string();
+    // The plugin's directory, and one with portmap under tunmesh's name
+    // for it, as the DaemonSet's init step installs it.
+    let chained = node.dir.join("chained");
+    std::fs::create_dir_all(&chained).unwrap();
+    std::os::unix::fs::symlink(
+        tunmesh_lab::portmap_bin().unwrap(),
+        chained.join(PORTMAP_TYPE),
+    )
+    .unwrap();
+    let cni_path = format!(
+        "{}:{}",
+        node.plugin.parent().unwrap().display(),
+        chained.display()
+    );
+    let cap_args =
+        r#"{"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}"#;
     let cnitool = |verb: &str| -> Output {
         std::process::Command::new("ip")
             .args(["netns", "exec", &node.ns])
@@ -468,8 +490,17 @@ fn cnitool_adds_checks_and_deletes() {
             .env("CNI_PATH", &cni_path)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=tool")
+            .env("CAP_ARGS", cap_args)
             .output()
             .unwrap()
+    };
+    let dnat = |family: &str| -> String {
+        let tool = if family == "6" {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        exec(&node.ns, tool, &["-t", "nat", "-S"]).unwrap_or_default()
     };
     let out = cnitool("add");
     assert!(
@@ -479,13 +510,23 @@ fn cnitool_adds_checks_and_deletes() {
         String::from_utf8_lossy(&out.stderr)
     );
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    // libcni negotiated the newest version both sides know.
+    // libcni negotiated the newest version every plugin of the chain knows.
     assert_eq!(result["cniVersion"], "1.1.0", "{result}");
     assert_eq!(ip_of(&result, false), "10.96.5.2/32");
     let addrs = exec(&pod, "ip", &["addr", "show", "eth0"]).unwrap();
     assert!(
         addrs.contains("10.96.5.2/32") && addrs.contains("fd00:96:5::2/128"),
         "{addrs}"
+    );
+    // portmap's DNAT from the host port to the pod, in both families.
+    let (v4, v6) = (dnat("4"), dnat("6"));
+    assert!(
+        v4.contains("--dport 18080") && v4.contains("10.96.5.2:80"),
+        "no IPv4 DNAT for the hostPort:\n{v4}"
+    );
+    assert!(
+        v6.contains("--dport 18080") && v6.contains("[fd00:96:5::2]:80"),
+        "no IPv6 DNAT for the hostPort:\n{v6}"
     );
     let out = cnitool("check");
     assert!(
@@ -503,4 +544,8 @@ fn cnitool_adds_checks_and_deletes() {
     );
     assert_eq!(node.allocations(), json!({}));
     assert!(exec(&pod, "ip", &["link", "show", "eth0"]).is_err());
+    assert!(
+        !dnat("4").contains("10.96.5.2:80") && !dnat("6").contains("fd00:96:5::2"),
+        "portmap's rules outlived the pod"
+    );
 }

@@ -3,7 +3,8 @@
 //! with the conflist the node's router wrote. The containers' root file
 //! system is a directory tree built here around Debian's static busybox (no
 //! registry is reachable). A container on node-1 fetches a page over HTTP
-//! from a container on node-2 and pings it, through the mesh. Root only;
+//! from a container on node-2 and pings it, through the mesh; node-1 fetches
+//! it through node-2's published host port (portmap, chained). Root only;
 //! CI runs it.
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,8 @@ fn podman_containers_on_two_nodes_reach_each_other() {
         "web",
         "--network",
         "tunmesh",
+        "--publish",
+        "18082:8080",
         "--rootfs",
         &root,
         "/bin/httpd",
@@ -99,6 +102,23 @@ fn podman_containers_on_two_nodes_reach_each_other() {
         ping.status.success(),
         "ping from node-1: {}",
         String::from_utf8_lossy(&ping.stdout)
+    );
+
+    // The host port (portmap, chained after tunmesh-cni): node-1 reaches
+    // node-2's address, port 18082, and gets the container's page.
+    let published = format!("http://{}:18082/index.html", n2.underlay_ip);
+    let got = netns::wait_for(Duration::from_secs(20), || {
+        netns::exec(
+            &n1.ns,
+            "timeout",
+            &["5", "busybox", "wget", "-q", "-O", "-", &published],
+        )
+        .ok()
+    });
+    assert_eq!(
+        got.as_deref().map(str::trim),
+        Some(page.as_str()),
+        "wget {published} from node-1 (node-2's host port)"
     );
 
     // Removing the containers runs DEL: node-1's store is empty again (its

@@ -147,6 +147,19 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         .expect("the installed tunmesh-cni runs");
     let version = String::from_utf8_lossy(&version.stdout);
     assert!(version.contains("supportedVersions"), "{version}");
+    // The reference portmap plugin, chained for hostPort, under tunmesh's
+    // name: it speaks every version the conflist offers.
+    let portmap = Command::new(cni_bin.join("tunmesh-portmap"))
+        .env("CNI_COMMAND", "VERSION")
+        .output()
+        .expect("the installed tunmesh-portmap runs");
+    let portmap = String::from_utf8_lossy(&portmap.stdout);
+    for v in tunmesh_contract::nodestate::CONFLIST_VERSIONS {
+        assert!(
+            portmap.contains(&format!("\"{v}\"")),
+            "{v} missing: {portmap}"
+        );
+    }
 
     // The router, in place of node-1's. New interfaces on node-1 start with
     // strict reverse-path filtering, so the loose setting on the TUN shows

@@ -310,6 +310,7 @@ fn wg_show_and_metrics_show_the_live_mesh() {
     let bin_dir = n2.state_dir.with_file_name("opt-cni-bin");
     std::fs::create_dir_all(&bin_dir).unwrap();
     std::fs::write(bin_dir.join("tunmesh-cni"), b"binary").unwrap();
+    std::fs::write(bin_dir.join("tunmesh-portmap"), b"binary").unwrap();
     let uninstall = |n: &tunmesh_lab::lab::NodeInfo| {
         exec_output(
             &n.ns,
@@ -383,6 +384,7 @@ fn wg_show_and_metrics_show_the_live_mesh() {
         .join("10-tunmesh.conflist")
         .exists());
     assert!(!bin_dir.join("tunmesh-cni").exists());
+    assert!(!bin_dir.join("tunmesh-portmap").exists());
     assert!(
         exec(&n2.ns, "ip", &["link", "show", &n2.interface]).is_err(),
         "interface left behind"

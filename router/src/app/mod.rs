@@ -135,6 +135,11 @@ pub struct Args {
     /// /var/run/wireguard); empty: no socket.
     #[arg(long, env = "TUNMESH_UAPI_DIR", default_value = crate::uapi::SOCKET_DIR, value_parser = path_or_empty)]
     pub uapi_dir: PathBuf,
+    /// Chain the reference portmap plugin after tunmesh-cni in the conflist
+    /// (as `tunmesh-portmap`, which the DaemonSet's init step installs), so
+    /// that pods' hostPorts work (IPv4 and IPv6).
+    #[arg(long, env = "TUNMESH_HOST_PORTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub host_ports: bool,
     /// Where the CNI plugin keeps its address allocations (default:
     /// <state-dir>/cni); must survive reboots.
     #[arg(long, env = "TUNMESH_CNI_DATA_DIR")]
@@ -541,6 +546,9 @@ fn cni_files(args: &Args) -> CniStateFiles {
                     .unwrap_or_else(|| args.state_dir.join("cni")),
             ),
             log_file: None,
+        },
+        chain: tunmesh_contract::Chain {
+            portmap: args.host_ports,
         },
     }
 }

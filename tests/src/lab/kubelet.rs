@@ -68,6 +68,7 @@ const TUNMESH_IMAGE_FILE: &str = "tunmesh-image.tar";
 pub const CNI_FILES: &[&str] = &[
     "etc-cni-net.d/10-tunmesh.conflist",
     "opt-cni-bin/tunmesh-cni",
+    "opt-cni-bin/tunmesh-portmap",
 ];
 
 /// How a real node joins a running lab.
