@@ -30,9 +30,10 @@ CARGO_TARGET_DIR=target/boringtun cargo test --release --locked \
     --manifest-path third_party/boringtun/Cargo.toml --lib
 # Kubernetes' own network tests on a lab of real nodes (containerd, kubelet,
 # kube-proxy; tunmesh from deploy/): the four [Conformance] tests of
-# "Networking Granular Checks: Pods". scripts/conformance.sh runs the whole
-# network list (about an hour).
-target/release/tunmesh-lab conformance --granular --out target/conformance-ci
+# "Networking Granular Checks: Pods" and the [Conformance] HostPort test.
+# scripts/conformance.sh runs every [sig-network] [Conformance] test of the
+# release and the rest of the network list (about an hour).
+target/release/tunmesh-lab conformance --ci --out target/conformance-ci
 # Fuzzing (nightly + cargo-fuzz): every target for a bounded time. The
 # corpora also replay on stable in router/tests/fuzz_corpus.rs above.
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then

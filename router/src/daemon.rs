@@ -18,9 +18,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::dataplane::Dataplane;
 use crate::handover::{self, Answer, HandoverError, Reply};
@@ -34,8 +34,14 @@ use crate::status::{self, RealQueue, Status};
 
 /// How often the status snapshot is rewritten and the health tick given.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest the status snapshot goes unwritten (thousands of peers).
+pub const STATUS_INTERVAL_MAX: Duration = Duration::from_secs(30);
+/// Early enough that a once-a-second write falls on every tick.
+const STATUS_SLACK: Duration = Duration::from_millis(100);
 /// How often each peer's path MTU is looked up again.
 pub const PATH_MTU_INTERVAL: Duration = Duration::from_secs(5);
+/// The most addresses one round of path MTU lookups asks the kernel about.
+pub const PATH_LOOKUPS: usize = 256;
 /// How long after a failed apply the last snapshot is applied again.
 pub const RETRY: Duration = Duration::from_secs(2);
 
@@ -93,8 +99,13 @@ pub struct Daemon<H, C> {
     pub paths: hostnet::HostNet,
     /// The path MTUs last found, by peer.
     pub path_mtus: std::collections::BTreeMap<String, u16>,
+    /// Where the next round of path MTU lookups goes on among the peers
+    /// not in use.
+    pub path_cursor: usize,
     /// Handovers to a successor that failed, and the last one's why.
     pub handovers: crate::status::HandoverStatus,
+    /// When the status snapshot is written next.
+    pub status_at: Instant,
 }
 
 async fn accept(l: &Option<tokio::net::UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
@@ -116,7 +127,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
     /// data plane.
     pub async fn run(mut self, source: Box<dyn PeerSource>) -> Result<(), DaemonError> {
         let kind = source.kind();
-        let (updates, mut snapshots) = watch::channel(None);
+        let (updates, mut from_source) = mpsc::unbounded_channel();
         let (requests, source_requests) = mpsc::unbounded_channel();
         tokio::spawn(source.run(updates, source_requests, Arc::clone(&self.source_status)));
         let sig = |kind: SignalKind, name: &'static str| {
@@ -136,17 +147,22 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         let mut reapply_at: Option<Instant> = None;
         let result = loop {
             tokio::select! {
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
+                update = from_source.recv() => {
+                    let Some(first) = update else {
                         break Err(DaemonError::SourceStopped(kind));
+                    };
+                    // Whatever queued up meanwhile goes in one apply.
+                    let mut batch = vec![first];
+                    while let Ok(more) = from_source.try_recv() {
+                        batch.push(more);
                     }
-                    let snap = snapshots.borrow_and_update().clone();
-                    if let Some(snap) = snap {
-                        retry_at = self.apply(&snap, kind).await;
+                    if let Some(u) = crate::source::fold(batch) {
+                        let r = self.reconciler.apply_update(&u).await;
+                        retry_at = self.applied(r, kind).await;
                     }
                 }
                 _ = sleep_until(retry_at) => {
-                    retry_at = self.apply_last(kind).await;
+                    retry_at = self.reapply(kind).await;
                 }
                 _ = hup.recv() => {
                     let _ = requests.send(Request::Reload);
@@ -159,7 +175,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 _ = sleep_until(reapply_at) => {
                     reapply_at = None;
                     info!("re-applying the source's mesh over `wg set` changes");
-                    retry_at = self.apply_last(kind).await;
+                    retry_at = self.reapply(kind).await;
                 }
                 _ = host_check.tick() => {
                     self.confirm_cache();
@@ -183,18 +199,23 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         result
     }
 
-    /// Applies `snap`; on failure says so and returns when to try again.
-    async fn apply(&mut self, snap: &crate::model::Snapshot, kind: &str) -> Option<Instant> {
-        match self.reconciler.apply(snap).await {
+    /// After an apply: on failure says so and returns when to try again.
+    async fn applied(
+        &mut self,
+        r: Result<crate::reconcile::Applied, crate::reconcile::ReconcileError>,
+        kind: &str,
+    ) -> Option<Instant> {
+        match r {
             Ok(applied) => {
                 self.health.ready.store(true, Ordering::Relaxed);
                 self.health.reconciles.fetch_add(1, Ordering::Relaxed);
-                // New peers get their path MTU now, not at the next check.
+                // New peers in use get their path MTU now, not at the next
+                // check.
                 if !applied.peers.added.is_empty() || !applied.peers.replaced.is_empty() {
                     self.check_paths().await;
                 }
                 if let Some(c) = &mut self.cache {
-                    c.applied(snap);
+                    c.changed();
                 }
                 None
             }
@@ -206,11 +227,18 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         }
     }
 
-    async fn apply_last(&mut self, kind: &str) -> Option<Instant> {
-        match self.reconciler.last().cloned() {
-            Some(snap) => self.apply(&snap, kind).await,
-            None => None,
-        }
+    /// The whole desired mesh again.
+    async fn reapply(&mut self, kind: &str) -> Option<Instant> {
+        let r = self.reconciler.reapply().await?;
+        self.applied(r, kind).await
+    }
+
+    /// Writes the warm-start cache: the desired mesh and the peers in use.
+    fn save_cache(&mut self) {
+        let (Some(c), Some(snap)) = (&mut self.cache, self.reconciler.snapshot()) else {
+            return;
+        };
+        c.save(&snap, &self.dp.active_peers());
     }
 
     /// Every resync: the cached mesh is confirmed if the source is in touch
@@ -221,8 +249,8 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             .lock()
             .map(|s| !matches!(&s.kubernetes, Some(k) if !k.connected))
             .unwrap_or(false);
-        if let (true, Some(c)) = (healthy, &mut self.cache) {
-            c.confirm();
+        if healthy && self.cache.as_ref().is_some_and(|c| c.written()) {
+            self.save_cache();
         }
     }
 
@@ -255,9 +283,13 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 handover::FORMAT
             )));
         }
-        let Some(snap) = self.reconciler.last().cloned() else {
+        let Some(snap) = self.reconciler.snapshot() else {
             return Err(refuse("no mesh applied yet".into()));
         };
+        // Made before the workers stop: the mesh does not change meanwhile
+        // (this loop applies it), and the gap is only what must wait.
+        let mesh =
+            RawFile::from_snapshot(&snap, &self.settings.key_file, self.settings.listen_port);
         let Some((tun0, udp0)) = self.queues.first() else {
             return Err(refuse("this router's queues cannot be handed over".into()));
         };
@@ -284,7 +316,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             tun_offload,
             udp_offload,
             queues: self.queues.len(),
-            mesh: RawFile::from_snapshot(&snap, &self.settings.key_file, self.settings.listen_port),
+            mesh,
             sessions: sessions.iter().map(handover::WireSession::from).collect(),
         };
         let answered = handover::send(
@@ -421,26 +453,43 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
     /// Each peer's path MTU: the MTU of the route to its endpoint (a path
     /// MTU the kernel learned included) and of the peer's own underlay
     /// link (its Node says), less WireGuard's overhead for the endpoint's
-    /// family. The data plane answers packets over it with ICMP.
+    /// family. The data plane answers packets over it with ICMP. Every
+    /// round looks up the peers in use and, in turn, the others, at most
+    /// `PATH_LOOKUPS` addresses: with thousands of peers every one is
+    /// known within minutes, and one that comes into use is looked up at
+    /// the next round.
     async fn check_paths(&mut self) {
-        let published: std::collections::HashMap<&str, Option<u16>> = self
-            .reconciler
-            .last()
-            .map(|s| {
-                s.mesh
-                    .peers
-                    .iter()
-                    .map(|p| (p.name.as_str(), p.underlay_mtu))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let peers: Vec<(String, std::net::SocketAddr)> = self
+        let active: std::collections::HashSet<String> =
+            self.dp.active_peers().into_iter().collect();
+        let all: Vec<(String, std::net::SocketAddr)> = self
             .dp
             .peer_endpoints()
             .into_iter()
             .filter_map(|(name, ep)| Some((name, ep?)))
             .collect();
-        let ips: Vec<std::net::IpAddr> = peers.iter().map(|(_, ep)| ep.ip()).collect();
+        let known: std::collections::HashSet<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+        self.path_mtus.retain(|n, _| known.contains(n.as_str()));
+        let start = self.path_cursor % all.len().max(1);
+        let rest = all[start..]
+            .iter()
+            .chain(&all[..start])
+            .filter(|(n, _)| !active.contains(n));
+        let mut peers: Vec<(String, std::net::SocketAddr)> = Vec::new();
+        let mut ips: Vec<std::net::IpAddr> = Vec::new();
+        let mut taken = 0;
+        for (name, ep) in all.iter().filter(|(n, _)| active.contains(n)).chain(rest) {
+            if !ips.contains(&ep.ip()) {
+                if ips.len() >= PATH_LOOKUPS {
+                    break;
+                }
+                ips.push(ep.ip());
+            }
+            peers.push((name.clone(), *ep));
+            if !active.contains(name) {
+                taken += 1;
+            }
+        }
+        self.path_cursor = start + taken;
         let routes = match self.paths.route_mtus(&ips).await {
             Ok(r) => r,
             Err(e) => {
@@ -448,14 +497,20 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 vec![None; ips.len()]
             }
         };
+        let route_of = |ip: &std::net::IpAddr| {
+            ips.iter()
+                .position(|i| i == ip)
+                .and_then(|k| routes.get(k).copied().flatten())
+        };
         let mut found = Vec::new();
-        for ((name, ep), route) in peers.into_iter().zip(routes) {
-            let theirs = published
-                .get(name.as_str())
-                .copied()
-                .flatten()
+        for (name, ep) in peers {
+            let theirs = self
+                .reconciler
+                .desired()
+                .and_then(|d| d.peers.get(&name))
+                .and_then(|p| p.underlay_mtu)
                 .map(u32::from);
-            let Some(m) = route.into_iter().chain(theirs).min() else {
+            let Some(m) = route_of(&ep.ip()).into_iter().chain(theirs).min() else {
                 continue;
             };
             let path = hostnet::inner_mtu(m, ep.is_ipv4());
@@ -464,13 +519,13 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                     warn!(peer = %name, path_mtu = path, mtu = self.settings.mtu,
                           "the path to this peer is narrower than the MTU in use: bigger packets to it get ICMP too-big from the gateway");
                 } else {
-                    info!(peer = %name, path_mtu = path, "path MTU");
+                    debug!(peer = %name, path_mtu = path, "path MTU");
                 }
             }
+            self.path_mtus.insert(name.clone(), path);
             found.push((name, path));
         }
         self.dp.set_path_mtus(&found);
-        self.path_mtus = found.into_iter().collect();
     }
 
     /// The next key the API shows on this router's Node.
@@ -488,8 +543,8 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         if let Some(key) = self.rotation.tick(&self.dp, announced.as_deref()) {
             if let Some(c) = &mut self.cache {
                 c.owner.public_key = key.to_base64();
-                c.confirm();
             }
+            self.save_cache();
         }
     }
 
@@ -501,6 +556,22 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         if let Ok(mut q) = self.health.queues.lock() {
             q.clone_from(&queues);
         }
+        let key = self
+            .rotation
+            .status(&self.dp, self.announced_next_key().as_deref());
+        if let Ok(mut k) = self.health.key.lock() {
+            k.clone_from(&key);
+        }
+        if self.cache.as_ref().is_some_and(|c| c.due()) {
+            self.save_cache();
+        }
+        if Instant::now() < self.status_at {
+            return;
+        }
+        // The snapshot lists every peer: with thousands of them it is
+        // written less often, so that writing it costs at most a
+        // hundredth of a core.
+        let began = std::time::Instant::now();
         let source = self
             .source_status
             .lock()
@@ -517,16 +588,11 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 pod_cidrs: self.reconciler.pod_cidrs(),
                 host_problems: &self.host_problems,
                 start: &self.settings.start,
-                key: self
-                    .rotation
-                    .status(&self.dp, self.announced_next_key().as_deref()),
+                key,
                 mtu: self.settings.mtu,
                 handovers: self.handovers.clone(),
             },
         );
-        if let Ok(mut k) = self.health.key.lock() {
-            k.clone_from(&s.key);
-        }
         match s.write(&self.settings.state_dir) {
             Ok(()) => *failing = false,
             Err(e) if !*failing => {
@@ -535,6 +601,8 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             }
             Err(_) => {}
         }
+        let every = (began.elapsed() * 100).clamp(STATUS_INTERVAL, STATUS_INTERVAL_MAX);
+        self.status_at = Instant::now() + every - STATUS_SLACK;
     }
 
     fn shutdown(&mut self) {

@@ -156,7 +156,11 @@ impl Health {
                 .inc_by(p.counters.rx_packets.load(Ordering::Relaxed));
             let (since, path): (Option<Duration>, u16) = {
                 let st = p.lock();
-                (st.tunn.time_since_last_handshake(), st.path_mtu)
+                (
+                    st.last_handshake()
+                        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok()),
+                    st.path_mtu,
+                )
             };
             path_mtu.get_or_create(&l).set(i64::from(path));
             // -1: no handshake yet (a gauge cannot be absent per peer and
@@ -319,7 +323,49 @@ impl Health {
                 "Nodes not peers yet (no key, endpoint or podCIDR)",
                 k.pending.len() as i64,
             );
+            gauge(
+                &mut reg,
+                "kubernetes_nodes",
+                "Nodes in the directory",
+                k.nodes as i64,
+            );
+            counter(
+                &mut reg,
+                "kubernetes_watch_events",
+                "Events from the API server about Nodes (and listings)",
+                k.watch_events,
+            );
+            counter(
+                &mut reg,
+                "kubernetes_watch_events_changed",
+                "Of those, the events that changed something the mesh reads (a kubelet's status report changes nothing)",
+                k.watch_events_changed,
+            );
+            counter(
+                &mut reg,
+                "kubernetes_received_bytes",
+                "Bytes the API server sent this router (response bodies: listings, watch events, reads)",
+                crate::source::apibytes::received(),
+            );
+            counter(
+                &mut reg,
+                "mesh_updates",
+                "Updates the Kubernetes source handed the router (a whole mesh, or the peers that changed)",
+                k.mesh_updates,
+            );
         }
+        counter(
+            &mut reg,
+            "peer_table_builds",
+            "Peer tables the data plane built (one per applied change)",
+            self.dp.table_builds(),
+        );
+        gauge(
+            &mut reg,
+            "timed_peers",
+            "Peers with WireGuard state, ticked by the timers (the others cost nothing)",
+            self.dp.timed_peers() as i64,
+        );
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &reg) {
             warn!(error = %e, "encoding metrics");

@@ -51,13 +51,28 @@ pub struct DesiredMesh {
     pub blackhole_cidrs: Vec<IpNetwork>,
 }
 
+/// Whether `net` lies inside one of `cidrs`.
+pub fn covered(net: &IpNetwork, cidrs: &[IpNetwork]) -> bool {
+    cidrs.iter().any(|c| {
+        c.is_ipv4() == net.is_ipv4() && c.prefix() <= net.prefix() && c.contains(net.network())
+    })
+}
+
 impl DesiredMesh {
-    /// Every prefix that must be routed through the TUN device.
+    /// Every prefix that must be routed through the TUN device: the
+    /// cluster CIDRs, and the peers' prefixes they do not cover (one route
+    /// for the whole cluster, not one per peer; the router's own table
+    /// picks the peer).
     pub fn routes(&self) -> Vec<IpNetwork> {
         let mut r: Vec<IpNetwork> = self
             .blackhole_cidrs
             .iter()
-            .chain(self.peers.iter().flat_map(|p| p.allowed_ips.iter()))
+            .chain(
+                self.peers
+                    .iter()
+                    .flat_map(|p| p.allowed_ips.iter())
+                    .filter(|a| !covered(a, &self.blackhole_cidrs)),
+            )
             .copied()
             .collect();
         r.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
@@ -130,6 +145,19 @@ pub struct KubeStatus {
     /// Node (a key rotation announced to the peers).
     #[serde(default)]
     pub announced_next_key: Option<String>,
+    /// Events from the API server (Node changes, listings), and those that
+    /// changed something the mesh reads.
+    #[serde(default)]
+    pub watch_events: u64,
+    #[serde(default)]
+    pub watch_events_changed: u64,
+    /// Updates handed to the router (a whole mesh, or the peers that
+    /// changed): none for an event that changed no peer.
+    #[serde(default)]
+    pub mesh_updates: u64,
+    /// Bytes the API server sent this router.
+    #[serde(default)]
+    pub received_bytes: u64,
 }
 
 /// This router's keys as its Node is to announce them.

@@ -1,8 +1,11 @@
-//! The reconciler: applies a desired `Snapshot` to the three places it
-//! lives, in order: the data plane's peers (a minimal diff that keeps
-//! unchanged sessions), the host's routes through the TUN device, and, when
-//! this node's pod CIDRs changed, the gateway addresses on the TUN device
-//! and the files the CNI plugin reads (node.json, the conflist).
+//! The reconciler: applies what the source wants (a whole `Snapshot`, or
+//! the peers that changed) to the three places it lives, in order: the data
+//! plane's peers (a minimal diff that keeps unchanged sessions), the host's
+//! routes through the TUN device, and, when this node's pod CIDRs changed,
+//! the gateway addresses on the TUN device and the files the CNI plugin
+//! reads (node.json, the conflist). It keeps the desired mesh by peer, so a
+//! change costs the peers it names; the routes are looked at only when a
+//! changed peer has a prefix the cluster CIDRs do not cover.
 //!
 //! Each place is behind a seam (`MeshApplier`, `HostApplier`, `CniFiles`)
 //! so the order and the failure handling are tested over fakes; the real
@@ -22,11 +25,14 @@ use tunmesh_contract::{NodeState, PluginSettings};
 
 use crate::dataplane::{Dataplane, MeshDiff};
 use crate::hostnet::RouteDiff;
-use crate::model::{DesiredMesh, Nets, Snapshot};
+use crate::model::{DesiredMesh, Nets, PeerSpec, Snapshot};
+use crate::source::Update;
 
 /// Applies the peer set (the data plane).
 pub trait MeshApplier {
     fn apply_mesh(&self, mesh: &DesiredMesh) -> MeshDiff;
+    /// Applies the peers that changed (`None`: gone), the rest untouched.
+    fn apply_peer_changes(&self, changes: &[(String, Option<PeerSpec>)]) -> MeshDiff;
     /// This node's gateways (the source of the data plane's ICMP replies).
     fn set_gateways(&self, gateways: &[IpAddr]);
 }
@@ -34,6 +40,10 @@ pub trait MeshApplier {
 impl MeshApplier for Dataplane {
     fn apply_mesh(&self, mesh: &DesiredMesh) -> MeshDiff {
         self.apply(mesh)
+    }
+
+    fn apply_peer_changes(&self, changes: &[(String, Option<PeerSpec>)]) -> MeshDiff {
+        self.apply_changes(changes)
     }
 
     fn set_gateways(&self, gateways: &[IpAddr]) {
@@ -46,8 +56,58 @@ impl<T: MeshApplier> MeshApplier for std::sync::Arc<T> {
         (**self).apply_mesh(mesh)
     }
 
+    fn apply_peer_changes(&self, changes: &[(String, Option<PeerSpec>)]) -> MeshDiff {
+        (**self).apply_peer_changes(changes)
+    }
+
     fn set_gateways(&self, gateways: &[IpAddr]) {
         (**self).set_gateways(gateways)
+    }
+}
+
+/// The mesh the source wants, by peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub peers: std::collections::BTreeMap<String, PeerSpec>,
+    pub blackhole_cidrs: Vec<IpNetwork>,
+    pub pod_cidrs: Vec<IpNetwork>,
+}
+
+impl Desired {
+    fn from_snapshot(snap: &Snapshot) -> Desired {
+        Desired {
+            peers: snap
+                .mesh
+                .peers
+                .iter()
+                .map(|p| (p.name.clone(), p.clone()))
+                .collect(),
+            blackhole_cidrs: snap.mesh.blackhole_cidrs.clone(),
+            pod_cidrs: snap.pod_cidrs.clone(),
+        }
+    }
+
+    /// The whole mesh, as a snapshot (O(peers)).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            mesh: self.mesh(),
+            pod_cidrs: self.pod_cidrs.clone(),
+        }
+    }
+
+    fn mesh(&self) -> DesiredMesh {
+        DesiredMesh {
+            peers: self.peers.values().cloned().collect(),
+            blackhole_cidrs: self.blackhole_cidrs.clone(),
+        }
+    }
+
+    /// Whether `spec` has a prefix the cluster CIDRs do not cover (one
+    /// that needs a route of its own).
+    fn needs_route(&self, spec: &PeerSpec) -> bool {
+        spec.allowed_ips
+            .iter()
+            .any(|a| !crate::model::covered(a, &self.blackhole_cidrs))
     }
 }
 
@@ -144,9 +204,9 @@ pub struct Reconciler<M, H, C> {
     node: NodeIdentity,
     /// Pod CIDRs on the TUN device and in node.json, once put there.
     pod_cidrs: Option<Vec<IpNetwork>>,
-    /// The last snapshot asked for (applied or not): re-applied after a
-    /// failure or a `wg set`.
-    last: Option<Snapshot>,
+    /// What the source wants (applied or not): re-applied after a failure
+    /// or a `wg set`.
+    desired: Option<Desired>,
 }
 
 impl<M: MeshApplier, H: HostApplier, C: CniFiles> Reconciler<M, H, C> {
@@ -157,13 +217,77 @@ impl<M: MeshApplier, H: HostApplier, C: CniFiles> Reconciler<M, H, C> {
             cni,
             node,
             pod_cidrs: None,
-            last: None,
+            desired: None,
         }
     }
 
-    /// The last snapshot asked for.
-    pub fn last(&self) -> Option<&Snapshot> {
-        self.last.as_ref()
+    /// What the source wants, by peer (none before its first update).
+    pub fn desired(&self) -> Option<&Desired> {
+        self.desired.as_ref()
+    }
+
+    /// The whole mesh the source wants, as a snapshot (O(peers): for a
+    /// successor, the warm-start cache).
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        self.desired.as_ref().map(Desired::snapshot)
+    }
+
+    /// Applies an update from the source.
+    pub async fn apply_update(&mut self, u: &Update) -> Result<Applied, ReconcileError> {
+        match u {
+            Update::Full(snap) => self.apply(snap).await,
+            Update::Changes { peers, pod_cidrs } => {
+                self.apply_changes(peers, pod_cidrs.as_deref()).await
+            }
+        }
+    }
+
+    /// The whole desired mesh again (after a failure, or over `wg set`).
+    pub async fn reapply(&mut self) -> Option<Result<Applied, ReconcileError>> {
+        let snap = self.snapshot()?;
+        Some(self.apply(&snap).await)
+    }
+
+    /// Applies the peers that changed, and this node's pod CIDRs when they
+    /// changed. The routes are synced only when a peer changing has a
+    /// prefix outside the cluster CIDRs.
+    #[instrument(skip_all, fields(peers = peers.len()))]
+    pub async fn apply_changes(
+        &mut self,
+        peers: &[(String, Option<PeerSpec>)],
+        pod_cidrs: Option<&[IpNetwork]>,
+    ) -> Result<Applied, ReconcileError> {
+        let d = self.desired.get_or_insert_with(|| Desired {
+            blackhole_cidrs: self.node.cluster_cidrs.clone(),
+            ..Default::default()
+        });
+        let mut routes_touched = false;
+        for (name, spec) in peers {
+            let old = match spec {
+                Some(s) => d.peers.insert(name.clone(), s.clone()),
+                None => d.peers.remove(name),
+            };
+            routes_touched |= old.iter().chain(spec.iter()).any(|s| d.needs_route(s));
+        }
+        if let Some(c) = pod_cidrs {
+            d.pod_cidrs = c.to_vec();
+        }
+        let want_cidrs = d.pod_cidrs.clone();
+        let diff = self.mesh.apply_peer_changes(peers);
+        let routes = if routes_touched {
+            let routes = self
+                .desired
+                .as_ref()
+                .map(|d| d.mesh().routes())
+                .unwrap_or_default();
+            self.host
+                .sync_routes(&routes)
+                .await
+                .map_err(ReconcileError::Routes)?
+        } else {
+            RouteDiff::default()
+        };
+        self.finish(diff, routes, &want_cidrs).await
     }
 
     /// This node's pod CIDRs as put in place (empty before any).
@@ -184,13 +308,24 @@ impl<M: MeshApplier, H: HostApplier, C: CniFiles> Reconciler<M, H, C> {
     /// gateways and the CNI plugin's files.
     #[instrument(skip_all, fields(peers = snap.mesh.peers.len()))]
     pub async fn apply(&mut self, snap: &Snapshot) -> Result<Applied, ReconcileError> {
-        self.last = Some(snap.clone());
+        self.desired = Some(Desired::from_snapshot(snap));
         let peers = self.mesh.apply_mesh(&snap.mesh);
         let routes = self
             .host
             .sync_routes(&snap.mesh.routes())
             .await
             .map_err(ReconcileError::Routes)?;
+        self.finish(peers, routes, &snap.pod_cidrs).await
+    }
+
+    /// After the peers and routes: says what changed, then the pod CIDRs'
+    /// gateways and the CNI files when the pod CIDRs changed.
+    async fn finish(
+        &mut self,
+        peers: MeshDiff,
+        routes: RouteDiff,
+        pod_cidrs: &[IpNetwork],
+    ) -> Result<Applied, ReconcileError> {
         if !peers.is_empty() || !routes.added.is_empty() || !routes.removed.is_empty() {
             info!(added = ?peers.added, updated = ?peers.updated, replaced = ?peers.replaced,
                   removed = ?peers.removed, unchanged = peers.unchanged,
@@ -201,9 +336,9 @@ impl<M: MeshApplier, H: HostApplier, C: CniFiles> Reconciler<M, H, C> {
             routes,
             pod_cidrs: None,
         };
-        if self.pod_cidrs.as_ref() != Some(&snap.pod_cidrs) {
-            self.set_pod_cidrs(&snap.pod_cidrs).await?;
-            applied.pod_cidrs = Some(snap.pod_cidrs.clone());
+        if self.pod_cidrs.as_deref() != Some(pod_cidrs) {
+            self.set_pod_cidrs(pod_cidrs).await?;
+            applied.pod_cidrs = Some(pod_cidrs.to_vec());
         }
         Ok(applied)
     }
@@ -258,6 +393,25 @@ mod tests {
 
     impl MeshApplier for FakeMesh {
         fn set_gateways(&self, _: &[IpAddr]) {}
+
+        fn apply_peer_changes(&self, changes: &[(String, Option<PeerSpec>)]) -> MeshDiff {
+            let mut a = self.applied.lock().unwrap();
+            let mut mesh = a.last().cloned().unwrap_or_default();
+            let mut diff = MeshDiff::default();
+            for (name, spec) in changes {
+                mesh.peers.retain(|p| p.name != *name);
+                match spec {
+                    Some(s) => {
+                        mesh.peers.push(s.clone());
+                        diff.updated.push(name.clone());
+                    }
+                    None => diff.removed.push(name.clone()),
+                }
+            }
+            mesh.peers.sort_by(|x, y| x.name.cmp(&y.name));
+            a.push(mesh);
+            diff
+        }
 
         fn apply_mesh(&self, mesh: &DesiredMesh) -> MeshDiff {
             let mut a = self.applied.lock().unwrap();
@@ -389,8 +543,8 @@ mod tests {
         assert_eq!(a.peers.added, ["node-2"]);
         assert_eq!(
             *r.host.routes.lock().unwrap(),
-            s.mesh.routes(),
-            "the cluster CIDR and the peer's"
+            ["10.244.0.0/16".parse::<IpNetwork>().unwrap()],
+            "the cluster CIDR, which covers the peer's"
         );
         assert_eq!(
             r.host.gateways.lock().unwrap().last().unwrap(),
@@ -461,12 +615,45 @@ mod tests {
             r.cni.written.lock().unwrap().is_empty(),
             "files only after routes"
         );
-        assert_eq!(r.last(), Some(&s), "kept for the retry");
+        assert_eq!(r.snapshot(), Some(s.clone()), "kept for the retry");
         r.host.fail_routes.store(false, Ordering::Relaxed);
-        let last = r.last().cloned().unwrap();
-        block_on(r.apply(&last)).unwrap();
+        block_on(r.reapply()).unwrap().unwrap();
         assert_eq!(r.cni.written.lock().unwrap().len(), 1);
         assert_eq!(*r.host.routes.lock().unwrap(), s.mesh.routes());
+    }
+
+    /// Changes touch the peers they name; the routes only when a peer's
+    /// prefix lies outside the cluster CIDRs.
+    #[test]
+    fn changes_touch_the_routes_only_outside_the_cluster_cidrs() {
+        let mut r = reconciler();
+        block_on(r.apply(&snap(&[("node-2", "10.244.2.0/24")], &["10.244.1.0/24"]))).unwrap();
+        let inside = snap(&[("node-3", "10.244.3.0/24")], &[]).mesh.peers;
+        let a =
+            block_on(r.apply_changes(&[("node-3".into(), Some(inside[0].clone()))], None)).unwrap();
+        assert_eq!(a.routes, RouteDiff::default());
+        assert_eq!(a.pod_cidrs, None);
+        let outside = snap(&[("node-4", "192.168.4.0/24")], &[]).mesh.peers;
+        let a = block_on(r.apply_changes(&[("node-4".into(), Some(outside[0].clone()))], None))
+            .unwrap();
+        assert_eq!(
+            a.routes.added,
+            ["192.168.4.0/24".parse::<IpNetwork>().unwrap()]
+        );
+        let a = block_on(r.apply_changes(&[("node-4".into(), None)], None)).unwrap();
+        assert_eq!(
+            a.routes.removed,
+            ["192.168.4.0/24".parse::<IpNetwork>().unwrap()]
+        );
+        let d = r.desired().unwrap();
+        assert_eq!(d.peers.keys().collect::<Vec<_>>(), ["node-2", "node-3"]);
+        // A pod CIDR change comes with the changes.
+        let a = block_on(r.apply_changes(&[], Some(&["10.244.9.0/24".parse().unwrap()]))).unwrap();
+        assert_eq!(
+            a.pod_cidrs.unwrap(),
+            ["10.244.9.0/24".parse::<IpNetwork>().unwrap()]
+        );
+        assert_eq!(r.cni.written.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
@@ -112,22 +112,15 @@ pub struct HandoverFailureStatus {
 
 /// Peer statuses from the data plane's current table.
 pub fn peers(dp: &Dataplane) -> Vec<PeerStatus> {
-    let now = SystemTime::now();
     dp.table()
         .peers
         .iter()
         .map(|p| {
-            let (since, endpoint, path_mtu) = {
+            let (at, endpoint, path_mtu) = {
                 let st = p.lock();
-                (
-                    st.tunn.time_since_last_handshake(),
-                    st.endpoint,
-                    st.path_mtu,
-                )
+                (st.last_handshake(), st.endpoint, st.path_mtu)
             };
-            let at = since
-                .and_then(|d: Duration| now.checked_sub(d))
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+            let at = at.and_then(|t| t.duration_since(UNIX_EPOCH).ok());
             PeerStatus {
                 name: p.name.clone(),
                 public_key: p.public_key.to_base64(),

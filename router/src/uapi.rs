@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -164,20 +164,18 @@ pub fn get(dp: &Dataplane, port: u16) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "private_key={}", hex(&dp.private_key_bytes()));
     let _ = writeln!(s, "listen_port={port}");
-    let now = SystemTime::now();
     for p in &dp.table().peers {
-        let (since, endpoint, tx, rx) = {
+        let (at, endpoint, tx, rx) = {
             let st = p.lock();
-            let (since, tx, rx, _, _) = st.tunn.stats();
-            (since, st.endpoint, tx, rx)
+            let (tx, rx) = st.transfer();
+            (st.last_handshake(), st.endpoint, tx, rx)
         };
         let _ = writeln!(s, "public_key={}", hex(p.public_key.as_bytes()));
         let _ = writeln!(s, "protocol_version=1");
         if let Some(e) = endpoint {
             let _ = writeln!(s, "endpoint={e}");
         }
-        let at = since
-            .and_then(|d: Duration| now.checked_sub(d))
+        let at = at
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .unwrap_or_default();
         let _ = writeln!(s, "last_handshake_time_sec={}", at.as_secs());

@@ -29,8 +29,13 @@ use crate::PublicKey;
 
 /// The cache's file name in the state directory.
 pub const CACHE_FILE: &str = "mesh-cache.json";
-/// The cache format this router writes and reads.
-pub const FORMAT: u32 = 1;
+/// The cache format this router writes (it reads format 1 too: no list of
+/// the peers in use).
+pub const FORMAT: u32 = 2;
+/// How often at most the cache is rewritten for changes of the mesh (a
+/// resync's confirmation rewrites it anyway): with thousands of peers a
+/// write is a few milliseconds.
+pub const WRITE_EVERY: Duration = Duration::from_secs(10);
 /// How long after its source last confirmed it a cached mesh is used.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
@@ -62,6 +67,11 @@ struct CacheFile {
     owner: Owner,
     /// Unix seconds when the source last confirmed this mesh.
     confirmed_unix: u64,
+    /// The peers that had a session when it was written: a warm start
+    /// handshakes with these at once (they may hold a session with this
+    /// node's previous process), and with the others when they are used.
+    #[serde(default)]
+    active: Vec<String>,
     mesh: RawFile,
 }
 
@@ -90,17 +100,21 @@ pub struct Cached {
     pub snapshot: Snapshot,
     /// Seconds since its source last confirmed it.
     pub age: u64,
+    /// The peers in use when it was written.
+    pub active: Vec<String>,
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(CACHE_FILE)
 }
 
-/// Writes `snap` as `owner`'s cache, confirmed at `now_unix`.
+/// Writes `snap` as `owner`'s cache, confirmed at `now_unix`, with the
+/// peers in use (`active`).
 pub fn write(
     state_dir: &Path,
     owner: &Owner,
     snap: &Snapshot,
+    active: &[String],
     private_key_file: &Path,
     now_unix: u64,
 ) -> Result<(), CacheError> {
@@ -109,10 +123,11 @@ pub fn write(
         format: FORMAT,
         owner: owner.clone(),
         confirmed_unix: now_unix,
+        active: active.to_vec(),
         mesh: RawFile::from_snapshot(snap, private_key_file, owner.listen_port),
     };
     // NB: plain strings and numbers always encode.
-    let json = serde_json::to_vec_pretty(&file).unwrap_or_default();
+    let json = serde_json::to_vec(&file).unwrap_or_default();
     write_atomic(&path, &json).map_err(|source| CacheError::Write { path, source })
 }
 
@@ -143,9 +158,9 @@ pub fn load(
         .map_err(|e| corrupt(e.to_string()))?
         .get("format")
         .and_then(serde_json::Value::as_u64);
-    if format != Some(u64::from(FORMAT)) {
+    if format != Some(u64::from(FORMAT)) && format != Some(1) {
         return Err(stale(format!(
-            "format {format:?}, this router reads format {FORMAT}"
+            "format {format:?}, this router reads formats 1 and {FORMAT}"
         )));
     }
     let file: CacheFile = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
@@ -175,6 +190,7 @@ pub fn load(
             pod_cidrs: mesh.node.pod_cidrs,
         },
         age,
+        active: file.active,
     }))
 }
 
@@ -218,15 +234,17 @@ impl StartStatus {
     }
 }
 
-/// Keeps the cache in line with what the router applied: the daemon calls
-/// `applied` after each successful apply and `confirm` every resync while
-/// its source is healthy. A failed write is logged once, not retried in a
-/// loop: the cache is an optimisation, never a reason to stop.
+/// Keeps the cache in line with what the router applied: the daemon says
+/// when the mesh `changed`, writes it (`save`) when it is `due` (at most
+/// every `WRITE_EVERY`), and every resync while its source is healthy (the
+/// confirmation). A failed write is logged once, not retried in a loop:
+/// the cache is an optimisation, never a reason to stop.
 pub struct Keeper {
     pub state_dir: PathBuf,
     pub owner: Owner,
     pub private_key_file: PathBuf,
-    written: Option<Snapshot>,
+    dirty: bool,
+    written_at: Option<std::time::Instant>,
     failing: bool,
 }
 
@@ -236,37 +254,44 @@ impl Keeper {
             state_dir,
             owner,
             private_key_file,
-            written: None,
+            dirty: false,
+            written_at: None,
             failing: false,
         }
     }
 
-    /// After `snap` was applied: rewrites the cache if it holds another mesh.
-    pub fn applied(&mut self, snap: &Snapshot) {
-        if self.written.as_ref() != Some(snap) {
-            self.save(snap.clone());
-        }
+    /// The applied mesh changed.
+    pub fn changed(&mut self) {
+        self.dirty = true;
     }
 
-    /// The source confirmed the mesh in place: the cache's time moves on.
-    pub fn confirm(&mut self) {
-        if let Some(snap) = self.written.take() {
-            self.save(snap);
-        }
+    /// Whether a change waits to be written (the first at once, later ones
+    /// at most every `WRITE_EVERY`).
+    pub fn due(&self) -> bool {
+        self.dirty && self.written_at.is_none_or(|t| t.elapsed() >= WRITE_EVERY)
     }
 
-    fn save(&mut self, snap: Snapshot) {
+    /// Whether a cache was written by this process (the confirmation only
+    /// moves the time of one).
+    pub fn written(&self) -> bool {
+        self.written_at.is_some()
+    }
+
+    /// Writes the cache: `snap`, confirmed now, with the peers in use.
+    pub fn save(&mut self, snap: &Snapshot, active: &[String]) {
         let now = crate::model::unix_now();
         match write(
             &self.state_dir,
             &self.owner,
-            &snap,
+            snap,
+            active,
             &self.private_key_file,
             now,
         ) {
             Ok(()) => {
                 self.failing = false;
-                self.written = Some(snap);
+                self.dirty = false;
+                self.written_at = Some(std::time::Instant::now());
             }
             Err(e) => {
                 if !self.failing {
@@ -324,16 +349,34 @@ mod tests {
     fn a_written_cache_loads_as_the_same_snapshot() {
         let d = dir();
         assert!(load(&d, &owner(), 1000, HOUR).unwrap().is_none());
-        write(&d, &owner(), &snap(), Path::new("/k"), 1000).unwrap();
+        write(
+            &d,
+            &owner(),
+            &snap(),
+            &["node-2".into()],
+            Path::new("/k"),
+            1000,
+        )
+        .unwrap();
         let c = load(&d, &owner(), 1010, HOUR).unwrap().unwrap();
         assert_eq!(c.snapshot, snap());
         assert_eq!(c.age, 10);
+        assert_eq!(c.active, ["node-2"]);
+        // A format-1 cache (no list of the peers in use) still loads.
+        let text = std::fs::read_to_string(path(&d))
+            .unwrap()
+            .replace("\"format\":2", "\"format\":1")
+            .replace("\"active\":[\"node-2\"],", "");
+        std::fs::write(path(&d), text).unwrap();
+        let c = load(&d, &owner(), 1010, HOUR).unwrap().unwrap();
+        assert_eq!(c.snapshot, snap());
+        assert!(c.active.is_empty());
     }
 
     #[test]
     fn someone_elses_or_an_old_cache_is_stale() {
         let d = dir();
-        write(&d, &owner(), &snap(), Path::new("/k"), 1000).unwrap();
+        write(&d, &owner(), &snap(), &[], Path::new("/k"), 1000).unwrap();
         let mut other = owner();
         other.node_name = "node-9".into();
         let e = load(&d, &other, 1000, HOUR).unwrap_err().to_string();
@@ -350,16 +393,16 @@ mod tests {
         assert!(e.contains("3601 s ago"), "{e}");
         let text = std::fs::read_to_string(path(&d))
             .unwrap()
-            .replace("\"format\": 1", "\"format\": 2");
+            .replace("\"format\":2", "\"format\":3");
         std::fs::write(path(&d), text).unwrap();
         let e = load(&d, &owner(), 1000, HOUR).unwrap_err().to_string();
-        assert!(e.contains("stale") && e.contains("format Some(2)"), "{e}");
+        assert!(e.contains("stale") && e.contains("format Some(3)"), "{e}");
     }
 
     #[test]
     fn a_corrupt_cache_names_what_is_wrong() {
         let d = dir();
-        write(&d, &owner(), &snap(), Path::new("/k"), 1000).unwrap();
+        write(&d, &owner(), &snap(), &[], Path::new("/k"), 1000).unwrap();
         let good = std::fs::read_to_string(path(&d)).unwrap();
         let cases: &[(&str, &str, &str)] = &[
             (
@@ -369,8 +412,8 @@ mod tests {
             ),
             ("172.30.0.12:51820", "172.30.0.12", "endpoint"),
             (
-                "\"confirmed_unix\": 1000",
-                "\"confirmed_unix\": 99999",
+                "\"confirmed_unix\":1000",
+                "\"confirmed_unix\":99999",
                 "future",
             ),
             ("\"private_key_file\"", "\"key_file\"", "unknown field"),

@@ -9,15 +9,22 @@ use anyhow::{bail, Context, Result};
 
 use crate::lab::Lab;
 
-/// The four `[Conformance]` tests of "Networking Granular Checks: Pods"
-/// (pod-pod and node-pod over HTTP and UDP): what CI runs.
-pub const GRANULAR: &[&str] =
-    &[r"\[sig-network\] Networking Granular Checks: Pods .*\[Conformance\]"];
+/// Every `[sig-network]` test the pinned release tags `[Conformance]`,
+/// selected by the tag (a new release's come in by themselves): 47 in
+/// v1.37.2.
+pub const SIG_NETWORK_CONFORMANCE: &str = r"\[sig-network\].*\[Conformance\]";
 
-/// How many tests [`GRANULAR`] selects in v1.37.2.
-pub const GRANULAR_TESTS: usize = 4;
+/// What CI runs: the four `[Conformance]` tests of "Networking Granular
+/// Checks: Pods" (pod-pod and node-pod over HTTP and UDP) and the
+/// `[Conformance]` HostPort test (hostPort with different hostIPs and
+/// protocols, through the chained portmap).
+pub const CI: &[&str] = &[
+    r"\[sig-network\] Networking Granular Checks: Pods .*\[Conformance\]",
+    r"\[sig-network\] HostPort .*\[Conformance\]",
+];
 
-/// The network tests a pod network must pass, by their v1.37.2 names.
+/// The network tests run besides the `[Conformance]` ones by default, by
+/// their v1.37.2 names.
 pub const NETWORK: &[&str] = &[
     r"\[sig-network\] Networking Granular Checks: Pods",
     r"\[sig-network\] NoSNAT",
@@ -46,6 +53,11 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Of `wanted`, those that did not pass (not run, failed or skipped).
+    pub fn missing<'a>(&self, wanted: &'a [String]) -> Vec<&'a String> {
+        wanted.iter().filter(|w| !self.passed.contains(w)).collect()
+    }
+
     pub fn line(&self) -> String {
         format!(
             "conformance: {} passed, {} failed, {} skipped",
@@ -103,13 +115,35 @@ pub struct Options {
     pub out: PathBuf,
 }
 
-/// Runs e2e.test from the control plane's namespace against `lab`, its
-/// output to the terminal and to `out/e2e.log`.
-pub fn run(lab: &Lab, opts: &Options) -> Result<Summary> {
-    let cp = lab.control_plane()?;
-    std::fs::create_dir_all(&opts.out)?;
-    let report = opts.out.join("report.json");
+/// The names of the tests `focus` selects (less `NOT_HERE`), as ginkgo's
+/// dry run lists them: what a run of that focus must have run.
+pub fn select(lab: &Lab, focus: &[String], out: &Path) -> Result<Vec<String>> {
+    std::fs::create_dir_all(out)?;
+    let report = out.join("dry-run.json");
     let _ = std::fs::remove_file(&report);
+    let mut c = e2e(lab, focus, out, &report)?;
+    c.arg("--ginkgo.dry-run");
+    let log = out.join("dry-run.log");
+    let status = c
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(Stdio::null())
+        .status()
+        .context("running e2e.test --ginkgo.dry-run")?;
+    if !report.exists() {
+        bail!(
+            "e2e.test --ginkgo.dry-run ({status}) wrote no report; its log: {}",
+            log.display()
+        );
+    }
+    // A dry run reports every selected spec as passed.
+    Ok(summarize(&report)?.passed)
+}
+
+/// e2e.test from the control plane's namespace against `lab`, with `focus`
+/// and `NOT_HERE` skipped, writing its JSON report to `report`.
+fn e2e(lab: &Lab, focus: &[String], out: &Path, report: &Path) -> Result<Command> {
+    let cp = lab.control_plane()?;
     let skip: Vec<&str> = NOT_HERE.iter().map(|(re, _)| *re).collect();
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &cp.ns])
@@ -120,7 +154,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Summary> {
             "--kubectl-path={}",
             cp.bin.join("kubectl").display()
         ))
-        .arg(format!("--report-dir={}", opts.out.display()))
+        .arg(format!("--report-dir={}", out.display()))
         .arg(format!("--ginkgo.json-report={}", report.display()))
         .arg(format!("--ginkgo.skip={}", skip.join("|")))
         .args([
@@ -128,12 +162,22 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Summary> {
             "--ginkgo.timeout=3h",
             "--disable-log-dump",
         ]);
-    for f in &opts.focus {
+    for f in focus {
         c.arg(format!("--ginkgo.focus={f}"));
     }
+    c.current_dir(out);
+    Ok(c)
+}
+
+/// Runs e2e.test from the control plane's namespace against `lab`, its
+/// output to `out/e2e.log`.
+pub fn run(lab: &Lab, opts: &Options) -> Result<Summary> {
+    std::fs::create_dir_all(&opts.out)?;
+    let report = opts.out.join("report.json");
+    let _ = std::fs::remove_file(&report);
+    let mut c = e2e(lab, &opts.focus, &opts.out, &report)?;
     let log = std::fs::File::create(opts.out.join("e2e.log"))?;
     let status = c
-        .current_dir(&opts.out)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

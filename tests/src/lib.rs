@@ -14,7 +14,8 @@
 //!   daemon in a namespace;
 //! - `podman`: a container runtime with its own storage, in a node's namespace;
 //! - `probe`: a numbered UDP probe between namespaces and the silence it measures;
-//! - `bench`: tunmesh against raw veth, wireguard-go and boringtun-cli.
+//! - `bench`: tunmesh against raw veth, wireguard-go and boringtun-cli;
+//! - `scale`: a router's cost among thousands of hollow Nodes.
 
 pub mod bench;
 pub mod checks;
@@ -27,6 +28,7 @@ pub mod pcap;
 pub mod peers;
 pub mod podman;
 pub mod probe;
+pub mod scale;
 pub mod soak;
 
 pub use lab::{Lab, LabOptions};

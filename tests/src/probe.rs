@@ -177,6 +177,41 @@ impl Probe {
         missing()
     }
 
+    /// When the first probe went.
+    pub fn first_sent(&self) -> Option<Instant> {
+        self.sent.lock().ok()?.first().copied()
+    }
+
+    /// The probes sent in `[from, to]`: (number, when).
+    pub fn sent_between(&self, from: Instant, to: Instant) -> Vec<(u64, Instant)> {
+        self.sent
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .enumerate()
+                    .filter(|(_, t)| **t >= from && **t <= to)
+                    .map(|(i, t)| (i as u64, *t))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Of `sent`, those that never came back (late ones are waited for,
+    /// up to 2 s).
+    pub fn lost_of(&self, sent: &[(u64, Instant)]) -> Vec<(u64, Instant)> {
+        let missing = || -> Vec<(u64, Instant)> {
+            let e = self.echoes.lock().map(|e| e.clone()).unwrap_or_default();
+            sent.iter()
+                .copied()
+                .filter(|(n, _)| !e.contains_key(n))
+                .collect()
+        };
+        netns::wait_for(Duration::from_secs(2), || {
+            missing().is_empty().then_some(())
+        });
+        missing()
+    }
+
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {

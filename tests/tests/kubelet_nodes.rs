@@ -218,6 +218,277 @@ spec:
       args: ["netexec", "--http-port=8080", "--udp-port=8081"]
 "#;
 
+/// A pod on node-1 with host ports (TCP and UDP, no hostIP: both
+/// families), through the chained portmap.
+const HOSTPORT_POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: hostport
+  labels: {app: hostport}
+spec:
+  nodeSelector: {kubernetes.io/hostname: node-1}
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: netexec
+      image: registry.k8s.io/e2e-test-images/agnhost:2.66.1
+      imagePullPolicy: IfNotPresent
+      args: ["netexec", "--http-port=8080", "--udp-port=8081"]
+      ports:
+        - {containerPort: 8080, hostPort: 18090, protocol: TCP}
+        - {containerPort: 8081, hostPort: 18090, protocol: UDP}
+"#;
+
+/// `script` in node `node`'s network namespace until it prints `want`
+/// (30 s at most); what it printed last.
+fn node_sh_until(lab: &Lab, node: &str, script: &str, want: &str) -> String {
+    let ns = lab.node(node).unwrap().ns.clone();
+    let mut last = String::new();
+    wait_for(Duration::from_secs(30), || {
+        last = netns::exec(&ns, "sh", &["-c", script]).unwrap_or_else(|e| e.to_string());
+        (last.trim() == want).then_some(())
+    });
+    last.trim().to_string()
+}
+
+/// The hostPort pod answers on node-1's IPv4 and IPv6 addresses, over TCP
+/// and UDP, from another node and from a pod on a third.
+fn host_ports_work(lab: &Lab, pods: &[KubePod]) {
+    lab.control_plane()
+        .unwrap()
+        .kubectl_stdin(&["apply", "-f", "-"], HOSTPORT_POD)
+        .expect("the hostPort pod");
+    lab.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/hostport",
+        "--timeout=120s",
+    ])
+    .expect("the hostPort pod Ready");
+    let n1 = lab.node("node-1").unwrap();
+    let v4 = n1.underlay_ip.to_string();
+    let v6 = n1.kubelet.as_ref().unwrap().underlay_ip6.to_string();
+    for (what, script) in [
+        (
+            "TCP, IPv4",
+            format!("curl -s -m 3 http://{v4}:18090/hostname"),
+        ),
+        (
+            "TCP, IPv6",
+            format!("curl -s -m 3 -g 'http://[{v6}]:18090/hostname'"),
+        ),
+        (
+            "UDP, IPv4",
+            format!("echo hostname | socat -t 2 - UDP4:{v4}:18090"),
+        ),
+        (
+            "UDP, IPv6",
+            format!("echo hostname | socat -t 2 - 'UDP6:[{v6}]:18090'"),
+        ),
+    ] {
+        let got = node_sh_until(lab, "node-2", &script, "hostport");
+        assert_eq!(
+            got, "hostport",
+            "node-2 to node-1's hostPort, {what}: {script}"
+        );
+    }
+    let from = pods
+        .iter()
+        .find(|p| p.node == "node-3")
+        .expect("a pod on node-3");
+    let got = wait_for(Duration::from_secs(30), || {
+        lab.kube_exec(
+            &from.name,
+            &format!("curl -s -m 3 http://{v4}:18090/hostname"),
+        )
+        .ok()
+        .filter(|o| o.trim() == "hostport")
+    });
+    assert!(got.is_some(), "a pod on node-3 to node-1's hostPort");
+    lab.kubectl(&["delete", "pod", "hostport", "--wait=true"])
+        .unwrap();
+    eprintln!("hostPort: node-1's port 18090 answered over TCP and UDP on IPv4 and IPv6 from node-2, and from a pod on node-3");
+}
+
+/// The router pods of the DaemonSet: (node, name, uid, ready, image,
+/// restarts).
+fn router_pods(lab: &Lab) -> Vec<(String, String, String, bool, String, u32)> {
+    let out = lab
+        .kubectl(&["get", "pods", "-n", "tunmesh", "-o", "json"])
+        .expect("listing the router pods");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("pod list");
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let c = &p["status"]["containerStatuses"][0];
+            (
+                p["spec"]["nodeName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                p["metadata"]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                c["ready"].as_bool().unwrap_or(false),
+                p["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                c["restartCount"].as_u64().unwrap_or(0) as u32,
+            )
+        })
+        .collect()
+}
+
+/// Issue 24: a rollout to a version that crashes right after taking over
+/// (the test build's fault, baked into an image) leaves every node served
+/// by its old router; the rollout stops there (maxUnavailable 0), and
+/// `kubectl rollout status`, the new pod's state and an Event on the Node
+/// say why. Then `kubectl rollout undo` brings the DaemonSet back.
+fn crash_rollout(lab: &Lab, pods: &[KubePod]) {
+    let bin = lab.state.router_bin.parent().unwrap().to_path_buf();
+    let crash_bin = lab.state.dir.join("crash-bin");
+    std::fs::create_dir_all(&crash_bin).unwrap();
+    for b in ["tunmesh-ctl", "tunmesh-cni", "tunmesh-keygen"] {
+        std::fs::copy(bin.join(b), crash_bin.join(b)).unwrap();
+    }
+    std::fs::copy(lab.faults_bin(), crash_bin.join("tunmesh-router")).unwrap();
+    let tag = "docker.io/library/tunmesh:crash";
+    lab.add_tunmesh_image(tag, &crash_bin)
+        .expect("the crashing image");
+    let before = router_pods(lab);
+    assert_eq!(before.len(), 3, "{before:?}");
+    let (a, b) = (&pods[0], &pods[1]);
+    let target = b.ips.iter().copied().find(IpAddr::is_ipv4).unwrap();
+    let probe = Probe::start(lab, &a.name, target);
+    std::thread::sleep(Duration::from_secs(1));
+    let fault = now();
+    let patch = serde_json::json!({"spec": {"template": {"spec": {"containers": [{
+        "name": "router",
+        "image": tag,
+        "env": [{"name": "TUNMESH_TEST_FAULT", "value": "panic:after-workers"}],
+    }]}}}});
+    lab.kubectl(&[
+        "patch",
+        "-n",
+        "tunmesh",
+        "daemonset/tunmesh",
+        "--type=strategic",
+        "-p",
+        &patch.to_string(),
+    ])
+    .expect("rolling out the crashing version");
+    // The surge pod crashes, kubelet restarts it, it crashes again.
+    let crashing = wait_for(Duration::from_secs(120), || {
+        router_pods(lab)
+            .into_iter()
+            .find(|p| p.4 == tag && p.5 >= 1)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no crashing router pod restarted:
+{}",
+            lab.kubectl(&["get", "pods", "-n", "tunmesh", "-o", "wide"])
+                .unwrap_or_default()
+        )
+    });
+    let node = crashing.0.clone();
+    let status = lab.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        "tunmesh",
+        "daemonset/tunmesh",
+        "--timeout=5s",
+    ]);
+    assert!(status.is_err(), "the rollout went on: {status:?}");
+    let state = lab
+        .kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            "tunmesh",
+            &crashing.1,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].lastState.terminated.exitCode} {.status.containerStatuses[0].state}",
+        ])
+        .unwrap();
+    assert!(
+        !state.starts_with("0 ") && !state.starts_with(' '),
+        "the crashing pod's last exit: {state}"
+    );
+    let events = wait_for(Duration::from_secs(30), || {
+        let e = lab
+            .kubectl(&[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                &format!("reason=HandoverFailed,involvedObject.name={node}"),
+                "-o",
+                "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+            ])
+            .unwrap_or_default();
+        (!e.trim().is_empty()).then_some(e)
+    })
+    .unwrap_or_else(|| panic!("no HandoverFailed Event on Node {node}"));
+    let st = lab
+        .node_exec(&node, &["cat", "/var/lib/tunmesh/status.json"])
+        .expect("the node's status.json");
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert!(
+        st["handovers"]["failed"].as_u64().unwrap_or(0) >= 1,
+        "{node}'s router reports no failed handover: {}",
+        st["handovers"]
+    );
+    // Every old router pod is still there and ready.
+    let during = router_pods(lab);
+    for old in &before {
+        assert!(
+            during.iter().any(|p| p.2 == old.2 && p.3),
+            "{}'s old router pod {} is gone or not ready: {during:?}",
+            old.0,
+            old.1
+        );
+    }
+    let undo_at = now();
+    lab.kubectl(&["rollout", "undo", "-n", "tunmesh", "daemonset/tunmesh"])
+        .expect("kubectl rollout undo");
+    lab.rollout("tunmesh", "daemonset/tunmesh", Duration::from_secs(120))
+        .expect("the rollout back");
+    std::thread::sleep(Duration::from_secs(1));
+    let (times, failed) = probe.stop();
+    let g = gap(&times, fault, undo_at, "a crashing version");
+    let after = router_pods(lab);
+    assert!(
+        after.iter().all(|p| p.4 != tag),
+        "a crashing pod is left: {after:?}"
+    );
+    for old in &before {
+        assert!(
+            after.iter().any(|p| p.2 == old.2 && p.3),
+            "{}'s old router pod did not survive the rollback: {after:?}",
+            old.0
+        );
+    }
+    let failed_during = failed.iter().filter(|t| **t >= fault).count();
+    eprintln!(
+        "a version crashing after taking over: {node}'s surge pod crashed {} times, its old router resumed each time          (Event: {}); the rollout stopped; rollback kept every old router; longest probe silence {g:.2} s, {failed_during} failed requests",
+        crashing.5 + 1,
+        events.lines().next().unwrap_or_default()
+    );
+    assert!(
+        g < ROLLOUT_SILENCE_LIMIT,
+        "probe silent for {g:.2} s while a version crashed"
+    );
+}
+
 /// What pod attachments a node holds: (veth devices other than the
 /// node's own eth0 on the underlay, network namespaces under its
 /// /run/netns, addresses allocated by tunmesh-cni).
@@ -309,6 +580,7 @@ fn real_nodes_run_the_daemonset_through_its_life() {
         pods.iter().any(|p| p.name == host.trim()),
         "Service answered {host:?}"
     );
+    host_ports_work(&lab, &pods);
 
     // A rolling restart of the DaemonSet: running pods keep their
     // addresses and connectivity; the probe (pod on one node to a pod on
@@ -428,6 +700,7 @@ fn real_nodes_run_the_daemonset_through_its_life() {
         assert_eq!(p.ips, q.ips, "{} kept its addresses", p.name);
     }
     matrix_ok(&lab, &after, "after the rolling restart");
+    crash_rollout(&lab, &after);
 
     // A deleted router pod: the DaemonSet controller makes a new one,
     // kubelet starts it, the node heals.

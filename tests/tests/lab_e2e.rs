@@ -269,9 +269,13 @@ fn mesh_file_reload_keeps_last_good_mesh_and_applies_minimal_diffs() {
         .expect("reload seen");
     assert!(s.last_reload.as_ref().unwrap().ok, "{:?}", s.last_reload);
     assert_eq!(s.peers.len(), 1);
+    // One route for the cluster CIDR, none per peer inside it: the
+    // router's own table picks the peer, and drops what has none.
     let routes = exec(&n1.ns, "ip", &["route", "show", "proto", "116"]).unwrap();
     assert!(
-        !routes.contains("10.244.3.0/24") && routes.contains("10.244.2.0/24"),
+        routes.contains(tunmesh_lab::lab::CLUSTER_V4)
+            && !routes.contains("10.244.3.0/24")
+            && !routes.contains("10.244.2.0/24"),
         "{routes}"
     );
     let no_peer = drops(&lab, "node-1", "no_peer");

@@ -501,8 +501,10 @@ pub async fn run(mut args: Args, faults: &dyn Faults) -> anyhow::Result<()> {
         rotation,
         paths: host,
         path_mtus: Default::default(),
+        path_cursor: 0,
         handover,
         handovers: Default::default(),
+        status_at: tokio::time::Instant::now(),
     };
     daemon.run(src.source).await?;
     Ok(())
@@ -574,17 +576,21 @@ where
     );
     let start = warm::StartStatus::from_load(&loaded);
     match loaded {
-        Ok(Some(cached)) => match reconciler.apply(&cached.snapshot).await {
-            Ok(applied) => {
-                health.ready.store(true, Ordering::Relaxed);
-                dp.first_tick_at_once.store(true, Ordering::Relaxed);
-                info!(peers = cached.snapshot.mesh.peers.len(), confirmed_seconds_ago = cached.age,
+        Ok(Some(cached)) => {
+            // Only the peers that had a session handshake at once.
+            dp.initiate_on_first_load(cached.active.iter().cloned());
+            match reconciler.apply(&cached.snapshot).await {
+                Ok(applied) => {
+                    health.ready.store(true, Ordering::Relaxed);
+                    dp.first_tick_at_once.store(true, Ordering::Relaxed);
+                    info!(peers = cached.snapshot.mesh.peers.len(), confirmed_seconds_ago = cached.age,
                       result = %applied, "warm start: the cached mesh is up; the source's mesh replaces it when it answers");
+                }
+                Err(e) => {
+                    warn!(error = %e, "warm start: applying the cached mesh failed; the source's mesh is applied when it answers")
+                }
             }
-            Err(e) => {
-                warn!(error = %e, "warm start: applying the cached mesh failed; the source's mesh is applied when it answers")
-            }
-        },
+        }
         Ok(None) => info!("cold start: no warm-start cache yet"),
         Err(e) => warn!(error = %e, "cold start: the cache is ignored; waiting for the source"),
     }

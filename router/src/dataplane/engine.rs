@@ -28,8 +28,9 @@
 //! batch; reconciles swap in a new one. Per-packet trouble is logged at
 //! debug level only.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ use super::io::Batch;
 use super::keys::{NodeKeys, StaticKey, Verified};
 use super::packet;
 use super::peers::{Peer, PeerState, PeerTable};
-use crate::model::DesiredMesh;
+use crate::model::{DesiredMesh, PeerSpec};
 use crate::{PrivateKey, PublicKey};
 
 /// How often WireGuard timers are ticked. The protocol's finest timer is
@@ -128,6 +129,17 @@ pub struct Dataplane {
     adopt: Mutex<std::collections::HashMap<String, PeerSession>>,
     /// The worker threads `spawn` started, and how each ended if it did.
     pub(super) workers: Mutex<Vec<WorkerSlot>>,
+    /// Peers put on the timers' list since their last tick (first used,
+    /// or a handshake to start).
+    timer_wake: Mutex<Vec<Arc<Peer>>>,
+    /// The peers the timers tick: those with WireGuard state.
+    timer_set: Mutex<Vec<Arc<Peer>>>,
+    /// Peers to handshake with at once on the first load (a warm start).
+    first_load: Mutex<HashSet<String>>,
+    /// Peers whose handshake completed with packets waiting for it.
+    flush_list: Mutex<Vec<Arc<Peer>>>,
+    /// Peer tables built.
+    table_builds: AtomicU64,
 }
 
 /// One supervised data-plane thread.
@@ -163,6 +175,11 @@ impl Dataplane {
             first_tick_at_once: std::sync::atomic::AtomicBool::new(false),
             wake: super::eventfd(),
             running: std::sync::atomic::AtomicUsize::new(0),
+            timer_wake: Mutex::new(Vec::new()),
+            timer_set: Mutex::new(Vec::new()),
+            first_load: Mutex::new(HashSet::new()),
+            flush_list: Mutex::new(Vec::new()),
+            table_builds: AtomicU64::new(0),
             adopt: Mutex::new(std::collections::HashMap::new()),
             // Room for the largest inner packet plus WireGuard's overhead, and
             // never less than a handshake initiation (148 bytes).
@@ -192,6 +209,28 @@ impl Dataplane {
             }
         }
         self.gateways.store(Arc::new((v4, v6)));
+    }
+
+    /// The peers in use (with WireGuard state), by name.
+    pub fn active_peers(&self) -> Vec<String> {
+        self.active_peer_endpoints()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// The peers in use (on the timers' list), with their current endpoint.
+    pub fn active_peer_endpoints(&self) -> Vec<(String, Option<SocketAddr>)> {
+        let set: Vec<Arc<Peer>> = self.timer_set.lock().map(|s| s.clone()).unwrap_or_default();
+        let table = self.table.load();
+        set.iter()
+            .filter(|p| table.by_index(p.index).is_some_and(|q| q.same_state(p)))
+            .filter_map(|p| {
+                let st = p.lock();
+                st.tunn.as_ref()?;
+                Some((p.name.clone(), st.endpoint))
+            })
+            .collect()
     }
 
     /// Each peer's current endpoint, by name.
@@ -230,7 +269,11 @@ impl Dataplane {
             // Sessions that moved to the abandoned key go back.
             for p in &self.table.load().peers {
                 let mut st = p.lock();
-                if st.tunn.static_public() != *keys.current.public.as_bytes() {
+                if st
+                    .tunn
+                    .as_ref()
+                    .is_some_and(|t| t.static_public() != *keys.current.public.as_bytes())
+                {
                     use_key(&mut st, &keys.current);
                 }
             }
@@ -247,7 +290,11 @@ impl Dataplane {
         };
         for p in &self.table.load().peers {
             let mut st = p.lock();
-            if st.tunn.static_public() != *keys.current.public.as_bytes() {
+            if st
+                .tunn
+                .as_ref()
+                .is_some_and(|t| t.static_public() != *keys.current.public.as_bytes())
+            {
                 use_key(&mut st, &keys.current);
             }
         }
@@ -295,70 +342,95 @@ impl Dataplane {
         }
     }
 
-    fn tunn_for(&self, spec: &crate::model::PeerSpec, index: u32) -> Tunn {
+    /// A new `Tunn` for `peer`, with the node's key the peer last used (the
+    /// next one during a rotation, once it has), else the current one.
+    fn new_tunn(&self, peer: &Peer, confirmed: Option<[u8; 32]>) -> Box<Tunn> {
         let keys = self.keys.load();
-        Tunn::new(
-            keys.current.secret.clone(),
-            x25519::PublicKey::from(*spec.public_key.as_bytes()),
+        let key = match &keys.next {
+            Some(next) if confirmed == Some(*next.public.as_bytes()) => next,
+            _ => &keys.current,
+        };
+        Box::new(Tunn::new(
+            key.secret.clone(),
+            x25519::PublicKey::from(*peer.public_key.as_bytes()),
             None,
-            spec.persistent_keepalive,
-            index,
-            Some(Arc::clone(&keys.current.limiter)),
-        )
+            peer.persistent_keepalive,
+            peer.index,
+            Some(Arc::clone(&key.limiter)),
+        ))
+    }
+
+    /// `peer`'s `Tunn`, made now if it has none (its first use), and the
+    /// peer on the timers' list. Under the peer's lock (`st`).
+    fn session<'s>(&self, peer: &Arc<Peer>, st: &'s mut PeerState) -> &'s mut Tunn {
+        if !st.in_timers {
+            st.in_timers = true;
+            self.wake_timers(peer);
+        }
+        let confirmed = st.confirmed_key;
+        st.tunn
+            .get_or_insert_with(|| self.new_tunn(peer, confirmed))
+    }
+
+    /// Puts `peer` on the timers' list (from its next tick on).
+    fn wake_timers(&self, peer: &Arc<Peer>) {
+        self.timer_wake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(peer));
     }
 
     /// Every peer's live session, for a successor. Call with the workers
     /// stopped: the successor's send counters start `margin` past these.
+    /// Peers with no session have nothing to hand over.
     pub fn export_sessions(&self, margin: u64) -> Vec<PeerSession> {
         self.table
             .load()
             .peers
             .iter()
-            .map(|p| {
+            .filter_map(|p| {
                 let st = p.lock();
-                PeerSession {
+                let t = st.tunn.as_ref()?;
+                Some(PeerSession {
                     name: p.name.clone(),
                     public_key: p.public_key,
                     index: p.index,
                     endpoint: st.endpoint,
-                    tunn: st.tunn.export_state(margin),
-                }
+                    tunn: t.export_state(margin),
+                })
             })
             .collect()
     }
 
-    /// Drops every peer's sessions: each gets a new session index and a
-    /// new `Tunn`, and handshakes at the next tick (when its endpoint is
+    /// Drops every peer's sessions: each peer that had one gets a new
+    /// session index and handshakes at the next tick (when its endpoint is
     /// known). For a router resuming after a successor that may have sealed
     /// with the old keys: nothing sealed from here on can share a nonce with
     /// what it sent, and nothing it received can be replayed here. Counters
-    /// and path MTUs stay. Returns how many peers there are.
+    /// and path MTUs stay. Returns how many peers had a session.
     pub fn fresh_sessions(&self) -> usize {
         let _guard = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.table.load_full();
         let mut peers = Vec::with_capacity(old.peers.len());
-        let mut taken: std::collections::HashSet<u32> = std::collections::HashSet::new();
+        let mut taken: HashSet<u32> = HashSet::new();
+        let mut fresh = Vec::new();
         for p in &old.peers {
+            if p.lock().tunn.is_none() {
+                peers.push(Arc::clone(p));
+                continue;
+            }
             let index = loop {
                 let i = self.new_index(&old);
                 if taken.insert(i) {
                     break i;
                 }
             };
-            let keys = self.keys.load();
-            let tunn = Tunn::new(
-                keys.current.secret.clone(),
-                x25519::PublicKey::from(*p.public_key.as_bytes()),
-                None,
-                p.persistent_keepalive,
-                index,
-                Some(Arc::clone(&keys.current.limiter)),
-            );
-            peers.push(Arc::new(p.fresh(index, tunn)));
+            let f = Arc::new(p.fresh(index));
+            fresh.push(Arc::clone(&f));
+            peers.push(f);
         }
-        let n = peers.len();
-        self.table.store(Arc::new(PeerTable::new(peers)));
-        n
+        self.store_table(peers, fresh.iter());
+        fresh.len()
     }
 
     /// Hands the peers the next `apply` creates these sessions (matched by
@@ -373,6 +445,17 @@ impl Dataplane {
         a.extend(sessions.into_iter().map(|s| (s.name.clone(), s)));
     }
 
+    /// The peers to handshake with at once when the next `apply` is the
+    /// first (a warm start: those that had sessions before the restart).
+    /// Otherwise a first load starts no handshake: a node joining or
+    /// starting cold with thousands of peers handshakes with each one when
+    /// traffic first goes to or comes from it.
+    pub fn initiate_on_first_load(&self, names: impl IntoIterator<Item = String>) {
+        let mut set = self.first_load.lock().unwrap_or_else(|p| p.into_inner());
+        set.clear();
+        set.extend(names);
+    }
+
     /// Makes the peer set equal to `mesh` with the smallest change: an
     /// unchanged peer keeps its `Arc` (and session); a peer whose endpoint or
     /// allowed IPs changed keeps its session; a changed key or keepalive
@@ -380,67 +463,86 @@ impl Dataplane {
     pub fn apply(&self, mesh: &DesiredMesh) -> MeshDiff {
         let _guard = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.table.load_full();
-        let mut diff = MeshDiff::default();
+        let mut b = Builder::new(self, &old);
         let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(mesh.peers.len());
-        let mut seen_keys = std::collections::HashSet::new();
-        let (own, own_next) = (self.public_key(), self.next_public_key());
         for spec in &mesh.peers {
-            let ours = spec.public_key == own || own_next == Some(spec.public_key);
-            if ours || !seen_keys.insert(spec.public_key) {
-                warn!(peer = %spec.name, key = %spec.public_key, "skipping peer: its key is our own or another peer's");
-                continue;
+            if let Some(p) = b.peer(spec) {
+                peers.push(p);
             }
-            match old.by_name(&spec.name) {
-                Some(p) if p.same_spec(spec) => {
-                    peers.push(Arc::clone(p));
-                    diff.unchanged += 1;
+        }
+        let wanted: HashSet<&str> = mesh.peers.iter().map(|s| s.name.as_str()).collect();
+        for p in &old.peers {
+            if !wanted.contains(p.name.as_str()) {
+                b.diff.removed.push(p.name.clone());
+            }
+        }
+        let (diff, initiate) = b.finish();
+        self.store_table(peers, initiate.iter());
+        diff
+    }
+
+    /// Applies what changed: each peer named is added or changed (`Some`,
+    /// as `apply` would) or removed (`None`); the others are not looked at.
+    pub fn apply_changes(&self, changes: &[(String, Option<PeerSpec>)]) -> MeshDiff {
+        let _guard = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.table.load_full();
+        let mut by_name: std::collections::BTreeMap<&str, Arc<Peer>> = old
+            .peers
+            .iter()
+            .map(|p| (p.name.as_str(), Arc::clone(p)))
+            .collect();
+        let mut b = Builder::new(self, &old);
+        // The keys of the peers that stay, for the duplicate check.
+        let changed: HashSet<&str> = changes.iter().map(|(n, _)| n.as_str()).collect();
+        b.seen_keys.extend(
+            old.peers
+                .iter()
+                .filter(|p| !changed.contains(p.name.as_str()))
+                .map(|p| p.public_key),
+        );
+        let mut touched = 0;
+        for (name, spec) in changes {
+            match spec {
+                None => {
+                    if by_name.remove(name.as_str()).is_some() {
+                        b.diff.removed.push(name.clone());
+                        touched += 1;
+                    }
                 }
-                Some(p) if p.same_session(spec) => {
-                    peers.push(Arc::new(p.updated(spec)));
-                    diff.updated.push(spec.name.clone());
-                }
-                found => {
-                    let adopted = self
-                        .adopt
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&spec.name)
-                        .filter(|s| {
-                            s.public_key == spec.public_key
-                                && old.by_index(s.index).is_none()
-                                && !peers.iter().any(|p| p.index == s.index)
-                        });
-                    let index = adopted
-                        .as_ref()
-                        .map_or_else(|| self.new_index(&old), |s| s.index);
-                    let mut tunn = self.tunn_for(spec, index);
-                    let peer = match adopted {
-                        Some(s) => match tunn.import_state(&s.tunn) {
-                            Ok(()) => Peer::adopted(spec, index, tunn, s.endpoint),
-                            Err(e) => {
-                                warn!(peer = %spec.name, error = ?e, "the handed-over session does not fit; starting a new one");
-                                let index = self.new_index(&old);
-                                Peer::new(spec, index, self.tunn_for(spec, index))
-                            }
-                        },
-                        None => Peer::new(spec, index, tunn),
-                    };
-                    peers.push(Arc::new(peer));
-                    if found.is_some() {
-                        diff.replaced.push(spec.name.clone());
-                    } else {
-                        diff.added.push(spec.name.clone());
+                Some(spec) => {
+                    if by_name.contains_key(name.as_str()) {
+                        touched += 1;
+                    }
+                    by_name.remove(name.as_str());
+                    if let Some(p) = b.peer(spec) {
+                        by_name.insert(spec.name.as_str(), p);
                     }
                 }
             }
         }
-        for p in &old.peers {
-            if !mesh.peers.iter().any(|s| s.name == p.name) {
-                diff.removed.push(p.name.clone());
+        let peers: Vec<Arc<Peer>> = by_name.into_values().collect();
+        let (mut diff, initiate) = b.finish();
+        diff.unchanged += old.peers.len().saturating_sub(touched);
+        self.store_table(peers, initiate.iter());
+        diff
+    }
+
+    /// Swaps in a table of `peers`, and puts `wake` on the timers' list.
+    fn store_table<'a>(&self, peers: Vec<Arc<Peer>>, wake: impl Iterator<Item = &'a Arc<Peer>>) {
+        self.table.store(Arc::new(PeerTable::new(peers)));
+        self.table_builds.fetch_add(1, Ordering::Relaxed);
+        for p in wake {
+            let mut st = p.lock();
+            if !st.in_timers {
+                st.in_timers = true;
+                self.wake_timers(p);
             }
         }
-        self.table.store(Arc::new(PeerTable::new(peers)));
-        diff
+    }
+
+    /// How many peer tables were built (each apply or change swaps one in).
+    pub fn table_builds(&self) -> u64 {
+        self.table_builds.load(Ordering::Relaxed)
     }
 
     /// Seal: encrypts packets `0..input.n` read from the TUN into `out`
@@ -486,7 +588,7 @@ impl Dataplane {
                 drop(held.take());
                 held = Some((peer, peer.lock()));
             }
-            let Some((_, st)) = held.as_mut() else {
+            let Some((peer, st)) = held.as_mut() else {
                 continue;
             };
             if st.path_mtu != 0 && pkt.len() > usize::from(st.path_mtu) {
@@ -516,7 +618,7 @@ impl Dataplane {
             // handshake (and answers with the initiation, or with Done when
             // one is in flight); a full queue discards it.
             let room = st.waiting < HANDSHAKE_QUEUE;
-            let (len, sealed) = match st.tunn.encapsulate(pkt, buf) {
+            let (len, sealed) = match self.session(peer, st).encapsulate(pkt, buf) {
                 TunnResult::WriteToNetwork(b) => (Some(b.len()), b.first() == Some(&MESSAGE_DATA)),
                 TunnResult::Done => (None, false),
                 TunnResult::Err(e) => {
@@ -625,6 +727,7 @@ impl Dataplane {
             let Some((_, st)) = held.as_mut() else {
                 continue;
             };
+            let st = &mut **st;
             // A datagram yields a TUN packet or a reply, never both: the
             // reply is written straight into `udp_out`'s next slot, a
             // packet into `tun_out`'s.
@@ -635,18 +738,34 @@ impl Dataplane {
                 continue;
             };
             let buf = if is_data { pkt_buf } else { reply_buf };
+            // Only an initiation makes WireGuard state for a peer that has
+            // none (its sessions expired, or it never had one): anything
+            // else matches no session of it.
+            if st.tunn.is_none() && !initiation {
+                self.counters.drop(if is_data {
+                    Drop::DecryptFailed
+                } else {
+                    Drop::HandshakeRejected
+                });
+                continue;
+            }
+            let tunn = self.session(peer, st);
             // An initiation addressed to the other of our keys (a rotation
             // under way): this peer's handshakes use that key from now on.
-            if initiation && st.tunn.static_public() != *key.public.as_bytes() {
+            if initiation && tunn.static_public() != *key.public.as_bytes() {
                 use_key(st, key);
             }
-            match st.tunn.decapsulate(Some(src.ip()), datagram, buf) {
+            let result = match st.tunn.as_mut() {
+                Some(t) => t.decapsulate(Some(src.ip()), datagram, buf),
+                None => continue,
+            };
+            match result {
                 TunnResult::Done => st.endpoint = Some(src),
                 TunnResult::WriteToNetwork(reply) => {
                     st.endpoint = Some(src);
                     if !is_data {
                         // A handshake completed (or was answered) with this key.
-                        st.confirmed_key = Some(st.tunn.static_public());
+                        st.confirmed_key = st.tunn.as_ref().map(|t| t.static_public());
                     }
                     let len = reply.len();
                     // A data datagram cannot answer with a reply; if boringtun
@@ -657,7 +776,12 @@ impl Dataplane {
                         udp_out.commit(len, src);
                     }
                     // Packets that waited for the handshake follow.
-                    st.flush = true;
+                    if !std::mem::replace(&mut st.flush, true) {
+                        self.flush_list
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(Arc::clone(peer));
+                    }
                     handshakes = true;
                 }
                 TunnResult::WriteToTunnelV4(inner, addr) => {
@@ -706,10 +830,19 @@ impl Dataplane {
 
     /// After a handshake: seals into `out` the packets that waited for it
     /// (they count as sent here, their inner bytes from boringtun's own
-    /// running total). Returns true when `out` filled before every peer's
-    /// queue was empty: call again with an empty batch.
-    pub fn flush_waiting(&self, table: &PeerTable, out: &mut Batch) -> bool {
-        for peer in &table.peers {
+    /// running total), for the peers `open` marked. Returns true when `out`
+    /// filled before every such peer's queue was empty: call again with an
+    /// empty batch.
+    pub fn flush_waiting(&self, _table: &PeerTable, out: &mut Batch) -> bool {
+        loop {
+            let Some(peer) = self
+                .flush_list
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+            else {
+                return false;
+            };
             let mut st = peer.lock();
             if !st.flush {
                 continue;
@@ -718,7 +851,11 @@ impl Dataplane {
                 st.flush = false;
                 continue;
             };
-            let before = st.tunn.stats().1;
+            let Some(tunn) = st.tunn.as_mut() else {
+                st.flush = false;
+                continue;
+            };
+            let before = tunn.stats().1;
             let mut flushed = 0u16;
             let mut full = false;
             loop {
@@ -726,7 +863,7 @@ impl Dataplane {
                     full = true;
                     break;
                 };
-                let TunnResult::WriteToNetwork(b) = st.tunn.decapsulate(None, &[], buf) else {
+                let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], buf) else {
                     break;
                 };
                 if b.first() == Some(&MESSAGE_DATA) {
@@ -736,53 +873,105 @@ impl Dataplane {
                 out.commit(len, to);
             }
             if flushed > 0 {
-                let bytes = st.tunn.stats().1.saturating_sub(before);
+                let bytes = tunn.stats().1.saturating_sub(before);
                 peer.counters.tx_n(u64::from(flushed), bytes as u64);
                 st.waiting = st.waiting.saturating_sub(flushed);
             }
             if full {
+                drop(st);
+                self.flush_list
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(peer);
                 return true;
             }
             st.flush = false;
         }
-        false
     }
 
-    /// Ticks the timers of the peers from index `from` on, filling `out`
-    /// with what they ask to send (initiations, retries, keepalives).
-    /// Returns where to resume when `out` filled first.
+    /// Ticks the timers of the peers on the timers' list (those with
+    /// WireGuard state, or a handshake to start) from position `from` on,
+    /// filling `out` with what they ask to send (initiations, retries,
+    /// keepalives). Returns where to resume when `out` filled first. A peer
+    /// whose sessions have all expired loses its state and leaves the list:
+    /// an idle peer costs the timers nothing.
     pub fn tick(&self, out: &mut Batch, from: usize) -> Option<usize> {
         let table = self.table.load();
         let keys = self.keys.load();
-        for (i, peer) in table.peers.iter().enumerate().skip(from) {
+        let mut set = self.timer_set.lock().unwrap_or_else(|p| p.into_inner());
+        if from == 0 {
+            let woken =
+                std::mem::take(&mut *self.timer_wake.lock().unwrap_or_else(|p| p.into_inner()));
+            set.extend(woken);
+        }
+        let mut i = from;
+        while i < set.len() {
             let Some(buf) = out.bufs.get_mut(out.n) else {
                 return Some(i);
             };
+            // An updated peer (the same state under a new spec) is ticked
+            // as it is now; one removed or replaced since leaves the list.
+            let now = table
+                .by_index(set[i].index)
+                .filter(|p| p.same_state(&set[i]))
+                .cloned();
+            let Some(now) = now else {
+                set.swap_remove(i);
+                continue;
+            };
+            set[i] = now;
+            let peer = &set[i];
             let mut st = peer.lock();
+            if !st.in_timers {
+                st.in_timers = false;
+                drop(st);
+                set.swap_remove(i);
+                continue;
+            }
             let endpoint = st.endpoint;
+            let initiate = std::mem::take(&mut st.initiate);
+            if st.tunn.is_none() && !initiate && peer.persistent_keepalive.is_none() {
+                // Its state expired and nothing asks for it.
+                st.in_timers = false;
+                drop(st);
+                set.swap_remove(i);
+                continue;
+            }
+            let confirmed = st.confirmed_key;
+            let tunn = st
+                .tunn
+                .get_or_insert_with(|| self.new_tunn(peer, confirmed));
             // During a rotation a peer knows one of our two keys, and which
             // one is not known here after a restart: an initiation left
             // unanswered is tried again with the other key.
+            let mut initiate = initiate;
             if let Some(next) = &keys.next {
-                if st
-                    .tunn
+                if tunn
                     .initiation_unanswered()
                     .is_some_and(|d| d >= KEY_FALLBACK)
                 {
-                    let other = if st.tunn.static_public() == *next.public.as_bytes() {
+                    let other = if tunn.static_public() == *next.public.as_bytes() {
                         &keys.current
                     } else {
                         next
                     };
-                    use_key(&mut st, other);
-                    st.initiate = true;
+                    tunn.use_static_key(
+                        other.secret.clone(),
+                        other.public,
+                        Arc::clone(&other.limiter),
+                    );
+                    initiate = true;
                 }
             }
-            let result = if std::mem::take(&mut st.initiate) {
-                st.tunn.format_handshake_initiation(buf, false)
+            let result = if initiate {
+                tunn.format_handshake_initiation(buf, false)
             } else {
-                st.tunn.update_timers(buf)
+                tunn.update_timers(buf)
             };
+            let since = tunn.time_since_last_handshake();
+            if let Some(at) = since.and_then(|d| std::time::SystemTime::now().checked_sub(d)) {
+                st.handshake_at = Some(at);
+            }
             match result {
                 TunnResult::WriteToNetwork(b) => match endpoint {
                     Some(ep) => {
@@ -791,18 +980,33 @@ impl Dataplane {
                     }
                     None => self.counters.drop(Drop::NoEndpoint),
                 },
-                // The handshake was given up: boringtun discarded what waited.
+                // The handshake was given up, or every session expired:
+                // boringtun discarded what waited; the state goes.
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
                     let lost = std::mem::take(&mut st.waiting);
                     self.counters
                         .drop_n(Drop::HandshakeTimeout, u64::from(lost));
+                    if peer.persistent_keepalive.is_none() {
+                        st.drop_tunn();
+                        st.in_timers = false;
+                        drop(st);
+                        set.swap_remove(i);
+                        continue;
+                    }
                 }
                 TunnResult::Done => {}
                 TunnResult::Err(e) => debug!(peer = %peer.name, error = ?e, "timer error"),
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
             }
+            i += 1;
         }
         None
+    }
+
+    /// Peers on the timers' list (with WireGuard state or a handshake to
+    /// start), as of the last tick.
+    pub fn timed_peers(&self) -> usize {
+        self.timer_set.lock().map(|s| s.len()).unwrap_or(0)
     }
 
     /// The load limiter's per-second count starts over (the timer thread
@@ -814,9 +1018,135 @@ impl Dataplane {
     }
 }
 
+/// Turns specs into peers for one apply: the same `Arc` for an unchanged
+/// peer, an updated one where the session can stay, a new one (an adopted
+/// session, or none yet) otherwise; duplicate keys refused.
+struct Builder<'d> {
+    dp: &'d Dataplane,
+    old: &'d PeerTable,
+    diff: MeshDiff,
+    seen_keys: HashSet<PublicKey>,
+    /// Session indices given out in this apply.
+    indices: HashSet<u32>,
+    /// Whether new peers handshake at once (not on a bulk first load).
+    eager: bool,
+    first_load: HashSet<String>,
+    initiate: Vec<Arc<Peer>>,
+}
+
+impl<'d> Builder<'d> {
+    fn new(dp: &'d Dataplane, old: &'d PeerTable) -> Self {
+        let first_load = if old.peers.is_empty() {
+            std::mem::take(&mut *dp.first_load.lock().unwrap_or_else(|p| p.into_inner()))
+        } else {
+            HashSet::new()
+        };
+        Builder {
+            dp,
+            old,
+            diff: MeshDiff::default(),
+            seen_keys: HashSet::new(),
+            indices: HashSet::new(),
+            eager: !old.peers.is_empty(),
+            first_load,
+            initiate: Vec::new(),
+        }
+    }
+
+    fn peer(&mut self, spec: &PeerSpec) -> Option<Arc<Peer>> {
+        let (own, own_next) = (self.dp.public_key(), self.dp.next_public_key());
+        let ours = spec.public_key == own || own_next == Some(spec.public_key);
+        if ours || !self.seen_keys.insert(spec.public_key) {
+            warn!(peer = %spec.name, key = %spec.public_key, "skipping peer: its key is our own or another peer's");
+            return None;
+        }
+        match self.old.by_name(&spec.name) {
+            Some(p) if p.same_spec(spec) => {
+                self.diff.unchanged += 1;
+                Some(Arc::clone(p))
+            }
+            Some(p) if p.same_session(spec) => {
+                self.diff.updated.push(spec.name.clone());
+                let p = Arc::new(p.updated(spec));
+                if p.lock().initiate {
+                    self.initiate.push(Arc::clone(&p));
+                }
+                Some(p)
+            }
+            found => {
+                let adopted = self
+                    .dp
+                    .adopt
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&spec.name)
+                    .filter(|s| {
+                        s.public_key == spec.public_key
+                            && self.old.by_index(s.index).is_none()
+                            && !self.indices.contains(&s.index)
+                    });
+                let peer = match adopted {
+                    Some(s) => {
+                        let mut tunn = Tunn::new(
+                            self.dp.keys.load().current.secret.clone(),
+                            x25519::PublicKey::from(*spec.public_key.as_bytes()),
+                            None,
+                            spec.persistent_keepalive,
+                            s.index,
+                            Some(Arc::clone(&self.dp.keys.load().current.limiter)),
+                        );
+                        match tunn.import_state(&s.tunn) {
+                            Ok(()) => Some(Peer::adopted(spec, s.index, tunn, s.endpoint)),
+                            Err(e) => {
+                                warn!(peer = %spec.name, error = ?e, "the handed-over session does not fit; starting a new one");
+                                None
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                let peer = match peer {
+                    Some(p) => p,
+                    None => {
+                        let index = loop {
+                            let i = self.dp.new_index(self.old);
+                            if self.indices.insert(i) {
+                                break i;
+                            }
+                        };
+                        let eager = self.eager || self.first_load.contains(&spec.name);
+                        Peer::new(spec, index, eager)
+                    }
+                };
+                self.indices.insert(peer.index);
+                let p = Arc::new(peer);
+                {
+                    // Timed from now: a handshake to start, a session handed
+                    // over, or a keepalive to keep.
+                    let st = p.lock();
+                    if st.initiate || st.tunn.is_some() || p.persistent_keepalive.is_some() {
+                        self.initiate.push(Arc::clone(&p));
+                    }
+                }
+                if found.is_some() {
+                    self.diff.replaced.push(spec.name.clone());
+                } else {
+                    self.diff.added.push(spec.name.clone());
+                }
+                Some(p)
+            }
+        }
+    }
+
+    fn finish(self) -> (MeshDiff, Vec<Arc<Peer>>) {
+        (self.diff, self.initiate)
+    }
+}
+
 /// Makes `key` the static key of this peer's next handshakes (its sessions
 /// stay).
 fn use_key(st: &mut PeerState, key: &StaticKey) {
-    st.tunn
-        .use_static_key(key.secret.clone(), key.public, Arc::clone(&key.limiter));
+    if let Some(t) = st.tunn.as_mut() {
+        t.use_static_key(key.secret.clone(), key.public, Arc::clone(&key.limiter));
+    }
 }

@@ -1,8 +1,14 @@
 //! Peers and the immutable peer table the packet path reads. A reconcile
 //! builds a new `PeerTable` and swaps it in; packet threads keep using the
-//! old one until their next batch. A peer's WireGuard session (`Tunn`) lives
-//! behind an `Arc` shared by old and new tables, so an unchanged peer keeps
-//! its session across reconciles.
+//! old one until their next batch. A peer's WireGuard state lives behind an
+//! `Arc` shared by old and new tables, so an unchanged peer keeps its
+//! session across reconciles.
+//!
+//! An idle peer costs its table entries and nothing else: its `Tunn` (the
+//! handshake and session state, about 10 KB) is made when the peer is
+//! first used (a packet to or from it, a handshake to start), and dropped
+//! again once its sessions have expired; only peers with a `Tunn` are on
+//! the timers' list (`in_timers`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,7 +24,15 @@ use crate::PublicKey;
 
 /// The mutable part of a peer: its session and where it currently is.
 pub struct PeerState {
-    pub tunn: Tunn,
+    /// The WireGuard state, while the peer is in use (see the module).
+    pub tunn: Option<Box<Tunn>>,
+    /// On the timers' list (it has a `Tunn`, or a handshake to start).
+    pub in_timers: bool,
+    /// When the last handshake completed, as of the last tick (kept once
+    /// the `Tunn` is gone, for `wg show` and status).
+    pub handshake_at: Option<std::time::SystemTime>,
+    /// Bytes sent and received by `Tunn`s of this peer dropped before.
+    pub transfer_base: (usize, usize),
     /// Current endpoint: the configured one, or the last address an
     /// authenticated packet came from (roaming).
     pub endpoint: Option<SocketAddr>,
@@ -46,6 +60,42 @@ pub struct PeerState {
     pub path_mtu: u16,
 }
 
+impl PeerState {
+    /// When the last handshake with the peer completed, if one did.
+    pub fn last_handshake(&self) -> Option<std::time::SystemTime> {
+        match self
+            .tunn
+            .as_ref()
+            .and_then(|t| t.time_since_last_handshake())
+        {
+            Some(d) => std::time::SystemTime::now().checked_sub(d),
+            None => self.handshake_at,
+        }
+    }
+
+    /// WireGuard bytes sent and received with the peer, all sessions.
+    pub fn transfer(&self) -> (usize, usize) {
+        let (tx, rx) = self
+            .tunn
+            .as_ref()
+            .map(|t| {
+                let (_, tx, rx, _, _) = t.stats();
+                (tx, rx)
+            })
+            .unwrap_or_default();
+        (self.transfer_base.0 + tx, self.transfer_base.1 + rx)
+    }
+
+    /// Drops the WireGuard state (its sessions expired), keeping what the
+    /// peer's reports need.
+    pub fn drop_tunn(&mut self) {
+        let (tx, rx) = self.transfer();
+        self.handshake_at = self.last_handshake();
+        self.transfer_base = (tx, rx);
+        self.tunn = None;
+    }
+}
+
 /// One peer in a table.
 pub struct Peer {
     pub name: String,
@@ -65,7 +115,10 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(spec: &PeerSpec, index: u32, tunn: Tunn) -> Self {
+    /// A peer with no WireGuard state yet. `initiate`: start a handshake
+    /// at the next tick (for a new session whose far side may still hold
+    /// one with this node's previous incarnation).
+    pub fn new(spec: &PeerSpec, index: u32, initiate: bool) -> Self {
         Peer {
             name: spec.name.clone(),
             public_key: spec.public_key,
@@ -76,9 +129,12 @@ impl Peer {
             configured_endpoint: spec.endpoint,
             key_created_unix: spec.key_created_unix,
             state: Arc::new(Mutex::new(PeerState {
-                tunn,
+                tunn: None,
+                in_timers: false,
+                handshake_at: None,
+                transfer_base: (0, 0),
                 endpoint: spec.endpoint,
-                initiate: spec.endpoint.is_some(),
+                initiate: initiate && spec.endpoint.is_some(),
                 waiting: 0,
                 flush: false,
                 confirmed_key: None,
@@ -92,10 +148,10 @@ impl Peer {
     /// handshake at the next tick (the session is live), its endpoint as
     /// the previous process last knew it.
     pub fn adopted(spec: &PeerSpec, index: u32, tunn: Tunn, endpoint: Option<SocketAddr>) -> Self {
-        let p = Peer::new(spec, index, tunn);
+        let p = Peer::new(spec, index, false);
         {
             let mut st = p.lock();
-            st.initiate = false;
+            st.tunn = Some(Box::new(tunn));
             st.endpoint = endpoint.or(spec.endpoint);
         }
         p
@@ -115,9 +171,11 @@ impl Peer {
         }
         if spec.public_key != self.public_key {
             let mut st = self.lock();
-            st.tunn.use_peer_key(boringtun::x25519::PublicKey::from(
-                *spec.public_key.as_bytes(),
-            ));
+            if let Some(t) = st.tunn.as_mut() {
+                t.use_peer_key(boringtun::x25519::PublicKey::from(
+                    *spec.public_key.as_bytes(),
+                ));
+            }
             st.initiate = true;
         }
         Peer {
@@ -134,9 +192,9 @@ impl Peer {
         }
     }
 
-    /// The same peer with a new session (`index`, `tunn`): its current
+    /// The same peer with no session (a new `index`): its current
     /// endpoint, path MTU and counters kept, a handshake at the next tick.
-    pub fn fresh(&self, index: u32, tunn: Tunn) -> Self {
+    pub fn fresh(&self, index: u32) -> Self {
         let (endpoint, path_mtu) = {
             let st = self.lock();
             (st.endpoint, st.path_mtu)
@@ -151,7 +209,10 @@ impl Peer {
             configured_endpoint: self.configured_endpoint,
             key_created_unix: self.key_created_unix,
             state: Arc::new(Mutex::new(PeerState {
-                tunn,
+                tunn: None,
+                in_timers: false,
+                handshake_at: None,
+                transfer_base: (0, 0),
                 endpoint,
                 initiate: endpoint.is_some(),
                 waiting: 0,
@@ -161,6 +222,12 @@ impl Peer {
             })),
             counters: Arc::clone(&self.counters),
         }
+    }
+
+    /// Whether `other` is this peer with the same WireGuard state (an
+    /// update keeps it, a replacement does not).
+    pub fn same_state(&self, other: &Peer) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
     }
 
     /// Locks the session. A poisoned lock (a panic elsewhere while holding

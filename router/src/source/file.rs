@@ -441,7 +441,10 @@ allowed_ips = ["10.244.3.0/24"]
             f.mesh.peers[1].endpoint.unwrap().to_string(),
             "[fd00::3]:51820"
         );
-        assert_eq!(f.mesh.routes().len(), 4);
+        // The cluster CIDR covers the peers' IPv4 prefixes (no route each);
+        // the IPv6 one, outside it, gets its own.
+        let routes: Vec<String> = f.mesh.routes().iter().map(|r| r.to_string()).collect();
+        assert_eq!(routes, ["10.244.0.0/16", "fd00:10:244:2::/64"]);
     }
 
     /// Each kind of bad field: (replace this, with that, the message must contain).

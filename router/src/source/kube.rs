@@ -1,46 +1,54 @@
 //! The Kubernetes source: Node objects are the directory.
 //!
-//! One task watches all Nodes with a reflector. On every change, and on a
-//! periodic resync, it rebuilds the whole desired mesh from the store
-//! (`nodes::translate`, level-triggered, never event-diffed) and hands it
-//! to the router through a `watch` channel. On the way it keeps this
-//! router's own Node annotated with its public key and endpoint, and turns
-//! every new problem it finds into a log warning and a Kubernetes Event on
-//! the Node at fault.
+//! What it reads, and how, so that its cost follows what changed:
+//! - every Node's metadata, from one paginated list of whole Nodes (their
+//!   spec and addresses read once; `NodeFacts` keeps only what the mesh
+//!   needs) and then a metadata-only watch from that list's version, with
+//!   bookmarks; a relist only when the API server says the version is gone;
+//! - a Node's spec (its pod CIDRs, which never change once set) read again
+//!   with a GET only when a Node appears or still has none;
+//! - this router's own Node, whole, through a watch of that one object (its
+//!   InternalIPs, which it publishes for the others as
+//!   `tunmesh.io/node-addresses`).
 //!
-//! When the API server goes away the store keeps the last listing, so the
-//! last mesh stays in place; the watcher reconnects with backoff and relists,
-//! and whatever changed meanwhile is picked up by the rebuild that follows.
+//! Each event goes into the `nodes::Directory`, which translates that Node
+//! alone and says which peers changed; only then is the router told
+//! (`Update::Changes`). A kubelet's status report changes nothing the
+//! mesh reads and costs a comparison. When the API server goes away the
+//! directory keeps the last listing, so the mesh stays; the watch
+//! reconnects with backoff from the last version it saw.
+//!
+//! On the way it keeps this router's own Node annotated with its public
+//! key and endpoint, and turns every new problem it finds into a log
+//! warning and a Kubernetes Event on the Node at fault.
 //!
 //! Verbs used, and nothing more (deploy/rbac.yaml): nodes get, list, watch,
 //! patch; events create. An Event is created once per distinct problem, by
 //! the router on the Node at fault and by one cluster-wide reporter (no
 //! patching of event series, which would need another verb).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Config};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::nodes::{
-    self, Problem, TranslateSettings, ANN_ENDPOINT, ANN_KEY_CREATED, ANN_NEXT_PUBLIC_KEY,
-    ANN_PUBLIC_KEY, ANN_UNDERLAY_MTU,
+    self, Directory, DirectorySettings, NodeFacts, Problem, ANN_ENDPOINT, ANN_KEY_CREATED,
+    ANN_NEXT_PUBLIC_KEY, ANN_NODE_ADDRESSES, ANN_PUBLIC_KEY, ANN_UNDERLAY_MTU,
 };
-use super::{publish, set_status, PeerSource, Request, SharedStatus, SourceTask, Updates};
+use super::{set_status, PeerSource, Request, SharedStatus, SourceTask, Update, Updates};
 use crate::model::{unix_now, KubeStatus, Nets, OwnKeys, ProblemStatus, Snapshot};
 
 /// Namespace Events about (cluster-scoped) Nodes go to, as kubelet does.
@@ -56,6 +64,13 @@ const PUBLISH_RETRY_MIN: Duration = Duration::from_secs(1);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(30);
 /// How long the store may lag behind a successful patch of the own Node.
 const PATCH_SETTLE: Duration = Duration::from_secs(5);
+/// Whole Nodes per page of a listing: a relist of thousands of Nodes
+/// (15 KB each with a kubelet's status) never holds more than a page.
+const LIST_PAGE: u32 = 250;
+/// Shortest and longest wait before listing or watching again after a
+/// failure.
+const FEED_RETRY_MIN: Duration = Duration::from_millis(500);
+const FEED_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What the router tells the Kubernetes source.
 #[derive(Debug, Clone)]
@@ -108,7 +123,11 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     };
     config.connect_timeout = Some(CONNECT_TIMEOUT);
     config.read_timeout = Some(READ_TIMEOUT);
-    Client::try_from(config).map_err(ClientError::Build)
+    // Every response body counted (`apibytes`): what the API server sends.
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(ClientError::Build)?
+        .with_layer(&super::apibytes::CountLayer)
+        .build())
 }
 
 /// An API error with what an operator needs to act on it: a missing verb
@@ -186,6 +205,143 @@ impl PeerSource for KubeSource {
     }
 }
 
+/// What the directory feed tells the source's loop.
+enum Feed {
+    /// A whole listing (the first, or a relist after the version expired).
+    Listed(Vec<NodeFacts>),
+    /// A Node's metadata changed (or it appeared).
+    Meta(Box<ObjectMeta>),
+    /// A Node went.
+    Deleted(String),
+    /// A Node read whole (its spec was needed).
+    Fetched(Box<NodeFacts>),
+    /// The API server answered again.
+    Reachable,
+    /// Listing or watching failed: why (the feed retries by itself).
+    Failed(String),
+}
+
+/// The directory feed: a paginated listing of whole Nodes (kept as facts),
+/// then a metadata-only watch from its version, restarted from the last
+/// version seen when it ends, and a relist only when that version is gone.
+async fn feed(api: Api<Node>, tx: mpsc::UnboundedSender<Feed>) {
+    let mut backoff = FEED_RETRY_MIN;
+    'list: loop {
+        let (facts, mut version) = match list_all(&api).await {
+            Ok(l) => l,
+            Err(e) => {
+                if tx
+                    .send(Feed::Failed(format!("listing Nodes: {}", explain(&e))))
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(FEED_RETRY_MAX);
+                continue;
+            }
+        };
+        backoff = FEED_RETRY_MIN;
+        if tx.send(Feed::Listed(facts)).is_err() {
+            return;
+        }
+        loop {
+            let wp = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
+            let stream = match api.watch_metadata(&wp, &version).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let gone = matches!(&e, kube::Error::Api(s) if s.code == 410);
+                    if tx
+                        .send(Feed::Failed(format!("watching Nodes: {}", explain(&e))))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if gone {
+                        continue 'list;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(FEED_RETRY_MAX);
+                    continue;
+                }
+            };
+            let mut stream = std::pin::pin!(stream);
+            // The API server answered the watch.
+            if tx.send(Feed::Reachable).is_err() {
+                return;
+            }
+            let mut events = false;
+            while let Some(ev) = stream.next().await {
+                let sent = match ev {
+                    Ok(WatchEvent::Added(m)) | Ok(WatchEvent::Modified(m)) => {
+                        version = m.metadata.resource_version.clone().unwrap_or(version);
+                        tx.send(Feed::Meta(Box::new(m.metadata)))
+                    }
+                    Ok(WatchEvent::Deleted(m)) => {
+                        version = m.metadata.resource_version.clone().unwrap_or(version);
+                        tx.send(Feed::Deleted(m.metadata.name.unwrap_or_default()))
+                    }
+                    Ok(WatchEvent::Bookmark(b)) => {
+                        version = b.metadata.resource_version;
+                        Ok(())
+                    }
+                    Ok(WatchEvent::Error(e)) if e.code == 410 => {
+                        debug!("the watch's version expired; relisting Nodes");
+                        continue 'list;
+                    }
+                    Ok(WatchEvent::Error(e)) => {
+                        let _ = tx.send(Feed::Failed(format!(
+                            "watch of Nodes: {} ({})",
+                            e.message, e.code
+                        )));
+                        break;
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 410 => {
+                        debug!("the watch's version expired; relisting Nodes");
+                        continue 'list;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Feed::Failed(format!(
+                            "watch of Nodes failed: {}",
+                            explain(&e)
+                        )));
+                        break;
+                    }
+                };
+                if sent.is_err() {
+                    return;
+                }
+                events = true;
+                backoff = FEED_RETRY_MIN;
+            }
+            // The server ended the watch (its timeout) or it broke: again
+            // from the last version seen, after a breath if it broke.
+            if !events {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(FEED_RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Every Node, whole, a page at a time, kept only as facts; and the
+/// listing's version, to watch from.
+async fn list_all(api: &Api<Node>) -> Result<(Vec<NodeFacts>, String), kube::Error> {
+    let mut facts = Vec::new();
+    let mut lp = ListParams::default().limit(LIST_PAGE);
+    let mut version = None;
+    loop {
+        let page = api.list(&lp).await?;
+        version.get_or_insert_with(|| page.metadata.resource_version.clone().unwrap_or_default());
+        facts.extend(page.items.iter().map(NodeFacts::from_node));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => lp = lp.continue_token(&c),
+            None => break,
+        }
+    }
+    Ok((facts, version.unwrap_or_default()))
+}
+
 /// Runs the source until the router is gone. Never returns an error: every
 /// failure is logged, shown in `status`, and retried.
 async fn run(
@@ -198,41 +354,83 @@ async fn run(
 ) {
     let nodes_api: Api<Node> = Api::all(client.clone());
     let events_api: Api<Event> = Api::namespaced(client, EVENT_NAMESPACE);
-    let (store, writer) = reflector::store::<Node>();
-    let stream = watcher(
+    let (feed_tx, mut feed_rx) = mpsc::unbounded_channel();
+    tokio::spawn(feed(nodes_api.clone(), feed_tx.clone()));
+    // This router's own Node, whole (one object: its status is needed).
+    let own_stream = watcher(
         nodes_api.clone(),
-        watcher::Config::default().timeout(WATCH_TIMEOUT_SECS),
+        watcher::Config::default()
+            .fields(&format!("metadata.name={}", settings.node_name))
+            .timeout(WATCH_TIMEOUT_SECS),
     )
-    .default_backoff()
-    .reflect(writer);
-    let mut stream = std::pin::pin!(stream);
+    .default_backoff();
+    let mut own_stream = std::pin::pin!(own_stream);
     let mut resync = tokio::time::interval(settings.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let current = *keys.borrow_and_update();
     let mut st = SourceState {
+        dir: Directory::new(DirectorySettings {
+            own_name: settings.node_name.clone(),
+            own_key: current.current,
+            own_next_key: current.next,
+            cluster_cidrs: settings.cluster_cidrs.clone(),
+            persistent_keepalive: settings.persistent_keepalive,
+        }),
         settings,
-        keys: *keys.borrow_and_update(),
+        keys: current,
         nodes_api,
         events_api,
-        reported: BTreeSet::new(),
         publish_at: None,
         publish_backoff: PUBLISH_RETRY_MIN,
         last_patch: None,
         said_missing: false,
         said_no_cidr: false,
         status,
+        listed: false,
+        pod_cidrs: None,
+        fetching: HashSet::new(),
+        feed: feed_tx,
+        own_seen: false,
     };
     let name = st.settings.node_name.clone();
     st.set_status(|s| s.node_name = name);
-    let mut ready = false;
     let mut failing = false;
     loop {
         let retry = st.publish_at;
-        let rebuild = tokio::select! {
-            ev = stream.next() => match ev {
+        tokio::select! {
+            ev = feed_rx.recv() => match ev {
+                None => return,
+                Some(Feed::Failed(msg)) => {
+                    if !failing {
+                        warn!(error = %msg, "Kubernetes API unreachable or refusing; keeping the last mesh, retrying with backoff");
+                    }
+                    failing = true;
+                    st.set_status(|s| {
+                        s.connected = false;
+                        s.last_error = Some(msg);
+                    });
+                }
+                Some(ev) => {
+                    if std::mem::replace(&mut failing, false) {
+                        info!("Kubernetes API reachable again");
+                    }
+                    st.set_status(|s| {
+                        s.connected = true;
+                        s.last_error = None;
+                    });
+                    st.on_feed(ev, &tx).await;
+                }
+            },
+            ev = own_stream.next() => match ev {
                 None => {
-                    error!("the Node watch ended; no further mesh updates");
+                    error!("the watch of this router's Node ended; no further updates of it");
                     return;
+                }
+                // Its version expired (an outage): the watcher lists it
+                // again by itself.
+                Some(Err(watcher::Error::WatchError(s))) if s.code == 410 => {
+                    debug!("the own Node's watch version expired; relisting it");
                 }
                 Some(Err(e)) => {
                     let msg = explain_watch(&e);
@@ -244,66 +442,62 @@ async fn run(
                         s.connected = false;
                         s.last_error = Some(msg);
                     });
-                    false
                 }
                 Some(Ok(ev)) => {
-                    if failing {
-                        info!("Kubernetes API reachable again; relisting Nodes");
-                        failing = false;
+                    if std::mem::replace(&mut failing, false) {
+                        info!("Kubernetes API reachable again");
                     }
                     st.set_status(|s| {
                         s.connected = true;
                         s.last_error = None;
                     });
-                    match ev {
-                        watcher::Event::InitDone => {
-                            ready = true;
-                            true
-                        }
-                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => ready,
-                        watcher::Event::Init | watcher::Event::InitApply(_) => false,
-                    }
+                    st.on_own(ev, &tx).await
                 }
             },
-            _ = resync.tick() => ready,
+            _ = resync.tick() => st.publish_own().await,
             changed = keys.changed() => {
                 if changed.is_err() {
                     // The router is gone.
                     return;
                 }
                 st.keys = *keys.borrow_and_update();
+                let ch = st.dir.set_own_keys(st.keys.current, st.keys.next);
+                st.changed(ch, &tx);
                 // Published at once, not at the next resync.
                 st.last_patch = None;
                 st.publish_at = None;
-                ready
+                st.publish_own().await;
             }
-            _ = sleep_until(retry) => ready,
+            _ = sleep_until(retry) => st.publish_own().await,
             req = requests.recv() => match req {
                 Some(Request::Reload) => {
                     info!("reload asked for: nothing to reload (Node objects are watched continuously)");
-                    false
                 }
                 Some(Request::Event { reason, message }) => {
                     let own = st.settings.node_name.clone();
-                    let uid = store
-                        .state()
-                        .iter()
-                        .find(|n| n.metadata.name.as_deref() == Some(own.as_str()))
-                        .and_then(|n| n.metadata.uid.clone());
+                    let uid = st.dir.facts(&own).and_then(|f| f.uid.clone());
                     st.emit(&own, uid, None, reason, message);
-                    false
                 }
                 // The router is gone.
                 None => return,
             },
-        };
-        if rebuild {
-            st.rebuild(&store, &tx).await;
         }
         if tx.is_closed() {
             return;
         }
     }
+}
+
+/// FNV-1a over `parts` (an Event's name from what it says).
+fn fnv(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -318,66 +512,203 @@ struct SourceState {
     keys: OwnKeys,
     nodes_api: Api<Node>,
     events_api: Api<Event>,
-    /// Problems already logged and recorded as Events.
-    reported: BTreeSet<Problem>,
+    /// Every Node's facts and translation.
+    dir: Directory,
     /// When to try annotating the own Node again after a failure.
     publish_at: Option<Instant>,
     publish_backoff: Duration,
     /// The annotations last patched successfully, and when: the store may
-    /// not show them yet on the next rebuild, so the same patch is not
-    /// repeated until the store had time to catch up.
+    /// not show them yet on the next check, so the same patch is not
+    /// repeated until it had time to catch up.
     last_patch: Option<(BTreeMap<&'static str, Option<String>>, Instant)>,
     said_missing: bool,
     said_no_cidr: bool,
     status: SharedStatus,
+    /// Whether a whole listing came yet (before it, nothing is published).
+    listed: bool,
+    /// This node's pod CIDRs as last handed to the router.
+    pod_cidrs: Option<Vec<IpNetwork>>,
+    /// Nodes being read whole right now.
+    fetching: HashSet<String>,
+    /// Where a read of a whole Node reports back.
+    feed: mpsc::UnboundedSender<Feed>,
+    /// Whether the own Node's watch has listed it (or found it missing).
+    own_seen: bool,
 }
 
 impl SourceState {
     fn set_status(&self, f: impl FnOnce(&mut KubeStatus)) {
         set_status(&self.status, |s| {
-            f(s.kubernetes.get_or_insert_with(Default::default))
+            let k = s.kubernetes.get_or_insert_with(Default::default);
+            k.received_bytes = super::apibytes::received();
+            f(k)
         });
     }
 
-    async fn rebuild(&mut self, store: &Store<Node>, tx: &Updates) {
-        let all = store.state();
-        let t = nodes::translate(
-            all.iter().map(|n| n.as_ref()),
-            &TranslateSettings {
-                own_name: &self.settings.node_name,
-                own_key: &self.keys.current,
-                own_next_key: self.keys.next.as_ref(),
-                cluster_cidrs: &self.settings.cluster_cidrs,
-                persistent_keepalive: self.settings.persistent_keepalive,
-            },
-        );
+    /// One event of the directory feed.
+    async fn on_feed(&mut self, ev: Feed, tx: &Updates) {
+        let own = self.settings.node_name.clone();
+        match ev {
+            Feed::Listed(all) => {
+                let ch = self.dir.replace_all(all);
+                self.listed = true;
+                self.set_status(|s| {
+                    s.watch_events += 1;
+                    s.last_sync_unix = Some(unix_now());
+                });
+                info!(
+                    nodes = self.dir.len(),
+                    peers = self.dir.peers().len(),
+                    "Nodes listed"
+                );
+                self.report(&ch);
+                self.publish_full(tx);
+                self.fetch_missing_specs();
+                self.publish_own().await;
+            }
+            Feed::Meta(meta) => {
+                let name = meta.name.clone().unwrap_or_default();
+                // The own Node comes whole, through its own watch.
+                if name == own {
+                    self.set_status(|s| s.watch_events += 1);
+                    return;
+                }
+                let facts = NodeFacts::from_metadata(&meta, self.dir.facts(&name));
+                if facts.needs_spec() {
+                    self.fetch(&name);
+                }
+                let ch = self.dir.upsert(facts);
+                self.counted(ch, tx);
+            }
+            Feed::Deleted(name) => {
+                if name == own {
+                    self.set_status(|s| s.watch_events += 1);
+                    return;
+                }
+                let ch = self.dir.remove(&name);
+                self.counted(ch, tx);
+            }
+            Feed::Fetched(facts) => {
+                self.fetching.remove(&facts.name);
+                let ch = self.dir.upsert(*facts);
+                self.changed(ch, tx);
+            }
+            Feed::Reachable | Feed::Failed(_) => {}
+        }
+    }
 
-        // Every router logs every problem; Events come from the router on
-        // the Node at fault and from one reporter for the whole cluster
-        // (the first name among the healthy Nodes), so a bad Node gets at
-        // most two Events, not one per node in the cluster.
-        let own = self.settings.node_name.as_str();
-        let reporter = t
-            .mesh
-            .peers
-            .iter()
-            .map(|p| p.name.as_str())
-            .chain(std::iter::once(own))
-            .min()
-            .unwrap_or(own);
-        let now: BTreeSet<Problem> = t.problems.iter().cloned().collect();
-        for p in now.difference(&self.reported) {
-            warn!(node = %p.node, field = %p.field, reason = p.reason, "{}; skipped, the rest of the mesh is unaffected", p.message);
-            if p.node == own || reporter == own {
-                self.record_event(p, &all);
+    /// A watch event's changes, counted (events, and events that changed
+    /// something the mesh reads).
+    fn counted(&mut self, ch: nodes::Changes, tx: &Updates) {
+        let effect = !ch.is_empty() || ch.translated > 0;
+        self.set_status(|s| {
+            s.watch_events += 1;
+            if effect {
+                s.watch_events_changed += 1;
+            }
+        });
+        self.changed(ch, tx);
+    }
+
+    /// One event of the own Node's watch.
+    async fn on_own(&mut self, ev: watcher::Event<Node>, tx: &Updates) {
+        match ev {
+            watcher::Event::Init => self.own_seen = false,
+            watcher::Event::InitApply(n) | watcher::Event::Apply(n) => {
+                self.own_seen = true;
+                let ch = self.dir.upsert(NodeFacts::from_node(&n));
+                self.changed(ch, tx);
+            }
+            watcher::Event::InitDone => {
+                if !std::mem::replace(&mut self.own_seen, true) {
+                    let ch = self.dir.remove(&self.settings.node_name.clone());
+                    self.changed(ch, tx);
+                }
+            }
+            watcher::Event::Delete(_) => {
+                let ch = self.dir.remove(&self.settings.node_name.clone());
+                self.changed(ch, tx);
             }
         }
-        for p in self.reported.difference(&now) {
-            info!(node = %p.node, field = %p.field, reason = p.reason, "problem resolved");
-        }
-        self.reported = now;
+        self.set_status(|s| s.watch_events += 1);
+        self.publish_own().await;
+    }
 
-        let pod_cidrs = match &t.own {
+    /// Reads Node `name` whole, in the background (its spec is needed).
+    fn fetch(&mut self, name: &str) {
+        if !self.fetching.insert(name.to_string()) {
+            return;
+        }
+        let (api, tx, name) = (self.nodes_api.clone(), self.feed.clone(), name.to_string());
+        tokio::spawn(async move {
+            match api.get_opt(&name).await {
+                Ok(Some(n)) => {
+                    let _ = tx.send(Feed::Fetched(Box::new(NodeFacts::from_node(&n))));
+                }
+                // Gone meanwhile: its Deleted event follows.
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(node = %name, error = %explain(&e), "reading a Node's spec failed; again at its next change or the next listing");
+                    let _ = tx.send(Feed::Failed(format!(
+                        "reading Node {name}: {}",
+                        explain(&e)
+                    )));
+                }
+            }
+        });
+    }
+
+    /// After a listing: every Node still missing its spec is read whole.
+    fn fetch_missing_specs(&mut self) {
+        let missing: Vec<String> = self
+            .dir
+            .names()
+            .filter(|n| self.dir.facts(n).is_some_and(|f| !f.spec_read))
+            .cloned()
+            .collect();
+        for n in missing {
+            self.fetch(&n);
+        }
+    }
+
+    /// Hands the router what changed, and reports new and gone problems.
+    fn changed(&mut self, ch: nodes::Changes, tx: &Updates) {
+        if ch.is_empty() {
+            return;
+        }
+        self.report(&ch);
+        if !self.listed {
+            return;
+        }
+        let pod_cidrs = self.own_pod_cidrs();
+        let pod_cidrs = (self.pod_cidrs.as_ref() != Some(&pod_cidrs)).then_some(pod_cidrs);
+        if ch.peers.is_empty() && pod_cidrs.is_none() {
+            return;
+        }
+        if let Some(c) = &pod_cidrs {
+            self.pod_cidrs = Some(c.clone());
+        }
+        self.set_status(|s| s.mesh_updates += 1);
+        let _ = tx.send(Update::Changes {
+            peers: ch.peers,
+            pod_cidrs,
+        });
+    }
+
+    /// The whole mesh, to the router (after a listing).
+    fn publish_full(&mut self, tx: &Updates) {
+        let pod_cidrs = self.own_pod_cidrs();
+        self.pod_cidrs = Some(pod_cidrs.clone());
+        self.set_status(|s| s.mesh_updates += 1);
+        let _ = tx.send(Update::Full(Snapshot {
+            mesh: self.dir.mesh(),
+            pod_cidrs,
+        }));
+    }
+
+    /// This node's pod CIDRs, saying once when there are none.
+    fn own_pod_cidrs(&mut self) -> Vec<IpNetwork> {
+        match self.dir.own() {
             None => {
                 if !self.said_missing {
                     warn!(node = %self.settings.node_name, "this router's Node does not exist (yet); serving the other Nodes and waiting for it");
@@ -396,14 +727,56 @@ impl SourceState {
                 }
                 own.pod_cidrs.clone()
             }
-        };
+        }
+    }
 
+    /// New problems: a warning in every router's log and an Event, from
+    /// the router on the Node at fault and from one reporter for the
+    /// whole cluster (the first name among the healthy Nodes), so a bad
+    /// Node gets at most two Events, not one per node in the cluster. And
+    /// the status's lists.
+    fn report(&mut self, ch: &nodes::Changes) {
+        let own = self.settings.node_name.clone();
+        let reporter = self
+            .dir
+            .peers()
+            .keys()
+            .next()
+            .map(String::as_str)
+            .filter(|p| *p < own.as_str())
+            .unwrap_or(own.as_str())
+            .to_string();
+        let gone: BTreeSet<&Problem> = ch.gone_problems.iter().collect();
+        for p in &ch.new_problems {
+            if gone.contains(p) {
+                continue;
+            }
+            warn!(node = %p.node, field = %p.field, reason = p.reason, "{}; skipped, the rest of the mesh is unaffected", p.message);
+            if p.node == own || reporter == own {
+                let uid = self.dir.facts(&p.node).and_then(|f| f.uid.clone());
+                self.emit(
+                    &p.node,
+                    uid,
+                    Some(p.field.clone()),
+                    p.reason,
+                    format!("{}: {}", p.field, p.message),
+                );
+            }
+        }
+        let new: BTreeSet<&Problem> = ch.new_problems.iter().collect();
+        for p in &ch.gone_problems {
+            if !new.contains(p) {
+                info!(node = %p.node, field = %p.field, reason = p.reason, "problem resolved");
+            }
+        }
+        let problems = self.dir.problems();
+        let pending = self.dir.pending();
+        let nodes = self.dir.len();
+        let announced = self.dir.own().and_then(|o| o.next_public_key.clone());
         self.set_status(|s| {
-            s.announced_next_key = t.own.as_ref().and_then(|o| o.next_public_key.clone());
-            s.last_sync_unix = Some(unix_now());
-            s.nodes = all.len();
-            s.problems = t
-                .problems
+            s.announced_next_key = announced;
+            s.nodes = nodes;
+            s.problems = problems
                 .iter()
                 .map(|p| ProblemStatus {
                     node: p.node.clone(),
@@ -412,21 +785,18 @@ impl SourceState {
                     message: p.message.clone(),
                 })
                 .collect();
-            s.pending = t
-                .pending
+            s.pending = pending
                 .iter()
                 .map(|(n, why)| format!("{n}: {why}"))
                 .collect();
         });
-        let snap = Snapshot {
-            mesh: t.mesh.clone(),
-            pod_cidrs,
-        };
-        publish(tx, snap);
-        // After the mesh is handed over: a slow or failing API call here
-        // never delays it.
-        if let Some(own) = &t.own {
-            self.publish(own).await;
+    }
+
+    /// Keeps the own Node's annotations what this router wants, once it
+    /// has seen its Node.
+    async fn publish_own(&mut self) {
+        if let Some(own) = self.dir.own().cloned() {
+            self.publish(&own).await;
         }
     }
 
@@ -459,6 +829,12 @@ impl SourceState {
         let mtu = self.settings.underlay_mtu.map(|m| m.to_string());
         if mtu.is_some() && own.underlay_mtu != mtu {
             want.insert(ANN_UNDERLAY_MTU, mtu);
+        }
+        // Its InternalIPs, for the peers (who read no Node's status).
+        let ips: Vec<String> = own.internal_ips.iter().map(|ip| ip.to_string()).collect();
+        let ips = (!ips.is_empty()).then(|| ips.join(","));
+        if ips.is_some() && own.node_addresses != ips {
+            want.insert(ANN_NODE_ADDRESSES, ips);
         }
         match endpoint {
             Some(e) if own.endpoint.as_deref() != Some(e.to_string().as_str()) => {
@@ -508,23 +884,10 @@ impl SourceState {
         }
     }
 
-    /// Records a Warning Event on the Node at fault, in the background so an
-    /// unreachable API server never holds up the mesh.
-    fn record_event(&self, p: &Problem, all: &[Arc<Node>]) {
-        let uid = all
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(p.node.as_str()))
-            .and_then(|n| n.metadata.uid.clone());
-        self.emit(
-            &p.node,
-            uid,
-            Some(p.field.clone()),
-            p.reason,
-            format!("{}: {}", p.field, p.message),
-        );
-    }
-
-    /// Records a Warning Event on Node `node`, in the background.
+    /// Records a Warning Event on Node `node`, in the background. An Event
+    /// about a field (a problem) is named after it: the router on the Node
+    /// at fault and the cluster's reporter make the same one, and the API
+    /// server keeps the first (AlreadyExists for the other).
     fn emit(
         &self,
         node: &str,
@@ -533,10 +896,21 @@ impl SourceState {
         reason: &'static str,
         message: String,
     ) {
+        let (name, generate_name) = match &field {
+            Some(f) => (
+                Some(format!(
+                    "{node}.tunmesh.{:016x}",
+                    fnv(&[reason, f, &message])
+                )),
+                None,
+            ),
+            None => (None, Some(format!("{node}.tunmesh."))),
+        };
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let ev = Event {
             metadata: ObjectMeta {
-                generate_name: Some(format!("{node}.tunmesh.")),
+                name,
+                generate_name,
                 namespace: Some(EVENT_NAMESPACE.into()),
                 ..Default::default()
             },
@@ -565,8 +939,11 @@ impl SourceState {
         let api = self.events_api.clone();
         let node = node.to_string();
         tokio::spawn(async move {
-            if let Err(e) = api.create(&PostParams::default(), &ev).await {
-                warn!(%node, error = %explain(&e), "recording an Event failed");
+            match api.create(&PostParams::default(), &ev).await {
+                Ok(_) => {}
+                // Made already (by the other reporter).
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => warn!(%node, error = %explain(&e), "recording an Event failed"),
             }
         });
     }

@@ -1,8 +1,14 @@
-//! Node objects to the desired mesh: a pure function from the Nodes the
-//! reflector holds to the peers this router wants, its own pod CIDRs, and
-//! every problem found on the way. No client, no I/O: the Kubernetes source
-//! calls it on every change and on resync, and the unit tests call it with
-//! hand-built Nodes.
+//! Node objects to the desired mesh, incrementally: a `Directory` keeps,
+//! for each Node, only what the mesh reads from it (`NodeFacts`: a few
+//! annotations, the pod CIDRs, the InternalIPs), what that translates to,
+//! and indices of the pod CIDRs and keys every Node claims. A change to one
+//! Node is translated alone and compared with what it gave before; only
+//! the Nodes whose claims overlap its old or new ones are looked at again.
+//! An update that changes nothing the mesh reads (a kubelet's status
+//! report, 17 a second in a 5,000-node cluster) costs a comparison of
+//! facts and nothing else. No client, no I/O: the Kubernetes source feeds
+//! it, and the unit tests call it with hand-built Nodes (`translate` is the
+//! whole-store view of it).
 //!
 //! Rules (DESIGN.md, "Control plane"):
 //! - one peer per other Node with a valid `tunmesh.io/public-key` and an
@@ -12,20 +18,23 @@
 //!   or the `tunmesh.io/pod-cidr` annotation when the list is empty). Each
 //!   Node's gateway addresses are the first host of each pod CIDR, so they
 //!   are inside these prefixes already;
-//! - Nodes are taken oldest first (creation time, then name): a pod CIDR
-//!   overlapping one already taken, or a public key already taken, is
-//!   refused for the later Node;
+//! - Nodes are ordered oldest first (creation time, then name). Every pod
+//!   CIDR and key that parses is a Node's claim; a pod CIDR overlapping an
+//!   older Node's claim, or a key an older Node claims (or this router's
+//!   own), is refused for the later Node. Claims do not depend on whether
+//!   the older Node became a peer, so a refusal never cascades;
 //! - a Node that has not published a key or endpoint yet, or has no pod CIDR
 //!   yet, is simply not a peer yet (it is joining); anything malformed is a
 //!   `Problem` naming the Node and the field.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use tunmesh_contract::validate::{self, overlaps};
+use tunmesh_contract::validate;
 
 use crate::model::{DesiredMesh, PeerSpec};
 use crate::PublicKey;
@@ -39,8 +48,14 @@ pub const ANN_ENDPOINT: &str = "tunmesh.io/endpoint";
 pub const ANN_UNDERLAY_MTU: &str = "tunmesh.io/underlay-mtu";
 /// When the Node's current key was made (RFC 3339), for key-age reporting.
 pub const ANN_KEY_CREATED: &str = "tunmesh.io/public-key-created";
+/// The Node's InternalIPs, as its router read them from its status
+/// (comma-separated): peers accept them as inner sources without reading
+/// every Node's status.
+pub const ANN_NODE_ADDRESSES: &str = "tunmesh.io/node-addresses";
 pub const ANN_FORCE_ENDPOINT: &str = "tunmesh.io/force-endpoint";
 pub const ANN_POD_CIDR: &str = "tunmesh.io/pod-cidr";
+/// The annotations tunmesh reads all start so; the others are not kept.
+pub const ANN_PREFIX: &str = "tunmesh.io/";
 
 /// Something wrong with one field of one Node. Reported as a log warning
 /// and as a Kubernetes Event on that Node.
@@ -59,19 +74,27 @@ pub struct Problem {
 pub struct OwnNode {
     /// Pod CIDRs accepted for this node (empty: none assigned yet).
     pub pod_cidrs: Vec<IpNetwork>,
-    /// The first InternalIP in `status.addresses`.
-    pub internal_ip: Option<IpAddr>,
+    /// Every InternalIP in `status.addresses`.
+    pub internal_ips: Vec<IpAddr>,
     /// The annotations as they are now, to decide whether to patch.
     pub public_key: Option<String>,
     pub next_public_key: Option<String>,
     pub key_created: Option<String>,
     pub underlay_mtu: Option<String>,
     pub endpoint: Option<String>,
+    pub node_addresses: Option<String>,
     /// A valid `tunmesh.io/force-endpoint` set by the operator.
     pub force_endpoint: Option<SocketAddr>,
 }
 
-/// The result of one translation.
+impl OwnNode {
+    /// The first InternalIP.
+    pub fn internal_ip(&self) -> Option<IpAddr> {
+        self.internal_ips.first().copied()
+    }
+}
+
+/// The result of one translation of the whole store.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Translation {
     pub mesh: DesiredMesh,
@@ -94,287 +117,927 @@ pub struct TranslateSettings<'a> {
     pub persistent_keepalive: Option<u16>,
 }
 
-fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
-    node.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(|v| v.trim())
-}
-
 fn ann_field(key: &str) -> String {
     format!("metadata.annotations[{key}]")
 }
 
-/// The pod CIDRs a Node declares, with the field each came from.
-fn declared_cidrs(node: &Node) -> Vec<(String, String)> {
-    let spec = node.spec.as_ref();
-    if let Some(list) = spec
-        .and_then(|s| s.pod_cidrs.as_ref())
-        .filter(|l| !l.is_empty())
-    {
-        return list
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c.clone()))
-            .collect();
-    }
-    if let Some(c) = spec
-        .and_then(|s| s.pod_cidr.as_ref())
-        .filter(|c| !c.is_empty())
-    {
-        return vec![("spec.podCIDR".into(), c.clone())];
-    }
-    match annotation(node, ANN_POD_CIDR) {
-        Some(v) if !v.is_empty() => v
-            .split(',')
-            .map(|c| (ann_field(ANN_POD_CIDR), c.trim().to_string()))
-            .collect(),
-        _ => Vec::new(),
-    }
+/// A Node's creation time, for "oldest first": (seconds, nanoseconds).
+type Created = Option<(i64, i32)>;
+
+/// Where a Node stands among the others: oldest first, then by name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Order {
+    created: Created,
+    name: String,
 }
 
-/// Every InternalIP in `status.addresses` (dual-stack Nodes have two).
-fn internal_ips(node: &Node) -> Vec<IpAddr> {
-    node.status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
+/// Everything the mesh reads from one Node, and nothing else: no status
+/// conditions, images or managed fields. Two facts that are equal
+/// translate the same.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub name: String,
+    pub uid: Option<String>,
+    pub created: Created,
+    /// The `tunmesh.io/` annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// `spec.podCIDRs` (or `spec.podCIDR`), each with its field. Set once
+    /// and never changed by Kubernetes: read from a whole Node, kept while
+    /// only metadata comes.
+    pub spec_cidrs: Vec<(String, String)>,
+    /// Whether `spec` was read at all (a Node seen only through its
+    /// metadata has not been yet).
+    pub spec_read: bool,
+    /// The InternalIPs of `status.addresses`, from the last whole read.
+    pub status_ips: Vec<IpAddr>,
+}
+
+fn tunmesh_annotations(meta: &ObjectMeta) -> BTreeMap<String, String> {
+    meta.annotations
+        .iter()
         .flatten()
-        .filter(|a| a.type_ == "InternalIP")
-        .filter_map(|a| a.address.parse().ok())
+        .filter(|(k, _)| k.starts_with(ANN_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
-fn internal_ip(node: &Node) -> Option<IpAddr> {
-    internal_ips(node).into_iter().next()
+fn created(meta: &ObjectMeta) -> Created {
+    meta.creation_timestamp.as_ref().map(|t| {
+        let s = t.0.as_second();
+        (s, t.0.subsec_nanosecond())
+    })
 }
 
-/// Translates the Nodes into the desired mesh. Deterministic: the same
-/// Nodes in any order give the same result.
-pub fn translate<'n>(
-    nodes: impl IntoIterator<Item = &'n Node>,
-    s: &TranslateSettings<'_>,
-) -> Translation {
-    let mut nodes: Vec<&Node> = nodes
-        .into_iter()
-        .filter(|n| n.metadata.name.is_some())
-        .collect();
-    nodes.sort_by(|a, b| {
-        let key = |n: &Node| {
-            (
-                n.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                n.metadata.name.clone(),
-            )
+impl NodeFacts {
+    /// The facts of a whole Node.
+    pub fn from_node(node: &Node) -> NodeFacts {
+        let spec = node.spec.as_ref();
+        let spec_cidrs = match spec
+            .and_then(|s| s.pod_cidrs.as_ref())
+            .filter(|l| !l.is_empty())
+        {
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c.clone()))
+                .collect(),
+            None => spec
+                .and_then(|s| s.pod_cidr.as_ref())
+                .filter(|c| !c.is_empty())
+                .map(|c| vec![("spec.podCIDR".to_string(), c.clone())])
+                .unwrap_or_default(),
         };
-        key(a).cmp(&key(b))
-    });
-
-    let mut out = Translation {
-        mesh: DesiredMesh {
-            peers: Vec::new(),
-            blackhole_cidrs: s.cluster_cidrs.to_vec(),
-        },
-        ..Default::default()
-    };
-    // Pod CIDRs and keys taken so far, by the Node that took them.
-    let mut taken_cidrs: Vec<(IpNetwork, String)> = Vec::new();
-    let mut taken_keys: HashMap<[u8; 32], String> = HashMap::new();
-    taken_keys.insert(*s.own_key.as_bytes(), s.own_name.to_string());
-    if let Some(k) = s.own_next_key {
-        taken_keys.insert(*k.as_bytes(), s.own_name.to_string());
+        let status_ips = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        NodeFacts {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            uid: node.metadata.uid.clone(),
+            created: created(&node.metadata),
+            annotations: tunmesh_annotations(&node.metadata),
+            spec_cidrs,
+            spec_read: true,
+            status_ips,
+        }
     }
 
-    for node in nodes {
-        let name = node.metadata.name.clone().unwrap_or_default();
-        let own = name == s.own_name;
-        let mut problem = |field: String, reason: &'static str, message: String| {
-            out.problems.push(Problem {
-                node: name.clone(),
-                field,
-                reason,
-                message,
-            });
-        };
+    /// The facts of a Node seen through its metadata alone (a metadata
+    /// watch): spec and status as `known` had them (a Node not known yet
+    /// has them unread).
+    pub fn from_metadata(meta: &ObjectMeta, known: Option<&NodeFacts>) -> NodeFacts {
+        NodeFacts {
+            name: meta.name.clone().unwrap_or_default(),
+            uid: meta.uid.clone(),
+            created: created(meta),
+            annotations: tunmesh_annotations(meta),
+            spec_cidrs: known.map(|k| k.spec_cidrs.clone()).unwrap_or_default(),
+            spec_read: known.is_some_and(|k| k.spec_read),
+            status_ips: known.map(|k| k.status_ips.clone()).unwrap_or_default(),
+        }
+    }
 
-        let mut cidrs = Vec::new();
-        for (field, text) in declared_cidrs(node) {
-            match validate::cidr(&text) {
-                Err(m) => problem(field, "InvalidPodCIDR", m.to_string()),
-                Ok(c) => match taken_cidrs.iter().find(|(t, _)| overlaps(t, &c)) {
-                    Some((t, other)) => problem(
-                        field,
-                        "PodCIDROverlap",
-                        format!("{c} overlaps {t} of Node {other}, which was there first; refused"),
-                    ),
-                    None => {
-                        taken_cidrs.push((c, name.clone()));
-                        cidrs.push(c);
-                    }
-                },
+    /// Whether the mesh needs this Node's spec read again: it was never
+    /// read, or it had no pod CIDR yet and the Node has none from the
+    /// annotation either (the IPAM controller sets it after the Node
+    /// registers).
+    pub fn needs_spec(&self) -> bool {
+        !self.spec_read
+            || (self.spec_cidrs.is_empty() && !self.annotations.contains_key(ANN_POD_CIDR))
+    }
+
+    fn ann(&self, key: &str) -> Option<&str> {
+        self.annotations.get(key).map(|v| v.trim())
+    }
+
+    fn order(&self) -> Order {
+        Order {
+            created: self.created,
+            name: self.name.clone(),
+        }
+    }
+
+    /// The pod CIDRs the Node declares, with the field each came from.
+    fn declared_cidrs(&self) -> Vec<(String, String)> {
+        if !self.spec_cidrs.is_empty() {
+            return self.spec_cidrs.clone();
+        }
+        match self.ann(ANN_POD_CIDR) {
+            Some(v) if !v.is_empty() => v
+                .split(',')
+                .map(|c| (ann_field(ANN_POD_CIDR), c.trim().to_string()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The InternalIPs: what its router publishes (current, read without
+    /// the status), else what the last whole read of the status said.
+    fn internal_ips(&self) -> Vec<IpAddr> {
+        match self.ann(ANN_NODE_ADDRESSES) {
+            Some(v) if !v.is_empty() => {
+                let ips: Vec<IpAddr> = v.split(',').filter_map(|a| a.trim().parse().ok()).collect();
+                if ips.is_empty() {
+                    self.status_ips.clone()
+                } else {
+                    ips
+                }
+            }
+            _ => self.status_ips.clone(),
+        }
+    }
+}
+
+/// A pod CIDR as a sortable key: family, network, prefix length.
+type CidrKey = (bool, u128, u8);
+
+fn cidr_key(c: &IpNetwork) -> CidrKey {
+    match c {
+        IpNetwork::V4(n) => (false, u128::from(u32::from(n.network())), n.prefix()),
+        IpNetwork::V6(n) => (true, u128::from(n.network()), n.prefix()),
+    }
+}
+
+/// The last address of `c`, as a key's network part.
+fn cidr_last(c: &IpNetwork) -> u128 {
+    match c {
+        IpNetwork::V4(n) => u128::from(u32::from(n.broadcast())),
+        IpNetwork::V6(n) => u128::from(n.broadcast()),
+    }
+}
+
+fn mask(v6: bool, network: u128, prefix: u8) -> u128 {
+    let width: u32 = if v6 { 128 } else { 32 };
+    let host = width - u32::from(prefix);
+    if host >= 128 {
+        0
+    } else {
+        (network >> host) << host
+    }
+}
+
+/// A key's claim: its bytes.
+type KeyBytes = [u8; 32];
+
+/// What one Node says, translated on its own (no other Node looked at).
+#[derive(Debug, Clone, Default)]
+struct View {
+    order: Option<Order>,
+    /// Its pod CIDRs that parse (claims), each with its field, and the
+    /// problems of those that do not, in the order declared.
+    cidrs: Vec<(String, Result<IpNetwork, Problem>)>,
+    declared_any: bool,
+    force: Option<SocketAddr>,
+    force_problem: Option<Problem>,
+    /// The current key: none, or parsed, or why not.
+    key: Option<Result<PublicKey, Problem>>,
+    next: Option<Result<PublicKey, Problem>>,
+}
+
+impl View {
+    /// The keys this Node claims (current and next, where they parse).
+    fn keys(&self) -> Vec<PublicKey> {
+        let mut k: Vec<PublicKey> = self.key.iter().flatten().copied().collect();
+        if let Some(Ok(n)) = &self.next {
+            if !k.contains(n) {
+                k.push(*n);
             }
         }
+        k
+    }
 
-        let force = match annotation(node, ANN_FORCE_ENDPOINT) {
+    fn claimed_cidrs(&self) -> impl Iterator<Item = &IpNetwork> {
+        self.cidrs.iter().filter_map(|(_, c)| c.as_ref().ok())
+    }
+}
+
+fn problem(node: &str, field: String, reason: &'static str, message: String) -> Problem {
+    Problem {
+        node: node.to_string(),
+        field,
+        reason,
+        message,
+    }
+}
+
+fn view(f: &NodeFacts, own: bool) -> View {
+    let name = f.name.as_str();
+    let declared = f.declared_cidrs();
+    let cidrs = declared
+        .iter()
+        .map(|(field, text)| {
+            let parsed = validate::cidr(text)
+                .map_err(|m| problem(name, field.clone(), "InvalidPodCIDR", m.to_string()));
+            (field.clone(), parsed)
+        })
+        .collect();
+    let (force, force_problem) = match f.ann(ANN_FORCE_ENDPOINT) {
+        None | Some("") => (None, None),
+        Some(v) => match validate::endpoint(v) {
+            Ok(a) => (Some(a), None),
+            Err(m) => (
+                None,
+                Some(problem(
+                    name,
+                    ann_field(ANN_FORCE_ENDPOINT),
+                    "InvalidEndpoint",
+                    format!("{m}; using {ANN_ENDPOINT} instead"),
+                )),
+            ),
+        },
+    };
+    let parse_key = |ann: &str| -> Option<Result<PublicKey, Problem>> {
+        match f.ann(ann) {
             None | Some("") => None,
-            Some(v) => match validate::endpoint(v) {
-                Ok(a) => Some(a),
-                Err(m) => {
-                    problem(
-                        ann_field(ANN_FORCE_ENDPOINT),
-                        "InvalidEndpoint",
-                        format!("{m}; using {ANN_ENDPOINT} instead"),
-                    );
-                    None
-                }
-            },
-        };
+            Some(v) => Some(
+                validate::public_key(v)
+                    .map_err(|e| problem(name, ann_field(ann), "InvalidPublicKey", e.to_string())),
+            ),
+        }
+    };
+    // This router's own annotations are not claims: its keys are its own.
+    let (key, next) = if own {
+        (None, None)
+    } else {
+        (parse_key(ANN_PUBLIC_KEY), parse_key(ANN_NEXT_PUBLIC_KEY))
+    };
+    View {
+        order: Some(f.order()),
+        cidrs,
+        declared_any: !declared.is_empty(),
+        force,
+        force_problem,
+        key,
+        next,
+    }
+}
 
+/// What one Node comes to, all Nodes considered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Outcome {
+    peer: Option<PeerSpec>,
+    own: Option<OwnNode>,
+    problems: Vec<Problem>,
+    pending: Option<&'static str>,
+}
+
+struct Entry {
+    facts: NodeFacts,
+    view: View,
+    outcome: Outcome,
+}
+
+/// What a change did to the desired mesh and the reports.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Peers that came, changed (`Some`) or went (`None`), by name.
+    pub peers: Vec<(String, Option<PeerSpec>)>,
+    /// This router's own Node changed (its pod CIDRs, or what it shows).
+    pub own: bool,
+    /// Problems that appeared, and those that went away.
+    pub new_problems: Vec<Problem>,
+    pub gone_problems: Vec<Problem>,
+    /// Nodes whose facts were looked at again (0 when nothing the mesh
+    /// reads changed).
+    pub translated: usize,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+            && !self.own
+            && self.new_problems.is_empty()
+            && self.gone_problems.is_empty()
+    }
+}
+
+/// The router's settings, owned (a `Directory` outlives a call).
+#[derive(Debug, Clone)]
+pub struct DirectorySettings {
+    pub own_name: String,
+    pub own_key: PublicKey,
+    pub own_next_key: Option<PublicKey>,
+    pub cluster_cidrs: Vec<IpNetwork>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// Every Node's facts and translation, with the indices that make a change
+/// to one Node cost what it touches, not the size of the cluster.
+pub struct Directory {
+    settings: DirectorySettings,
+    entries: HashMap<String, Entry>,
+    /// Pod CIDR claims, by CIDR: the Nodes claiming it, oldest first.
+    cidrs: BTreeMap<CidrKey, BTreeSet<Order>>,
+    /// How many claims of each prefix length there are, per family (false:
+    /// IPv4): a CIDR is looked for inside the shorter ones present.
+    lengths: [BTreeMap<u8, usize>; 2],
+    /// Key claims: the Nodes claiming each key, oldest first.
+    keys: HashMap<KeyBytes, BTreeSet<Order>>,
+    /// The desired peers, by name.
+    peers: BTreeMap<String, PeerSpec>,
+    /// Nodes with problems, and Nodes pending, by name.
+    problems: BTreeMap<String, Vec<Problem>>,
+    pending: BTreeMap<String, &'static str>,
+}
+
+impl Directory {
+    pub fn new(settings: DirectorySettings) -> Directory {
+        Directory {
+            settings,
+            entries: HashMap::new(),
+            cidrs: BTreeMap::new(),
+            lengths: [BTreeMap::new(), BTreeMap::new()],
+            keys: HashMap::new(),
+            peers: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// How many Nodes are known.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The facts known of Node `name`.
+    pub fn facts(&self, name: &str) -> Option<&NodeFacts> {
+        self.entries.get(name).map(|e| &e.facts)
+    }
+
+    /// Every Node's name.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    /// This router's own Node, as translated (`None` while it does not exist).
+    pub fn own(&self) -> Option<&OwnNode> {
+        self.entries
+            .get(&self.settings.own_name)
+            .and_then(|e| e.outcome.own.as_ref())
+    }
+
+    /// The desired peers.
+    pub fn peers(&self) -> &BTreeMap<String, PeerSpec> {
+        &self.peers
+    }
+
+    /// The desired mesh, whole (a listing's or a resync's: O(peers)).
+    pub fn mesh(&self) -> DesiredMesh {
+        DesiredMesh {
+            peers: self.peers.values().cloned().collect(),
+            blackhole_cidrs: self.settings.cluster_cidrs.clone(),
+        }
+    }
+
+    /// Every problem now, oldest Node first.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut nodes: Vec<(&Order, &Vec<Problem>)> = self
+            .problems
+            .iter()
+            .filter_map(|(n, p)| Some((self.entries.get(n)?.view.order.as_ref()?, p)))
+            .collect();
+        nodes.sort();
+        nodes
+            .into_iter()
+            .flat_map(|(_, p)| p.iter().cloned())
+            .collect()
+    }
+
+    /// Nodes that are not peers yet, with why, oldest first.
+    pub fn pending(&self) -> Vec<(String, &'static str)> {
+        let mut v: Vec<(&Order, &String, &&'static str)> = self
+            .pending
+            .iter()
+            .filter_map(|(n, r)| Some((self.entries.get(n)?.view.order.as_ref()?, n, r)))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, n, r)| (n.clone(), *r)).collect()
+    }
+
+    /// This router's keys changed (a rotation): the Nodes claiming the old
+    /// or new ones are looked at again.
+    pub fn set_own_keys(&mut self, key: PublicKey, next: Option<PublicKey>) -> Changes {
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        for k in [
+            Some(self.settings.own_key),
+            self.settings.own_next_key,
+            Some(key),
+            next,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for o in self.keys.get(k.as_bytes()).into_iter().flatten() {
+                touched.insert(o.name.clone());
+            }
+        }
+        self.settings.own_key = key;
+        self.settings.own_next_key = next;
+        self.resolve(touched)
+    }
+
+    /// Node `facts.name` is as `facts` says (new or changed). When nothing
+    /// the mesh reads changed, this is a comparison and nothing more.
+    pub fn upsert(&mut self, facts: NodeFacts) -> Changes {
+        if facts.name.is_empty() {
+            return Changes::default();
+        }
+        if self
+            .entries
+            .get(&facts.name)
+            .is_some_and(|e| e.facts == facts)
+        {
+            return Changes::default();
+        }
+        let own = facts.name == self.settings.own_name;
+        let new_view = view(&facts, own);
+        let mut touched = BTreeSet::new();
+        touched.insert(facts.name.clone());
+        if let Some(old) = self.entries.remove(&facts.name) {
+            self.unclaim(&old.view, &mut touched);
+            self.entries.insert(
+                facts.name.clone(),
+                Entry {
+                    facts,
+                    view: new_view.clone(),
+                    outcome: old.outcome,
+                },
+            );
+        } else {
+            self.entries.insert(
+                facts.name.clone(),
+                Entry {
+                    facts,
+                    view: new_view.clone(),
+                    outcome: Outcome::default(),
+                },
+            );
+        }
+        self.claim(&new_view, &mut touched);
+        self.resolve(touched)
+    }
+
+    /// Node `name` is gone.
+    pub fn remove(&mut self, name: &str) -> Changes {
+        let Some(old) = self.entries.remove(name) else {
+            return Changes::default();
+        };
+        let mut touched = BTreeSet::new();
+        self.unclaim(&old.view, &mut touched);
+        touched.remove(name);
+        let mut changes = self.resolve(touched);
+        if old.outcome.peer.is_some() {
+            self.peers.remove(name);
+            changes.peers.push((name.to_string(), None));
+        }
+        if old.outcome.own.is_some() {
+            changes.own = true;
+        }
+        if let Some(p) = self.problems.remove(name) {
+            changes.gone_problems.extend(p);
+        }
+        self.pending.remove(name);
+        changes
+    }
+
+    /// A whole listing: Nodes not in it are gone, the others as given.
+    pub fn replace_all(&mut self, all: Vec<NodeFacts>) -> Changes {
+        let listed: BTreeSet<&str> = all.iter().map(|f| f.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|n| !listed.contains(n.as_str()))
+            .cloned()
+            .collect();
+        let mut changes = Changes::default();
+        for n in gone {
+            changes.merge(self.remove(&n));
+        }
+        for f in all {
+            changes.merge(self.upsert(f));
+        }
+        changes
+    }
+
+    /// Adds `v`'s claims to the indices; the Nodes whose claims they
+    /// overlap go into `touched`.
+    fn claim(&mut self, v: &View, touched: &mut BTreeSet<String>) {
+        let Some(order) = v.order.clone() else {
+            return;
+        };
+        let cidrs: Vec<IpNetwork> = v.claimed_cidrs().copied().collect();
+        for c in &cidrs {
+            for o in self.overlapping(c) {
+                touched.insert(o.name);
+            }
+            let k = cidr_key(c);
+            self.cidrs.entry(k).or_default().insert(order.clone());
+            *self.lengths[usize::from(k.0)].entry(k.2).or_default() += 1;
+        }
+        for k in v.keys() {
+            let set = self.keys.entry(*k.as_bytes()).or_default();
+            for o in set.iter() {
+                touched.insert(o.name.clone());
+            }
+            set.insert(order.clone());
+        }
+    }
+
+    /// Takes `v`'s claims out of the indices; the Nodes whose claims they
+    /// overlapped go into `touched`.
+    fn unclaim(&mut self, v: &View, touched: &mut BTreeSet<String>) {
+        let Some(order) = v.order.clone() else {
+            return;
+        };
+        let cidrs: Vec<IpNetwork> = v.claimed_cidrs().copied().collect();
+        for c in &cidrs {
+            let k = cidr_key(c);
+            if let Some(set) = self.cidrs.get_mut(&k) {
+                set.remove(&order);
+                if set.is_empty() {
+                    self.cidrs.remove(&k);
+                }
+            }
+            let lengths = &mut self.lengths[usize::from(k.0)];
+            if let Some(n) = lengths.get_mut(&k.2) {
+                *n -= 1;
+                if *n == 0 {
+                    lengths.remove(&k.2);
+                }
+            }
+            for o in self.overlapping(c) {
+                touched.insert(o.name);
+            }
+        }
+        for k in v.keys() {
+            if let Some(set) = self.keys.get_mut(k.as_bytes()) {
+                set.remove(&order);
+                for o in set.iter() {
+                    touched.insert(o.name.clone());
+                }
+                if set.is_empty() {
+                    self.keys.remove(k.as_bytes());
+                }
+            }
+        }
+    }
+
+    /// Every claim overlapping `c` (a CIDR inside it, or one holding it),
+    /// with the claiming Node and the claimed CIDR.
+    fn overlapping_claims(&self, c: &IpNetwork) -> Vec<(Order, IpNetwork)> {
+        let (v6, net, prefix) = cidr_key(c);
+        let to_net = |k: &CidrKey| -> Option<IpNetwork> {
+            if k.0 {
+                ipnetwork::Ipv6Network::new(std::net::Ipv6Addr::from(k.1), k.2)
+                    .ok()
+                    .map(IpNetwork::V6)
+            } else {
+                ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::from(k.1 as u32), k.2)
+                    .ok()
+                    .map(IpNetwork::V4)
+            }
+        };
+        let mut out = Vec::new();
+        // Claims whose network lies inside `c`: each overlaps it.
+        for (k, set) in self.cidrs.range((v6, net, 0)..=(v6, cidr_last(c), u8::MAX)) {
+            if let Some(n) = to_net(k) {
+                out.extend(set.iter().map(|o| (o.clone(), n)));
+            }
+        }
+        // Claims holding `c` from before its network: one per shorter length.
+        for (&q, _) in self.lengths[usize::from(v6)].range(..prefix) {
+            let k = (v6, mask(v6, net, q), q);
+            if k.1 == net {
+                continue; // in the range above already
+            }
+            if let (Some(set), Some(n)) = (self.cidrs.get(&k), to_net(&k)) {
+                out.extend(set.iter().map(|o| (o.clone(), n)));
+            }
+        }
+        out
+    }
+
+    fn overlapping(&self, c: &IpNetwork) -> Vec<Order> {
+        self.overlapping_claims(c)
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect()
+    }
+
+    /// Translates each Node of `names` again, with every claim considered,
+    /// and records what changed.
+    fn resolve(&mut self, names: BTreeSet<String>) -> Changes {
+        let mut changes = Changes::default();
+        for name in names {
+            let Some(entry) = self.entries.get(&name) else {
+                continue;
+            };
+            let outcome = self.outcome(entry);
+            changes.translated += 1;
+            let Some(entry) = self.entries.get_mut(&name) else {
+                continue;
+            };
+            if entry.outcome == outcome {
+                continue;
+            }
+            let old = std::mem::replace(&mut entry.outcome, outcome.clone());
+            if old.peer != outcome.peer {
+                match &outcome.peer {
+                    Some(p) => {
+                        self.peers.insert(name.clone(), p.clone());
+                    }
+                    None => {
+                        self.peers.remove(&name);
+                    }
+                }
+                changes.peers.push((name.clone(), outcome.peer.clone()));
+            }
+            if old.own != outcome.own {
+                changes.own = true;
+            }
+            if old.problems != outcome.problems {
+                for p in &outcome.problems {
+                    if !old.problems.contains(p) {
+                        changes.new_problems.push(p.clone());
+                    }
+                }
+                for p in &old.problems {
+                    if !outcome.problems.contains(p) {
+                        changes.gone_problems.push(p.clone());
+                    }
+                }
+                if outcome.problems.is_empty() {
+                    self.problems.remove(&name);
+                } else {
+                    self.problems.insert(name.clone(), outcome.problems.clone());
+                }
+            }
+            match outcome.pending {
+                Some(r) => {
+                    self.pending.insert(name.clone(), r);
+                }
+                None => {
+                    self.pending.remove(&name);
+                }
+            }
+        }
+        changes
+    }
+
+    /// What `entry` comes to with every other claim considered.
+    fn outcome(&self, entry: &Entry) -> Outcome {
+        let f = &entry.facts;
+        let v = &entry.view;
+        let name = f.name.as_str();
+        let own = name == self.settings.own_name;
+        let order = v.order.clone().unwrap_or_else(|| f.order());
+        let mut out = Outcome::default();
+        let mut cidrs = Vec::new();
+        for (field, parsed) in &v.cidrs {
+            match parsed {
+                Err(p) => out.problems.push(p.clone()),
+                Ok(c) => {
+                    let older = self
+                        .overlapping_claims(c)
+                        .into_iter()
+                        .filter(|(o, _)| *o < order)
+                        .min();
+                    match older {
+                        Some((o, t)) => out.problems.push(problem(
+                            name,
+                            field.clone(),
+                            "PodCIDROverlap",
+                            format!(
+                                "{c} overlaps {t} of Node {}, which was there first; refused",
+                                o.name
+                            ),
+                        )),
+                        None => cidrs.push(*c),
+                    }
+                }
+            }
+        }
+        if let Some(p) = &v.force_problem {
+            out.problems.push(p.clone());
+        }
         if own {
             out.own = Some(OwnNode {
                 pod_cidrs: cidrs,
-                internal_ip: internal_ip(node),
-                public_key: annotation(node, ANN_PUBLIC_KEY).map(str::to_string),
-                key_created: annotation(node, ANN_KEY_CREATED).map(str::to_string),
-                underlay_mtu: annotation(node, ANN_UNDERLAY_MTU).map(str::to_string),
-                next_public_key: annotation(node, ANN_NEXT_PUBLIC_KEY)
+                internal_ips: f.status_ips.clone(),
+                public_key: f.ann(ANN_PUBLIC_KEY).map(str::to_string),
+                key_created: f.ann(ANN_KEY_CREATED).map(str::to_string),
+                underlay_mtu: f.ann(ANN_UNDERLAY_MTU).map(str::to_string),
+                next_public_key: f
+                    .ann(ANN_NEXT_PUBLIC_KEY)
                     .filter(|v| !v.is_empty())
                     .map(str::to_string),
-                endpoint: annotation(node, ANN_ENDPOINT).map(str::to_string),
-                force_endpoint: force,
+                endpoint: f.ann(ANN_ENDPOINT).map(str::to_string),
+                node_addresses: f.ann(ANN_NODE_ADDRESSES).map(str::to_string),
+                force_endpoint: v.force,
             });
-            continue;
+            return out;
         }
-
-        let key = match annotation(node, ANN_PUBLIC_KEY) {
-            None | Some("") => {
-                out.pending.push((name, "no tunmesh.io/public-key yet"));
-                continue;
+        let key = match &v.key {
+            None => {
+                out.pending = Some("no tunmesh.io/public-key yet");
+                return out;
             }
-            Some(v) => match validate::public_key(v) {
-                Ok(k) => k,
-                Err(e) => {
-                    problem(ann_field(ANN_PUBLIC_KEY), "InvalidPublicKey", e.to_string());
-                    continue;
-                }
-            },
+            Some(Err(p)) => {
+                out.problems.push(p.clone());
+                return out;
+            }
+            Some(Ok(k)) => *k,
         };
-        if let Some(other) = taken_keys.get(key.as_bytes()) {
-            let whose = if other == s.own_name {
-                "this router's own key".to_string()
-            } else {
-                format!("already the key of Node {other}")
-            };
-            problem(
+        if let Some(whose) = self.key_taken(&key, &order) {
+            out.problems.push(problem(
+                name,
                 ann_field(ANN_PUBLIC_KEY),
                 "DuplicatePublicKey",
                 format!("{} is {whose}; refused", key.to_base64()),
-            );
-            continue;
+            ));
+            return out;
         }
-        let endpoint = match force {
+        let endpoint = match v.force {
             Some(a) => a,
-            None => match annotation(node, ANN_ENDPOINT) {
+            None => match f.ann(ANN_ENDPOINT) {
                 None | Some("") => {
-                    out.pending.push((name, "no tunmesh.io/endpoint yet"));
-                    continue;
+                    out.pending = Some("no tunmesh.io/endpoint yet");
+                    return out;
                 }
-                Some(v) => match validate::endpoint(v) {
+                Some(e) => match validate::endpoint(e) {
                     Ok(a) => a,
                     Err(m) => {
-                        problem(ann_field(ANN_ENDPOINT), "InvalidEndpoint", m.to_string());
-                        continue;
+                        out.problems.push(problem(
+                            name,
+                            ann_field(ANN_ENDPOINT),
+                            "InvalidEndpoint",
+                            m.to_string(),
+                        ));
+                        return out;
                     }
                 },
             },
         };
         if cidrs.is_empty() {
-            if declared_cidrs(node).is_empty() {
-                out.pending.push((name, "no podCIDR yet"));
+            if !v.declared_any {
+                out.pending = Some("no podCIDR yet");
             }
-            continue;
+            return out;
         }
         // A key rotation under way: the next key is the one to use (the
         // Node answers both). A bad one is reported and the current key
         // used, so the peer stays reachable.
-        let next = match annotation(node, ANN_NEXT_PUBLIC_KEY) {
-            None | Some("") => None,
-            Some(v) => match validate::public_key(v) {
-                Err(e) => {
-                    problem(
+        let next = match &v.next {
+            None => None,
+            Some(Err(p)) => {
+                let mut p = p.clone();
+                p.message = format!("{}; using {ANN_PUBLIC_KEY}", p.message);
+                out.problems.push(p);
+                None
+            }
+            Some(Ok(k)) if *k == key => None,
+            Some(Ok(k)) => match self.key_taken(k, &order) {
+                Some(whose) => {
+                    out.problems.push(problem(
+                        name,
                         ann_field(ANN_NEXT_PUBLIC_KEY),
-                        "InvalidPublicKey",
-                        format!("{e}; using {ANN_PUBLIC_KEY}"),
-                    );
+                        "DuplicatePublicKey",
+                        format!("{} is {whose}; using {ANN_PUBLIC_KEY}", k.to_base64()),
+                    ));
                     None
                 }
-                Ok(k) if k == key => None,
-                Ok(k) => match taken_keys.get(k.as_bytes()) {
-                    Some(other) => {
-                        problem(
-                            ann_field(ANN_NEXT_PUBLIC_KEY),
-                            "DuplicatePublicKey",
-                            format!(
-                                "{} is already the key of Node {other}; using {ANN_PUBLIC_KEY}",
-                                k.to_base64()
-                            ),
-                        );
-                        None
-                    }
-                    None => Some(k),
-                },
+                None => Some(*k),
             },
         };
         // The key's age is reporting only: a bad timestamp is named and
         // otherwise ignored.
-        let created = match annotation(node, ANN_KEY_CREATED) {
+        let created = match f.ann(ANN_KEY_CREATED) {
             None | Some("") => None,
-            Some(v) => match v.parse::<k8s_openapi::jiff::Timestamp>() {
+            Some(t) => match t.parse::<k8s_openapi::jiff::Timestamp>() {
                 Ok(t) => u64::try_from(t.as_second()).ok(),
                 Err(e) => {
-                    problem(
+                    out.problems.push(problem(
+                        name,
                         ann_field(ANN_KEY_CREATED),
                         "InvalidTimestamp",
-                        format!("{v:?} is not an RFC 3339 time: {e}"),
-                    );
+                        format!("{t:?} is not an RFC 3339 time: {e}"),
+                    ));
                     None
                 }
             },
         };
         // A bad MTU is named and ignored (the route's MTU still applies).
-        let underlay_mtu = match annotation(node, ANN_UNDERLAY_MTU) {
+        let underlay_mtu = match f.ann(ANN_UNDERLAY_MTU) {
             None | Some("") => None,
-            Some(v) => match v.parse::<u16>() {
+            Some(m) => match m.parse::<u16>() {
                 Ok(m) if m >= 576 => Some(m),
                 _ => {
-                    problem(
+                    out.problems.push(problem(
+                        name,
                         ann_field(ANN_UNDERLAY_MTU),
                         "InvalidMTU",
-                        format!("{v:?} is not an MTU (576-65535); ignored"),
-                    );
+                        format!("{m:?} is not an MTU (576-65535); ignored"),
+                    ));
                     None
                 }
             },
         };
-        taken_keys.insert(*key.as_bytes(), name.clone());
-        if let Some(k) = next {
-            taken_keys.insert(*k.as_bytes(), name.clone());
-        }
-        out.mesh.peers.push(PeerSpec {
-            name,
+        out.peer = Some(PeerSpec {
+            name: name.to_string(),
             public_key: next.unwrap_or(key),
             endpoint: Some(endpoint),
             allowed_ips: cidrs,
-            node_addresses: internal_ips(node),
-            persistent_keepalive: s.persistent_keepalive,
+            node_addresses: f.internal_ips(),
+            persistent_keepalive: self.settings.persistent_keepalive,
             rotated_from: next.map(|_| key),
             // The next key is being made now.
             key_created_unix: if next.is_some() { None } else { created },
             underlay_mtu,
         });
+        out
     }
-    out.mesh.peers.sort_by(|a, b| a.name.cmp(&b.name));
-    out
+
+    /// Whose `key` is, if not the Node at `order`'s to take: this router's,
+    /// or an older Node's.
+    fn key_taken(&self, key: &PublicKey, order: &Order) -> Option<String> {
+        if *key == self.settings.own_key || Some(*key) == self.settings.own_next_key {
+            return Some("this router's own key".into());
+        }
+        self.keys
+            .get(key.as_bytes())
+            .and_then(|set| set.iter().find(|o| *o < order))
+            .map(|o| format!("already the key of Node {}", o.name))
+    }
+}
+
+impl Changes {
+    /// Folds `other` (a later change) into this one.
+    pub fn merge(&mut self, other: Changes) {
+        for (name, spec) in other.peers {
+            self.peers.retain(|(n, _)| *n != name);
+            self.peers.push((name, spec));
+        }
+        self.own |= other.own;
+        self.new_problems.extend(other.new_problems);
+        self.gone_problems.extend(other.gone_problems);
+        self.translated += other.translated;
+    }
+}
+
+/// Translates the Nodes into the desired mesh, all at once. Deterministic:
+/// the same Nodes in any order give the same result (the `Directory` a
+/// source keeps gives the same, a change at a time).
+pub fn translate<'n>(
+    nodes: impl IntoIterator<Item = &'n Node>,
+    s: &TranslateSettings<'_>,
+) -> Translation {
+    let mut d = Directory::new(DirectorySettings {
+        own_name: s.own_name.to_string(),
+        own_key: *s.own_key,
+        own_next_key: s.own_next_key.copied(),
+        cluster_cidrs: s.cluster_cidrs.to_vec(),
+        persistent_keepalive: s.persistent_keepalive,
+    });
+    for n in nodes {
+        if n.metadata.name.is_some() {
+            d.upsert(NodeFacts::from_node(n));
+        }
+    }
+    Translation {
+        mesh: d.mesh(),
+        own: d.own().cloned(),
+        problems: d.problems(),
+        pending: d.pending(),
+    }
 }
 
 /// The endpoint this router publishes: the `--endpoint` flag, else its
@@ -385,7 +1048,7 @@ pub fn own_endpoint(
     own: &OwnNode,
     listen_port: u16,
 ) -> Option<SocketAddr> {
-    flag.or_else(|| own.internal_ip.map(|ip| SocketAddr::new(ip, listen_port)))
+    flag.or_else(|| own.internal_ip().map(|ip| SocketAddr::new(ip, listen_port)))
 }
 
 #[cfg(test)]
@@ -883,5 +1546,212 @@ mod tests {
         let fwd: Vec<Node> = (0..4).map(mk).collect();
         let rev: Vec<Node> = (0..4).rev().map(mk).collect();
         assert_eq!(run(&fwd), run(&rev));
+    }
+
+    fn settings() -> DirectorySettings {
+        DirectorySettings {
+            own_name: "a".into(),
+            own_key: key(1),
+            own_next_key: None,
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            persistent_keepalive: None,
+        }
+    }
+
+    /// The directory's view, in the shape `translate` gives.
+    fn whole(d: &Directory) -> Translation {
+        Translation {
+            mesh: d.mesh(),
+            own: d.own().cloned(),
+            problems: d.problems(),
+            pending: d.pending(),
+        }
+    }
+
+    /// A small deterministic generator (no dependency for a test).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// A change at a time gives what the whole store gives: random Nodes
+    /// (overlapping and duplicate CIDRs and keys, bad values, this router's
+    /// own key) added, changed and removed, compared after every step, and
+    /// the changes reported are exactly the peers that differ.
+    #[test]
+    fn a_change_at_a_time_equals_the_whole_store() {
+        let keys: Vec<String> = (1..7).map(|i| key(i).to_base64()).collect();
+        let cidrs = [
+            "10.244.1.0/24",
+            "10.244.2.0/24",
+            "10.244.2.0/23",
+            "10.244.3.0/24",
+            "10.244.0.0/20",
+            "fd00:10:244:2::/64",
+            "10.244.4.7/24",
+        ];
+        let mut rng = Lcg(7);
+        let mut d = Directory::new(settings());
+        let mut live: BTreeMap<String, Node> = BTreeMap::new();
+        for step in 0..3000 {
+            let name = ["a", "b", "c", "d", "e", "f", "g"][rng.next(7) as usize].to_string();
+            if rng.next(5) == 0 {
+                live.remove(&name);
+                let before = d.peers().clone();
+                let ch = d.remove(&name);
+                check_changes(&before, d.peers(), &ch, step);
+            } else {
+                let mut ann: Vec<(&'static str, &'static str)> = Vec::new();
+                let k = Box::leak(keys[rng.next(6) as usize].clone().into_boxed_str());
+                if rng.next(6) != 0 {
+                    ann.push((ANN_PUBLIC_KEY, if rng.next(10) == 0 { "bad" } else { k }));
+                }
+                if rng.next(4) == 0 {
+                    let n = Box::leak(keys[rng.next(6) as usize].clone().into_boxed_str());
+                    ann.push((ANN_NEXT_PUBLIC_KEY, n));
+                }
+                if rng.next(6) != 0 {
+                    ann.push((ANN_ENDPOINT, "172.28.0.9:51820"));
+                }
+                let n_cidrs = rng.next(3) as usize;
+                let cs: Vec<&'static str> =
+                    (0..n_cidrs).map(|_| cidrs[rng.next(7) as usize]).collect();
+                let n = node(&N {
+                    name: Box::leak(name.clone().into_boxed_str()),
+                    age: rng.next(4) as i64,
+                    cidrs: Box::leak(cs.into_boxed_slice()),
+                    ann: leak(&ann),
+                    ip: Some("172.28.0.9"),
+                });
+                live.insert(name, n.clone());
+                let before = d.peers().clone();
+                let ch = d.upsert(NodeFacts::from_node(&n));
+                check_changes(&before, d.peers(), &ch, step);
+            }
+            assert_eq!(
+                whole(&d),
+                run(&live.values().cloned().collect::<Vec<_>>()),
+                "step {step}"
+            );
+        }
+    }
+
+    fn check_changes(
+        before: &BTreeMap<String, PeerSpec>,
+        after: &BTreeMap<String, PeerSpec>,
+        ch: &Changes,
+        step: usize,
+    ) {
+        let mut names: BTreeSet<&String> = before.keys().collect();
+        names.extend(after.keys());
+        let differ: BTreeSet<String> = names
+            .into_iter()
+            .filter(|n| before.get(*n) != after.get(*n))
+            .cloned()
+            .collect();
+        let reported: BTreeSet<String> = ch.peers.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(reported, differ, "step {step}: changes reported");
+        for (n, spec) in &ch.peers {
+            assert_eq!(spec.as_ref(), after.get(n), "step {step}: {n}");
+        }
+    }
+
+    /// A kubelet's status report changes nothing the mesh reads: no Node is
+    /// translated again, nothing changes. A metadata-only view keeps the
+    /// pod CIDRs the whole Node gave.
+    #[test]
+    fn status_and_foreign_metadata_changes_cost_a_comparison() {
+        let k2 = key(2).to_base64();
+        let mut n = node(&N {
+            name: "b",
+            age: 1,
+            cidrs: &["10.244.2.0/24"],
+            ann: &[(ANN_PUBLIC_KEY, &k2), (ANN_ENDPOINT, "172.28.0.12:51820")],
+            ip: Some("172.28.0.12"),
+        });
+        let mut d = Directory::new(settings());
+        let ch = d.upsert(NodeFacts::from_node(&n));
+        assert_eq!(ch.peers.len(), 1);
+        // Status, labels, other annotations: nothing.
+        n.status.as_mut().unwrap().conditions = Some(vec![Default::default()]);
+        n.metadata.labels = Some([("x".to_string(), "y".to_string())].into());
+        n.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("node.alpha.kubernetes.io/ttl".into(), "0".into());
+        n.metadata.resource_version = Some("99".into());
+        let ch = d.upsert(NodeFacts::from_node(&n));
+        assert!(ch.is_empty() && ch.translated == 0, "{ch:?}");
+        // Seen through its metadata alone: the CIDRs stay.
+        let known = d.facts("b").cloned();
+        let meta = NodeFacts::from_metadata(&n.metadata, known.as_ref());
+        assert!(!meta.needs_spec());
+        let ch = d.upsert(meta.clone());
+        assert!(ch.is_empty() && ch.translated == 0, "{ch:?}");
+        // A Node never read whole needs its spec.
+        assert!(NodeFacts::from_metadata(&n.metadata, None).needs_spec());
+        // An endpoint change: that peer, and only it.
+        n.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ANN_ENDPOINT.into(), "172.28.0.99:51820".into());
+        let ch = d.upsert(NodeFacts::from_metadata(&n.metadata, known.as_ref()));
+        assert_eq!(ch.translated, 1);
+        assert_eq!(ch.peers.len(), 1);
+        assert_eq!(
+            ch.peers[0].1.as_ref().unwrap().endpoint,
+            Some("172.28.0.99:51820".parse().unwrap())
+        );
+    }
+
+    /// The older of two overlapping Nodes goes: the newer one becomes a
+    /// peer, with its problem gone; and node-addresses annotations win over
+    /// a stale status.
+    #[test]
+    fn a_removed_claim_lets_the_next_node_in() {
+        let (k2, k3) = (key(2).to_base64(), key(3).to_base64());
+        let b = node(&N {
+            name: "b",
+            age: 1,
+            cidrs: &["10.244.2.0/23"],
+            ann: &[(ANN_PUBLIC_KEY, &k2), (ANN_ENDPOINT, "172.28.0.12:51820")],
+            ip: None,
+        });
+        let c = node(&N {
+            name: "c",
+            age: 2,
+            cidrs: &["10.244.3.0/24"],
+            ann: &[
+                (ANN_PUBLIC_KEY, &k3),
+                (ANN_ENDPOINT, "172.28.0.13:51820"),
+                (ANN_NODE_ADDRESSES, "172.28.0.13, fd00::13"),
+            ],
+            ip: Some("172.28.0.99"),
+        });
+        let mut d = Directory::new(settings());
+        d.upsert(NodeFacts::from_node(&b));
+        let ch = d.upsert(NodeFacts::from_node(&c));
+        assert!(ch.peers.is_empty());
+        assert_eq!(ch.new_problems[0].reason, "PodCIDROverlap");
+        let ch = d.remove("b");
+        assert_eq!(ch.peers.len(), 2, "{ch:?}");
+        assert_eq!(ch.gone_problems.len(), 1);
+        let c_spec = d.peers().get("c").unwrap();
+        assert_eq!(
+            c_spec.node_addresses,
+            vec![
+                "172.28.0.13".parse::<IpAddr>().unwrap(),
+                "fd00::13".parse().unwrap()
+            ]
+        );
+        assert!(d.problems().is_empty());
     }
 }

@@ -58,7 +58,14 @@ const SYSCTLS: &[(&str, &str, &str)] = &[
 
 /// The images every node holds (no registry is reachable): archive file
 /// names in the set `scripts/node-images.sh` prints.
-const NODE_IMAGES: &[&str] = &["pause.tar", "busybox.tar", "agnhost.tar", "coredns.tar"];
+const NODE_IMAGES: &[&str] = &[
+    "pause.tar",
+    "busybox.tar",
+    "agnhost.tar",
+    "coredns.tar",
+    "glibc-dns-testing.tar",
+    "nginx.tar",
+];
 
 /// The tunmesh image's archive in the lab's directory.
 const TUNMESH_IMAGE_FILE: &str = "tunmesh-image.tar";
@@ -381,6 +388,37 @@ impl Lab {
             }
         }
         Ok(images)
+    }
+
+    /// Builds a tunmesh image named `tag` from the binaries in `bin_dir`
+    /// (`scripts/build-image.sh`) and imports it into every real node's
+    /// containerd: another version to roll out to.
+    pub fn add_tunmesh_image(&self, tag: &str, bin_dir: &Path) -> Result<()> {
+        let scripts = controlplane::deploy_dir().join("../scripts");
+        let file = self.state.dir.join(format!(
+            "tunmesh-image-{}.tar",
+            tag.replace([':', '/'], "-")
+        ));
+        let status = Command::new("bash")
+            .arg(scripts.join("build-image.sh"))
+            .args(["--tag", tag, "--output"])
+            .arg(&file)
+            .arg("--bin-dir")
+            .arg(bin_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .context("running scripts/build-image.sh")?;
+        if !status.success() {
+            bail!("scripts/build-image.sh --tag {tag} failed (see its messages above)");
+        }
+        for n in &self.state.nodes {
+            if let Some(kn) = &n.kubelet {
+                import_image(&n.ns, kn, &file)
+                    .with_context(|| format!("importing {tag} into {}", n.name))?;
+            }
+        }
+        Ok(())
     }
 
     /// The host directory holding node `i`'s own directories.

@@ -116,6 +116,15 @@ impl Lab {
         netns::addr_up(ns, "eth0", &format!("{addr}/24"))
     }
 
+    /// A namespace of the lab's on the underlay with address `addr` (for
+    /// what plays other hosts there); removed with the lab.
+    pub fn add_underlay_namespace(&self, name: &str, addr: &str) -> Result<String> {
+        let ns = format!("{}-{name}", self.prefix());
+        add_netns(&ns)?;
+        self.plug_underlay(&ns, name, addr)?;
+        Ok(ns)
+    }
+
     /// Adds the next node: its namespace on the underlay, and in a
     /// Kubernetes lab its Node object (kubelet's part) with the podCIDRs
     /// the controller gives it. Returns its 0-based index. The router is
