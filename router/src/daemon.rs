@@ -283,13 +283,10 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 handover::FORMAT
             )));
         }
+        let legacy = hello.format == LEGACY_FORMAT;
         let Some(snap) = self.reconciler.snapshot() else {
             return Err(refuse("no mesh applied yet".into()));
         };
-        // Made before the workers stop: the mesh does not change meanwhile
-        // (this loop applies it), and the gap is only what must wait.
-        let mesh =
-            RawFile::from_snapshot(&snap, &self.settings.key_file, self.settings.listen_port);
         let Some((tun0, udp0)) = self.queues.first() else {
             return Err(refuse("this router's queues cannot be handed over".into()));
         };
@@ -299,39 +296,73 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             format = hello.format,
             "handing over to a new router"
         );
-        // From here on nothing is read or sealed until it commits or resumes.
-        self.stop_workers();
-        let stopped_unix_nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let sessions = self.dp.export_sessions(handover::COUNTER_MARGIN);
-        let state = handover::State {
+        let mut state = handover::State {
             format: hello.format,
             pid: std::process::id(),
-            stopped_unix_nanos,
+            stopped_unix_nanos: 0,
             public_key: self.dp.public_key().to_base64(),
             interface: self.settings.interface.clone(),
             listen_port: self.settings.listen_port,
             tun_offload,
             udp_offload,
             queues: self.queues.len(),
-            mesh,
-            sessions: sessions.iter().map(handover::WireSession::from).collect(),
+            mesh: RawFile::from_snapshot(&snap, &self.settings.key_file, self.settings.listen_port),
+            sessions: Vec::new(),
+            indices: self
+                .dp
+                .table()
+                .peers
+                .iter()
+                .map(|p| (p.name.clone(), p.index))
+                .collect(),
         };
-        let answered = handover::send(
-            &sock,
-            &Reply::State(Box::new(state)),
-            &handover::queue_fds(&self.queues),
-        )
-        .and_then(|()| {
+        let queues = self.queues.clone();
+        let fds = handover::queue_fds(&queues);
+        let answer = |sock: &std::os::unix::net::UnixStream| -> Result<(), HandoverError> {
             sock.set_read_timeout(Some(handover::ACK_TIMEOUT))?;
-            match handover::recv::<Answer>(&sock)?.0 {
-                Answer::Ack => Ok(()),
+            match handover::recv::<Answer>(sock)?.0 {
+                Answer::Ack | Answer::Ready => Ok(()),
                 Answer::Nack(why) => Err(HandoverError::Nack(why)),
             }
-        });
-        if let Err(e) = answered {
+        };
+        let (count, sent) = if legacy {
+            // Format 1: stop first, the sessions in the state.
+            self.stop_workers();
+            let (at, sessions) = self.export();
+            state.stopped_unix_nanos = at;
+            state.sessions = sessions.iter().map(handover::WireSession::from).collect();
+            state.indices.clear();
+            let sent = handover::send(&sock, &Reply::State(Box::new(state)), &fds)
+                .and_then(|()| answer(&sock));
+            (sessions.len(), sent)
+        } else {
+            // The state and descriptors while still forwarding; the new
+            // router builds its peers; only then the stop.
+            let ready = handover::send(&sock, &Reply::State(Box::new(state)), &fds)
+                .and_then(|()| answer(&sock));
+            if let Err(e) = ready {
+                return Err(HandoverFailure {
+                    step: "before it was ready",
+                    why: silence(&e, handover::ACK_TIMEOUT),
+                    resumed: Resumed::NotStopped,
+                });
+            }
+            self.stop_workers();
+            let (at, sessions) = self.export();
+            let bytes = handover::wire::encode(&sessions);
+            let sent = handover::send(
+                &sock,
+                &handover::Sessions {
+                    stopped_unix_nanos: at,
+                    count: sessions.len(),
+                },
+                &[],
+            )
+            .and_then(|()| handover::send_bytes(&sock, &bytes))
+            .and_then(|()| answer(&sock));
+            (sessions.len(), sent)
+        };
+        if let Err(e) = sent {
             // The successor sealed nothing: the sessions go on as they were.
             self.resume(false);
             return Err(HandoverFailure {
@@ -347,13 +378,13 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             },
             &[],
         );
-        if hello.format == LEGACY_FORMAT {
+        if legacy {
             // That version starts its workers at Released: committed now.
             warn!(
                 pid = hello.pid,
                 "the new router speaks the legacy handover format: committing at its Ack"
             );
-            self.commit(hello.pid, sessions.len());
+            self.commit(hello.pid, count);
         }
         // From Released on the successor may seal: a failure now means
         // fresh sessions. Until Forwarding, everything to resume is here.
@@ -366,7 +397,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         match forwarding {
             Ok(Progress::Forwarding) => {
                 let _ = handover::send(&sock, &Outcome::Committed, &[]);
-                self.commit(hello.pid, sessions.len())
+                self.commit(hello.pid, count)
             }
             Err(e) => {
                 let why = silence(&e, handover::FORWARD_TIMEOUT);
@@ -380,6 +411,15 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 })
             }
         }
+    }
+
+    /// With the workers stopped: when they stopped, and every live session.
+    fn export(&self) -> (u128, Vec<crate::dataplane::PeerSession>) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        (at, self.dp.export_sessions(handover::COUNTER_MARGIN))
     }
 
     /// The handover is committed: this process never seals again. Not

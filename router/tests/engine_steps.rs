@@ -301,13 +301,14 @@ fn a_peer_replaced_mid_stream_takes_over_and_the_old_one_is_refused() {
     let out = a.open(b.at, &[stale[0].1.clone()]);
     assert!(out.tun.is_empty());
     assert_eq!(a.drops(Drop::DecryptFailed), 1);
-    // The replaced peer starts a handshake at its next tick.
-    let init = a.tick();
-    assert_eq!(init.udp.len(), 1);
-    let (_, at_b2) = exchange(&a, &b2, init.udp);
-    assert!(at_b2.is_empty());
-    let (_, at_a) = exchange(&b2, &a, b2.seal(&[b_to_a(3)]).udp);
-    assert_eq!(at_a, vec![b_to_a(3)]);
+    // Under a new key the far side is a new incarnation with no session of
+    // this node's: no handshake until traffic asks for one...
+    assert!(a.tick().udp.is_empty(), "no handshake without traffic");
+    // ...and the first packet to it starts one.
+    let (_, at_b2) = exchange(&a, &b2, a.seal(&[a_to_b(3)]).udp);
+    assert_eq!(at_b2, vec![a_to_b(3)]);
+    let (_, at_a) = exchange(&b2, &a, b2.seal(&[b_to_a(4)]).udp);
+    assert_eq!(at_a, vec![b_to_a(4)]);
 }
 
 #[test]
@@ -442,4 +443,39 @@ fn a_packet_from_outside_the_peers_allowed_ips_is_dropped() {
     let out = a.open(b.at, &[d[0].1.clone()]);
     assert!(out.tun.is_empty());
     assert_eq!(a.drops(Drop::SourceNotAllowed), 1);
+}
+
+/// A handover, packet by packet: `a`'s sessions exported, a new engine
+/// with `a`'s key builds its peers with `a`'s indices and is given them;
+/// traffic goes on both ways with no handshake, and the counters have
+/// moved past the margin (no nonce of `a`'s reused).
+#[test]
+fn a_handed_over_session_carries_on_without_a_handshake() {
+    let (a, b, ka, kb) = pair();
+    let (_, at_b) = exchange(&a, &b, a.seal(&[a_to_b(1)]).udp);
+    assert_eq!(at_b, vec![a_to_b(1)]);
+    let (_, at_a) = exchange(&b, &a, b.seal(&[b_to_a(2)]).udp);
+    assert_eq!(at_a, vec![b_to_a(2)]);
+    let sessions = a.dp.export_sessions(1 << 16);
+    assert_eq!(sessions.len(), 1);
+    let indices: Vec<(String, u32)> =
+        a.dp.table()
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.index))
+            .collect();
+    let a2 = Side::new(&ka, A_EP);
+    a2.dp.adopt_indices(&indices);
+    a2.peers(vec![spec("b", &kb, B_EP, "10.244.2.0/24")]);
+    assert_eq!(a2.dp.install_sessions(sessions), 1);
+    // No handshake: the first packet each way is data on the old session.
+    let out = a2.seal(&[a_to_b(3)]).udp;
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1[0], 4, "a data message, not an initiation");
+    let (_, at_b) = exchange(&a2, &b, out);
+    assert_eq!(at_b, vec![a_to_b(3)]);
+    let (_, at_a) = exchange(&b, &a2, b.seal(&[b_to_a(4)]).udp);
+    assert_eq!(at_a, vec![b_to_a(4)]);
+    assert!(a2.tick().udp.is_empty(), "no handshake at the tick either");
+    assert_eq!(b.drops(Drop::Replay), 0);
 }

@@ -31,6 +31,8 @@ pub fn longest_silence(points: &[Instant], from: Instant, to: Instant) -> Option
 /// number that never came back).
 pub struct Probe {
     stop: Arc<AtomicBool>,
+    /// While set, nothing is sent (a CPU measurement without traffic).
+    paused: Arc<AtomicBool>,
     sent: Arc<Mutex<Vec<Instant>>>,
     /// Echoes by number, with when each came back (the first copy).
     echoes: Arc<Mutex<BTreeMap<u64, Instant>>>,
@@ -66,13 +68,21 @@ impl Probe {
                 }
             }
         }));
-        let (s, sent2, echoes2) = (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&echoes));
+        let paused = Arc::new(AtomicBool::new(false));
+        let (s, sent2, echoes2, p) = (
+            Arc::clone(&stop),
+            Arc::clone(&sent),
+            Arc::clone(&echoes),
+            Arc::clone(&paused),
+        );
         threads.push(std::thread::spawn(move || {
             let dst = SocketAddr::new(dst.into(), port);
             let mut next = Instant::now();
             let mut buf = [0u8; 64];
             while !s.load(Ordering::Relaxed) {
-                if Instant::now() >= next {
+                if Instant::now() >= next && p.load(Ordering::Relaxed) {
+                    next += PERIOD;
+                } else if Instant::now() >= next {
                     if let Ok(mut sent) = sent2.lock() {
                         let seq = sent.len() as u64;
                         let _ = client.send_to(&seq.to_be_bytes(), dst);
@@ -91,10 +101,20 @@ impl Probe {
         }));
         Probe {
             stop,
+            paused,
             sent,
             echoes,
             threads,
         }
+    }
+
+    /// Stops sending (until `resume`), for a measurement without traffic.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Relaxed);
     }
 
     /// When each echo came back, in order.

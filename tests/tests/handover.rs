@@ -434,7 +434,10 @@ fn a_successor_that_dies_at_any_step_leaves_the_old_router_serving() {
             "{fault}: pods were silent for {silence:?}"
         );
         assert_eq!(replayed, 0, "{fault}: node-2 saw replayed counters");
-        let after_ack = !matches!(fault.as_str(), "stop:after-hello" | "stop:after-state");
+        let after_ack = !matches!(
+            fault.as_str(),
+            "stop:after-hello" | "stop:after-state" | "stop:after-sessions"
+        );
         assert_eq!(
             why.contains("fresh handshakes"),
             after_ack,

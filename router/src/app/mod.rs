@@ -285,10 +285,25 @@ fn data_plane(src: &SourceParts, mtu: u16) -> Arc<Dataplane> {
     dp
 }
 
-/// The data plane running on a handed-over router's queues: its sessions
-/// adopted, its peers in place, the workers started, and the old router
-/// told (the handover commits then). Returns the workers and the gap from
-/// the old workers' stop to the new ones' start.
+/// What a handover builds in this router's data plane: the peers from the
+/// mesh (before the old router stops), then their sessions.
+struct Adopt<'a>(&'a Dataplane);
+
+impl successor::Prepare for Adopt<'_> {
+    fn peers(&mut self, snapshot: &crate::model::Snapshot, indices: &[(String, u32)]) {
+        self.0.adopt_indices(indices);
+        self.0.apply(&snapshot.mesh);
+    }
+
+    fn sessions(&mut self, sessions: Vec<crate::dataplane::PeerSession>) -> usize {
+        self.0.install_sessions(sessions)
+    }
+}
+
+/// The data plane running on a handed-over router's queues (its peers and
+/// sessions in place): the workers started, and the old router told (the
+/// handover commits then). Returns the workers and the gap from the old
+/// workers' stop to the new ones' start.
 fn run_handed_over(
     dp: &Arc<Dataplane>,
     t: &mut Taken,
@@ -296,8 +311,6 @@ fn run_handed_over(
     stop: &Arc<AtomicBool>,
     faults: &dyn Faults,
 ) -> anyhow::Result<(Vec<std::thread::JoinHandle<()>>, u64)> {
-    dp.adopt_sessions(std::mem::take(&mut t.sessions));
-    dp.apply(&t.snapshot.mesh);
     faults.at(Step::BeforeWorkers);
     let workers = dp.spawn(io, Arc::clone(stop))?;
     let gap = std::time::SystemTime::now()
@@ -347,8 +360,8 @@ pub async fn run(mut args: Args, faults: &dyn Faults) -> anyhow::Result<()> {
         interface: &args.interface,
         port: src.port,
     };
-    let mut taken =
-        successor::take_over(&me, faults).context("taking over from the running router")?;
+    let mut taken = successor::take_over(&me, faults, &mut Adopt(&dp))
+        .context("taking over from the running router")?;
     let q = match taken.as_mut() {
         Some(t) => Queues::real(
             std::mem::take(&mut t.queues),
@@ -437,8 +450,9 @@ pub async fn run(mut args: Args, faults: &dyn Faults) -> anyhow::Result<()> {
             // left them).
             let applied = reconciler.apply(&t.snapshot).await;
             health.ready.store(true, Ordering::Relaxed);
-            info!(from_pid = t.from_pid, peers = t.snapshot.mesh.peers.len(), gap_us = handover_gap_us,
-                  result = ?applied.as_ref().map(ToString::to_string), "took over from the running router");
+            info!(from_pid = t.from_pid, peers = t.snapshot.mesh.peers.len(), sessions = t.sessions,
+                  gap_us = handover_gap_us, result = ?applied.as_ref().map(ToString::to_string),
+                  "took over from the running router");
             let start = warm::StartStatus {
                 kind: "handover".into(),
                 peers: t.snapshot.mesh.peers.len(),

@@ -61,6 +61,9 @@ const MESSAGE_DATA: u8 = 4;
 /// How many packets boringtun keeps for a peer while a handshake is in
 /// flight (its `MAX_QUEUE_DEPTH`); it discards more without saying so.
 const HANDSHAKE_QUEUE: u16 = 256;
+/// How long a far side may hold a session this node dropped: WireGuard
+/// clears every session 3 x REJECT_AFTER_TIME after its handshake.
+const STALE_SESSION: Duration = Duration::from_secs(540);
 /// During a key rotation, how long an initiation goes unanswered before
 /// it is tried with the other key (under boringtun's own retry, 5 s).
 const KEY_FALLBACK: Duration = Duration::from_secs(4);
@@ -124,9 +127,10 @@ pub struct Dataplane {
     /// Worker threads of the current generation that have entered their
     /// loops (a successor says it is forwarding once all of them have).
     pub(super) running: std::sync::atomic::AtomicUsize,
-    /// Sessions handed over by the previous process, taken by the peers the
-    /// next `apply` creates (by name and key).
-    adopt: Mutex<std::collections::HashMap<String, PeerSession>>,
+    /// Session indices of the previous process's peers, taken by the peers
+    /// the next `apply` creates (by name), so that their handed-over
+    /// sessions fit.
+    indices: Mutex<std::collections::HashMap<String, u32>>,
     /// The worker threads `spawn` started, and how each ended if it did.
     pub(super) workers: Mutex<Vec<WorkerSlot>>,
     /// Peers put on the timers' list since their last tick (first used,
@@ -138,6 +142,10 @@ pub struct Dataplane {
     first_load: Mutex<HashSet<String>>,
     /// Peers whose handshake completed with packets waiting for it.
     flush_list: Mutex<Vec<Arc<Peer>>>,
+    /// Peers removed lately, and when: one that comes back within
+    /// `STALE_SESSION` handshakes at once (the far side may still hold the
+    /// session this node dropped).
+    removed_at: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Peer tables built.
     table_builds: AtomicU64,
 }
@@ -179,8 +187,9 @@ impl Dataplane {
             timer_set: Mutex::new(Vec::new()),
             first_load: Mutex::new(HashSet::new()),
             flush_list: Mutex::new(Vec::new()),
+            removed_at: Mutex::new(std::collections::HashMap::new()),
             table_builds: AtomicU64::new(0),
-            adopt: Mutex::new(std::collections::HashMap::new()),
+            indices: Mutex::new(std::collections::HashMap::new()),
             // Room for the largest inner packet plus WireGuard's overhead, and
             // never less than a handshake initiation (148 bytes).
             buf_size: (mtu + WG_OVERHEAD + 64).max(256),
@@ -367,7 +376,24 @@ impl Dataplane {
             st.in_timers = true;
             self.wake_timers(peer);
         }
+        self.tunn_of(peer, st)
+    }
+
+    /// The peer's `Tunn`, made if it has none: from the session handed
+    /// over for it, if one was, else new.
+    fn tunn_of<'s>(&self, peer: &Peer, st: &'s mut PeerState) -> &'s mut Tunn {
+        if st.tunn.is_none() {
+            let mut t = self.new_tunn(peer, st.confirmed_key);
+            if let Some(h) = st.handed.take() {
+                if let Err(e) = t.import_state(&h) {
+                    warn!(peer = %peer.name, error = ?e, "the handed-over session does not fit; starting a new one");
+                    t = self.new_tunn(peer, st.confirmed_key);
+                }
+            }
+            st.tunn = Some(t);
+        }
         let confirmed = st.confirmed_key;
+        // NB: made just above when there was none.
         st.tunn
             .get_or_insert_with(|| self.new_tunn(peer, confirmed))
     }
@@ -390,13 +416,25 @@ impl Dataplane {
             .iter()
             .filter_map(|p| {
                 let st = p.lock();
-                let t = st.tunn.as_ref()?;
+                let tunn = match (&st.tunn, &st.handed) {
+                    (Some(t), _) => t.export_state(margin),
+                    // Handed over and never used: passed on as it came,
+                    // its counters moved past the margin once more.
+                    (None, Some(h)) => {
+                        let mut h = (**h).clone();
+                        for (_, s) in &mut h.sessions {
+                            s.sending_counter = s.sending_counter.saturating_add(margin);
+                        }
+                        h
+                    }
+                    (None, None) => return None,
+                };
                 Some(PeerSession {
                     name: p.name.clone(),
                     public_key: p.public_key,
                     index: p.index,
                     endpoint: st.endpoint,
-                    tunn: t.export_state(margin),
+                    tunn,
                 })
             })
             .collect()
@@ -433,16 +471,44 @@ impl Dataplane {
         fresh.len()
     }
 
-    /// Hands the peers the next `apply` creates these sessions (matched by
-    /// name and key) instead of new ones; new indices start past theirs.
-    pub fn adopt_sessions(&self, sessions: Vec<PeerSession>) {
-        if let Some(max) = sessions.iter().map(|s| s.index).max() {
+    /// The previous process's peers' session indices (by name), for the
+    /// peers the next `apply` creates; new indices start past theirs.
+    pub fn adopt_indices(&self, indices: &[(String, u32)]) {
+        if let Some(max) = indices.iter().map(|(_, i)| *i).max() {
             self.next_index
                 .store(max.wrapping_add(1), Ordering::Relaxed);
         }
-        let mut a = self.adopt.lock().unwrap_or_else(|p| p.into_inner());
+        let mut a = self.indices.lock().unwrap_or_else(|p| p.into_inner());
         a.clear();
-        a.extend(sessions.into_iter().map(|s| (s.name.clone(), s)));
+        a.extend(indices.iter().cloned());
+    }
+
+    /// The previous process's live sessions, each given to its peer (same
+    /// name, key and index), made into its `Tunn` at its first use; the
+    /// peers go on the timers' list. Returns how many found their peer.
+    pub fn install_sessions(&self, sessions: Vec<PeerSession>) -> usize {
+        let table = self.table.load();
+        let mut n = 0;
+        for s in sessions {
+            let Some(p) = table
+                .by_name(&s.name)
+                .filter(|p| p.public_key == s.public_key && p.index == s.index)
+            else {
+                warn!(peer = %s.name, "a handed-over session for no such peer; dropped");
+                continue;
+            };
+            let mut st = p.lock();
+            st.handed = Some(Box::new(s.tunn));
+            st.tunn = None;
+            st.initiate = false;
+            st.endpoint = s.endpoint.or(st.endpoint);
+            if !st.in_timers {
+                st.in_timers = true;
+                self.wake_timers(p);
+            }
+            n += 1;
+        }
+        n
     }
 
     /// The peers to handshake with at once when the next `apply` is the
@@ -741,7 +807,7 @@ impl Dataplane {
             // Only an initiation makes WireGuard state for a peer that has
             // none (its sessions expired, or it never had one): anything
             // else matches no session of it.
-            if st.tunn.is_none() && !initiation {
+            if st.tunn.is_none() && st.handed.is_none() && !initiation {
                 self.counters.drop(if is_data {
                     Drop::DecryptFailed
                 } else {
@@ -930,17 +996,18 @@ impl Dataplane {
             }
             let endpoint = st.endpoint;
             let initiate = std::mem::take(&mut st.initiate);
-            if st.tunn.is_none() && !initiate && peer.persistent_keepalive.is_none() {
+            if st.tunn.is_none()
+                && st.handed.is_none()
+                && !initiate
+                && peer.persistent_keepalive.is_none()
+            {
                 // Its state expired and nothing asks for it.
                 st.in_timers = false;
                 drop(st);
                 set.swap_remove(i);
                 continue;
             }
-            let confirmed = st.confirmed_key;
-            let tunn = st
-                .tunn
-                .get_or_insert_with(|| self.new_tunn(peer, confirmed));
+            let tunn = self.tunn_of(peer, &mut st);
             // During a rotation a peer knows one of our two keys, and which
             // one is not known here after a restart: an initiation left
             // unanswered is tried again with the other key.
@@ -1028,9 +1095,10 @@ struct Builder<'d> {
     seen_keys: HashSet<PublicKey>,
     /// Session indices given out in this apply.
     indices: HashSet<u32>,
-    /// Whether new peers handshake at once (not on a bulk first load).
-    eager: bool,
+    /// The peers to handshake with at once on a first load (a warm start).
     first_load: HashSet<String>,
+    /// Peers removed lately (they may come back).
+    removed: std::collections::HashMap<String, std::time::Instant>,
     initiate: Vec<Arc<Peer>>,
 }
 
@@ -1041,14 +1109,19 @@ impl<'d> Builder<'d> {
         } else {
             HashSet::new()
         };
+        let removed = {
+            let mut r = dp.removed_at.lock().unwrap_or_else(|p| p.into_inner());
+            r.retain(|_, at| at.elapsed() < STALE_SESSION);
+            r.clone()
+        };
         Builder {
             dp,
             old,
             diff: MeshDiff::default(),
             seen_keys: HashSet::new(),
             indices: HashSet::new(),
-            eager: !old.peers.is_empty(),
             first_load,
+            removed,
             initiate: Vec::new(),
         }
     }
@@ -1074,50 +1147,23 @@ impl<'d> Builder<'d> {
                 Some(p)
             }
             found => {
-                let adopted = self
+                let handed = self
                     .dp
-                    .adopt
+                    .indices
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&spec.name)
-                    .filter(|s| {
-                        s.public_key == spec.public_key
-                            && self.old.by_index(s.index).is_none()
-                            && !self.indices.contains(&s.index)
-                    });
-                let peer = match adopted {
-                    Some(s) => {
-                        let mut tunn = Tunn::new(
-                            self.dp.keys.load().current.secret.clone(),
-                            x25519::PublicKey::from(*spec.public_key.as_bytes()),
-                            None,
-                            spec.persistent_keepalive,
-                            s.index,
-                            Some(Arc::clone(&self.dp.keys.load().current.limiter)),
-                        );
-                        match tunn.import_state(&s.tunn) {
-                            Ok(()) => Some(Peer::adopted(spec, s.index, tunn, s.endpoint)),
-                            Err(e) => {
-                                warn!(peer = %spec.name, error = ?e, "the handed-over session does not fit; starting a new one");
-                                None
-                            }
+                    .filter(|i| self.old.by_index(*i).is_none() && !self.indices.contains(i));
+                let index = match handed {
+                    Some(i) => i,
+                    None => loop {
+                        let i = self.dp.new_index(self.old);
+                        if self.indices.insert(i) {
+                            break i;
                         }
-                    }
-                    None => None,
+                    },
                 };
-                let peer = match peer {
-                    Some(p) => p,
-                    None => {
-                        let index = loop {
-                            let i = self.dp.new_index(self.old);
-                            if self.indices.insert(i) {
-                                break i;
-                            }
-                        };
-                        let eager = self.eager || self.first_load.contains(&spec.name);
-                        Peer::new(spec, index, eager)
-                    }
-                };
+                let peer = Peer::new(spec, index, self.eager(spec, found));
                 self.indices.insert(peer.index);
                 let p = Arc::new(peer);
                 {
@@ -1138,7 +1184,25 @@ impl<'d> Builder<'d> {
         }
     }
 
+    /// Whether a new session for `spec` handshakes at once, rather than
+    /// when traffic first goes to or comes from it: only where the far side
+    /// may hold a session this node no longer has, that is a peer back
+    /// after a removal, a peer replaced under the same key (its keepalive
+    /// changed), or one a warm start knows was in use. A Node new to the
+    /// cluster is not handshaken by every router at once.
+    fn eager(&self, spec: &PeerSpec, found: Option<&Arc<Peer>>) -> bool {
+        match found {
+            Some(p) => p.public_key == spec.public_key,
+            None => self.first_load.contains(&spec.name) || self.removed.contains_key(&spec.name),
+        }
+    }
+
     fn finish(self) -> (MeshDiff, Vec<Arc<Peer>>) {
+        let now = std::time::Instant::now();
+        let mut r = self.dp.removed_at.lock().unwrap_or_else(|p| p.into_inner());
+        for name in &self.diff.removed {
+            r.insert(name.clone(), now);
+        }
         (self.diff, self.initiate)
     }
 }

@@ -33,6 +33,9 @@ pub struct PeerState {
     pub handshake_at: Option<std::time::SystemTime>,
     /// Bytes sent and received by `Tunn`s of this peer dropped before.
     pub transfer_base: (usize, usize),
+    /// A live session handed over by the previous process, made into the
+    /// `Tunn` at the peer's first use (after the handover's gap).
+    pub handed: Option<Box<boringtun::noise::state::TunnState>>,
     /// Current endpoint: the configured one, or the last address an
     /// authenticated packet came from (roaming).
     pub endpoint: Option<SocketAddr>,
@@ -133,6 +136,7 @@ impl Peer {
                 in_timers: false,
                 handshake_at: None,
                 transfer_base: (0, 0),
+                handed: None,
                 endpoint: spec.endpoint,
                 initiate: initiate && spec.endpoint.is_some(),
                 waiting: 0,
@@ -142,19 +146,6 @@ impl Peer {
             })),
             counters: Arc::default(),
         }
-    }
-
-    /// A peer whose session was handed over by the previous process: no
-    /// handshake at the next tick (the session is live), its endpoint as
-    /// the previous process last knew it.
-    pub fn adopted(spec: &PeerSpec, index: u32, tunn: Tunn, endpoint: Option<SocketAddr>) -> Self {
-        let p = Peer::new(spec, index, false);
-        {
-            let mut st = p.lock();
-            st.tunn = Some(Box::new(tunn));
-            st.endpoint = endpoint.or(spec.endpoint);
-        }
-        p
     }
 
     /// The same session and counters under a changed spec (allowed IPs,
@@ -213,6 +204,7 @@ impl Peer {
                 in_timers: false,
                 handshake_at: None,
                 transfer_base: (0, 0),
+                handed: None,
                 endpoint,
                 initiate: endpoint.is_some(),
                 waiting: 0,

@@ -8,18 +8,29 @@
 //!
 //! ```text
 //! new  -> old   Hello { format, pid }
-//! old           refuses (Refuse: a format it does not speak) and goes on,
-//!               or stops its workers (nothing is read or sealed from here on)
-//! old  -> new   State (the mesh, every peer's live session with its send
-//!               counters COUNTER_MARGIN ahead) + the TUN queues and UDP
-//!               sockets (SCM_RIGHTS); the old keeps its own copies
-//! new  -> old   Ack, or Nack { why } when it cannot use the state
+//! old  -> new   Refuse (a format it does not speak), or, still forwarding:
+//!               State (the mesh, each peer's session index) + the TUN
+//!               queues and UDP sockets (SCM_RIGHTS; the old keeps its own
+//!               copies)
+//! new           checks it and builds its peers from it
+//! new  -> old   Ready, or Nack { why } when it cannot use the state
+//! old           stops its workers (nothing is read or sealed from here on)
+//! old  -> new   Sessions: when it stopped, and every live session with its
+//!               send counters COUNTER_MARGIN ahead (`wire`: compact binary)
+//! new  -> old   Ack, or Nack { why }
 //! old  -> new   Released: the Ack is taken, the old stays stopped unless
 //!               this handover fails
-//! new           adopts the sessions, starts its workers, and once they run:
+//! new           gives each peer its session, starts its workers, and once
+//!               they run:
 //! new  -> old   Forwarding
 //! old  -> new   Committed, then exits or parks (see `AfterHandover`)
 //! ```
+//!
+//! Only what must wait for the stop is done between the stop and the new
+//! workers' start: the sessions' export, their bytes, their decoding. The
+//! mesh, the descriptors and the new peers are made while the old router
+//! still forwards; a session becomes its peer's `Tunn` at the peer's
+//! first use.
 //!
 //! Until Forwarding the old router keeps everything it needs to resume:
 //! its descriptors, its peers and their sessions. It resumes when the new
@@ -46,8 +57,9 @@
 //! queues (the same TUN queues and sockets) and are read by whichever does.
 //!
 //! A new router that finds an old one speaking format 1 (the protocol
-//! before the commit at Forwarding) takes over in that format: the old one
-//! then commits at the Ack, as it always did.
+//! before the commit at Forwarding: the State after the stop, with the
+//! sessions in it, and no Ready or Sessions) takes over in that format: the
+//! old one then commits at the Ack, as it always did.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -63,6 +75,7 @@ use crate::source::file::RawFile;
 use crate::PublicKey;
 
 pub mod successor;
+pub mod wire;
 
 /// The socket's file name in the state directory.
 pub const SOCKET: &str = "handover.sock";
@@ -150,6 +163,17 @@ pub enum Reply {
 pub enum Answer {
     Ack,
     Nack(String),
+    /// (format 2) The new router checked the state and built its peers:
+    /// the old one may stop and send the sessions.
+    Ready,
+}
+
+/// (format 2) The old router stopped: when, and the sessions follow as a
+/// frame of their own (`wire`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Sessions {
+    pub stopped_unix_nanos: u128,
+    pub count: usize,
 }
 
 /// The old router took the Ack: it stays stopped unless this handover
@@ -181,8 +205,11 @@ pub enum Outcome {
 pub enum Step {
     /// Hello sent, the state not read yet.
     AfterHello,
-    /// The state and the descriptors arrived, not answered yet.
+    /// The state and the descriptors arrived, not answered yet (the old
+    /// router still forwards).
     AfterState,
+    /// The sessions arrived (the old router stopped), not answered yet.
+    AfterSessions,
     /// Ack sent, Released not read yet.
     AfterAck,
     /// Released read: the node is about to be this router's.
@@ -194,9 +221,10 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 6] = [
+    pub const ALL: [Step; 7] = [
         Step::AfterHello,
         Step::AfterState,
+        Step::AfterSessions,
         Step::AfterAck,
         Step::AfterReleased,
         Step::BeforeWorkers,
@@ -207,6 +235,7 @@ impl Step {
         match self {
             Step::AfterHello => "after-hello",
             Step::AfterState => "after-state",
+            Step::AfterSessions => "after-sessions",
             Step::AfterAck => "after-ack",
             Step::AfterReleased => "after-released",
             Step::BeforeWorkers => "before-workers",
@@ -268,7 +297,12 @@ pub struct State {
     pub queues: usize,
     /// The last applied mesh and pod CIDRs, in the mesh file's shape.
     pub mesh: RawFile,
+    /// (format 1 only: format 2 sends them after the stop, as `Sessions`.)
     pub sessions: Vec<WireSession>,
+    /// Each peer's session index (format 2), so that the new router's
+    /// peers fit the sessions that follow.
+    #[serde(default)]
+    pub indices: Vec<(String, u32)>,
 }
 
 /// A peer's session as it travels (keys base64, durations in nanoseconds).
@@ -438,6 +472,30 @@ pub fn send<T: Serialize>(
     send_with_fds(sock, &mut head, fds)?;
     (&*sock).write_all(&body)?;
     Ok(())
+}
+
+/// Writes one frame of raw bytes (its length, then the bytes).
+pub fn send_bytes(sock: &UnixStream, body: &[u8]) -> Result<(), HandoverError> {
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|l| *l <= MAX_MESSAGE)
+        .ok_or(HandoverError::TooLarge(body.len() as u64))?;
+    (&*sock).write_all(&len.to_be_bytes())?;
+    (&*sock).write_all(body)?;
+    Ok(())
+}
+
+/// Reads one frame `send_bytes` wrote.
+pub fn recv_bytes(sock: &UnixStream) -> Result<Vec<u8>, HandoverError> {
+    let mut head = [0u8; 4];
+    (&*sock).read_exact(&mut head)?;
+    let len = u32::from_be_bytes(head);
+    if len > MAX_MESSAGE {
+        return Err(HandoverError::TooLarge(u64::from(len)));
+    }
+    let mut body = vec![0u8; len as usize];
+    (&*sock).read_exact(&mut body)?;
+    Ok(body)
 }
 
 /// Reads one message and the descriptors that came with it.

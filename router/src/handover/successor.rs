@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{
-    check, recv, send, socket_path, Answer, Faults, HandoverError, Hello, Outcome, Progress,
-    Released, Reply, State, Step, FORMAT, FORWARD_TIMEOUT, LEGACY_FORMAT,
+    check, recv, recv_bytes, send, socket_path, wire, Answer, Faults, HandoverError, Hello,
+    Outcome, Progress, Released, Reply, Sessions, State, Step, FORMAT, FORWARD_TIMEOUT,
+    LEGACY_FORMAT,
 };
 use crate::dataplane::tun::TunDevice;
 use crate::dataplane::udp::UdpSocket;
@@ -25,15 +26,17 @@ use crate::PublicKey;
 /// (two new routers at once: the second takes over from the first).
 const HANDOVER_RETRY: Duration = Duration::from_secs(10);
 
-/// What a handover gave this router: the running one's queues, mesh and
-/// sessions. The old process is stopped (it sent Released) and waits for
-/// `confirm` before it lets go for good.
+/// What a handover gave this router: the running one's queues and mesh
+/// (its peers built by `Prepare`, their sessions installed). The old
+/// process is stopped (it sent Released) and waits for `confirm` before it
+/// lets go for good.
 pub struct Taken {
     /// Its TUN queues and UDP sockets, TUN first, `queues` of each.
     pub queues: Vec<RealQueue>,
     pub tun_offload: bool,
     pub snapshot: Snapshot,
-    pub sessions: Vec<PeerSession>,
+    /// Sessions handed over.
+    pub sessions: usize,
     pub from_pid: u32,
     pub stopped_unix_nanos: u128,
     /// The format spoken (the legacy one commits at the Ack: no `confirm`).
@@ -51,11 +54,23 @@ pub struct Me<'a> {
     pub port: u16,
 }
 
+/// What the new router does with what it is handed: its peers built from
+/// the mesh (with the previous process's session indices) while the old
+/// router still forwards, then the sessions given to them.
+pub trait Prepare {
+    fn peers(&mut self, snapshot: &Snapshot, indices: &[(String, u32)]);
+    fn sessions(&mut self, sessions: Vec<PeerSession>) -> usize;
+}
+
 /// Takes over from the router running on this node, if one is: `None` when
 /// there is none (no socket, or nobody behind it). An error when one runs
 /// but the handover failed (it goes on serving, or this router could not
 /// be sure it stopped): this router must then not start.
-pub fn take_over(me: &Me, faults: &dyn Faults) -> Result<Option<Taken>, HandoverError> {
+pub fn take_over(
+    me: &Me,
+    faults: &dyn Faults,
+    prepare: &mut dyn Prepare,
+) -> Result<Option<Taken>, HandoverError> {
     let path = socket_path(me.state_dir);
     let began = Instant::now();
     let mut format = FORMAT;
@@ -104,13 +119,37 @@ pub fn take_over(me: &Me, faults: &dyn Faults) -> Result<Option<Taken>, Handover
         }
     };
     faults.at(Step::AfterState);
-    let taken = match adopt(&state, fds, me) {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = send(&sock, &Answer::Nack(e.to_string()), &[]);
-            return Err(e);
-        }
+    let nack = |e: HandoverError| {
+        let _ = send(&sock, &Answer::Nack(e.to_string()), &[]);
+        e
     };
+    let (queues, snapshot) = adopt(&state, fds, me).map_err(nack)?;
+    prepare.peers(&snapshot, &state.indices);
+    let (sessions, stopped_unix_nanos) = if format == LEGACY_FORMAT {
+        // The old one stopped before sending the state, sessions in it.
+        let s = state
+            .sessions
+            .iter()
+            .map(|s| s.to_session())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| nack(e.into()))?;
+        (s, state.stopped_unix_nanos)
+    } else {
+        // Ready: the old one stops now and sends the sessions.
+        send(&sock, &Answer::Ready, &[])?;
+        let (head, _) = recv::<Sessions>(&sock)?;
+        let bytes = recv_bytes(&sock)?;
+        let s = wire::decode(&bytes).map_err(|e| nack(e.into()))?;
+        if s.len() != head.count {
+            return Err(nack(HandoverError::Unusable(super::StateError::Field {
+                field: "sessions".into(),
+                problem: format!("{} came, {} announced", s.len(), head.count),
+            })));
+        }
+        faults.at(Step::AfterSessions);
+        (s, head.stopped_unix_nanos)
+    };
+    let sessions = prepare.sessions(sessions);
     send(&sock, &Answer::Ack, &[])?;
     faults.at(Step::AfterAck);
     // We seal nothing until the old router said it took the Ack: one that
@@ -119,23 +158,24 @@ pub fn take_over(me: &Me, faults: &dyn Faults) -> Result<Option<Taken>, Handover
     sock.set_read_timeout(Some(FORWARD_TIMEOUT))?;
     recv::<Released>(&sock).map_err(|e| HandoverError::NotReleased(Box::new(e)))?;
     faults.at(Step::AfterReleased);
-    let (queues, snapshot, sessions) = taken;
     Ok(Some(Taken {
         queues,
         tun_offload: state.tun_offload,
         snapshot,
         sessions,
         from_pid: state.pid,
-        stopped_unix_nanos: state.stopped_unix_nanos,
+        stopped_unix_nanos,
         format,
         sock,
     }))
 }
 
-/// The state checked and made usable: the queues, the mesh, the sessions.
-type Adopted = (Vec<RealQueue>, Snapshot, Vec<PeerSession>);
-
-fn adopt(state: &State, fds: Vec<std::os::fd::OwnedFd>, me: &Me) -> Result<Adopted, HandoverError> {
+/// The state checked and made usable: the queues and the mesh.
+fn adopt(
+    state: &State,
+    fds: Vec<std::os::fd::OwnedFd>,
+    me: &Me,
+) -> Result<(Vec<RealQueue>, Snapshot), HandoverError> {
     check(state, me.public_key, me.interface)?;
     if fds.len() != 2 * state.queues {
         return Err(HandoverError::Descriptors {
@@ -149,11 +189,6 @@ fn adopt(state: &State, fds: Vec<std::os::fd::OwnedFd>, me: &Me) -> Result<Adopt
             problem: p.join("; "),
         })
     })?;
-    let sessions = state
-        .sessions
-        .iter()
-        .map(|s| s.to_session())
-        .collect::<Result<Vec<_>, _>>()?;
     let mut fds = fds.into_iter();
     let mut tuns = Vec::new();
     for fd in fds.by_ref().take(state.queues) {
@@ -172,7 +207,7 @@ fn adopt(state: &State, fds: Vec<std::os::fd::OwnedFd>, me: &Me) -> Result<Adopt
         mesh: mesh.mesh,
         pod_cidrs: mesh.node.pod_cidrs,
     };
-    Ok((queues, snapshot, sessions))
+    Ok((queues, snapshot))
 }
 
 impl Taken {

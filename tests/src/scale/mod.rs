@@ -72,6 +72,8 @@ pub struct Row {
     pub rss_mib: Vec<f64>,
     pub peak_rss_mib: Vec<f64>,
     pub cpu_idle_pct: Vec<f64>,
+    /// With the probe's 100 packets a second each way and nothing else.
+    pub cpu_probe_pct: Vec<f64>,
     pub kubelet_rate: f64,
     pub cpu_kubelet_pct: Vec<f64>,
     pub cpu_20_pct: Vec<f64>,
@@ -392,8 +394,13 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
         row.peak_rss_mib.push(proc_mib(p, "VmHWM:"));
     }
 
-    // CPU: idle, then status reports at a kubelet's rate and at 20/s.
+    // CPU: idle, then status reports at a kubelet's rate and at 20/s; the
+    // probe pauses meanwhile (100 packets a second each way cost more than
+    // the cluster does), and its own cost is taken apart.
     let names: Vec<String> = (0..n).map(hollow::name).collect();
+    row.cpu_probe_pct = cpu_over(lab, opts.seconds, None)?;
+    probe.pause();
+    std::thread::sleep(Duration::from_millis(500));
     row.cpu_idle_pct = cpu_over(lab, opts.seconds, None)?;
     let before: Vec<_> = lab
         .state
@@ -421,6 +428,7 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
     )?;
     let el = t.elapsed().as_secs_f64();
     let api_after = hollow::watch_cost(&cp)?;
+    probe.resume();
     let after: Vec<_> = lab
         .state
         .nodes
@@ -448,7 +456,8 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
     row.apiserver_bytes_per_event = (api_after.bytes - api_before.bytes) / ev;
     row.apiserver_node_watchers = api_after.watchers;
     println!(
-        "CPU per router: idle {:?} %, {:.1} status reports/s {:?} %, 20/s {:?} %",
+        "CPU per router: the probe's traffic alone {:?} %; idle {:?} %, {:.1} status reports/s {:?} %, 20/s {:?} %",
+        round(&row.cpu_probe_pct),
         round(&row.cpu_idle_pct),
         row.kubelet_rate,
         round(&row.cpu_kubelet_pct),

@@ -236,8 +236,10 @@ struct NoiseParams {
     static_private: x25519::StaticSecret,
     /// Static public key of the other party
     peer_static_public: x25519::PublicKey,
-    /// A shared key = DH(static_private, peer_static_public)
-    static_shared: x25519::SharedSecret,
+    /// A shared key = DH(static_private, peer_static_public).
+    /// tunmesh patch: made on first use, not with the tunnel (a router
+    /// with thousands of peers makes their tunnels without a DH each).
+    static_shared: Option<x25519::SharedSecret>,
     /// A pre-computation of HASH("mac1----", peer_static_public) for this peer
     sending_mac1_key: [u8; KEY_LEN],
     /// An optional preshared key
@@ -376,7 +378,7 @@ impl NoiseParams {
         peer_static_public: x25519::PublicKey,
         preshared_key: Option<[u8; 32]>,
     ) -> NoiseParams {
-        let static_shared = static_private.diffie_hellman(&peer_static_public);
+        let static_shared = None;
 
         let initial_sending_mac_key = b2s_hash(LABEL_MAC1, peer_static_public.as_bytes());
 
@@ -403,7 +405,16 @@ impl NoiseParams {
         self.static_private = static_private;
         self.static_public = static_public;
 
-        self.static_shared = self.static_private.diffie_hellman(&self.peer_static_public);
+        self.static_shared = None;
+    }
+
+    /// DH(static_private, peer_static_public), made once when needed.
+    fn static_shared(&mut self) -> [u8; 32] {
+        let (private, public) = (&self.static_private, &self.peer_static_public);
+        *self
+            .static_shared
+            .get_or_insert_with(|| private.diffie_hellman(public))
+            .as_bytes()
     }
 }
 
@@ -530,7 +541,7 @@ impl Handshake {
         // initiator.hash = HASH(initiator.hash || msg.encrypted_static)
         hash = b2s_hash(&hash, packet.encrypted_static);
         // temp = HMAC(initiator.chaining_key, DH(initiator.static_private, responder.static_public))
-        let temp = b2s_hmac(&chaining_key, self.params.static_shared.as_bytes());
+        let temp = b2s_hmac(&chaining_key, &self.params.static_shared());
         // initiator.chaining_key = HMAC(temp, 0x1)
         chaining_key = b2s_hmac(&temp, &[0x01]);
         // key = HMAC(temp, initiator.chaining_key || 0x2)
@@ -760,7 +771,7 @@ impl Handshake {
         // initiator.hash = HASH(initiator.hash || msg.encrypted_static)
         hash = b2s_hash(&hash, encrypted_static);
         // temp = HMAC(initiator.chaining_key, DH(initiator.static_private, responder.static_public))
-        let temp = b2s_hmac(&chaining_key, self.params.static_shared.as_bytes());
+        let temp = b2s_hmac(&chaining_key, &self.params.static_shared());
         // initiator.chaining_key = HMAC(temp, 0x1)
         chaining_key = b2s_hmac(&temp, &[0x01]);
         // key = HMAC(temp, initiator.chaining_key || 0x2)
@@ -943,7 +954,7 @@ mod tests {
 // while the sessions it made stay (key rotation).
 impl NoiseParams {
     fn set_peer_static_public(&mut self, peer_static_public: x25519::PublicKey) {
-        self.static_shared = self.static_private.diffie_hellman(&peer_static_public);
+        self.static_shared = None;
         self.sending_mac1_key = b2s_hash(LABEL_MAC1, peer_static_public.as_bytes());
         self.peer_static_public = peer_static_public;
     }
@@ -959,10 +970,7 @@ impl Handshake {
     ) {
         self.params.static_private = private_key;
         self.params.static_public = public_key;
-        self.params.static_shared = self
-            .params
-            .static_private
-            .diffie_hellman(&self.params.peer_static_public);
+        self.params.static_shared = None;
         self.drop_in_flight();
     }
 

@@ -62,8 +62,10 @@ impl<'a> From<WireGuardError> for TunnResult<'a> {
 pub struct Tunn {
     /// The handshake currently in progress
     handshake: handshake::Handshake,
-    /// The N_SESSIONS most recent sessions, index is session id modulo N_SESSIONS
-    sessions: [Option<session::Session>; N_SESSIONS],
+    /// The N_SESSIONS most recent sessions, index is session id modulo N_SESSIONS.
+    /// tunmesh patch: boxed, so that a tunnel with one session or none is
+    /// small (a session with its replay window is over a kilobyte).
+    sessions: [Option<Box<session::Session>>; N_SESSIONS],
     /// Index of most recently used session
     current: usize,
     /// Queue to store blocked packets
@@ -331,7 +333,7 @@ impl Tunn {
 
         // Store new session in ring buffer
         let index = session.local_index();
-        self.sessions[index % N_SESSIONS] = Some(session);
+        self.sessions[index % N_SESSIONS] = Some(Box::new(session));
 
         self.timer_tick(TimerName::TimeLastPacketReceived);
         self.timer_tick(TimerName::TimeLastPacketSent);
@@ -359,7 +361,7 @@ impl Tunn {
         // Store new session in ring buffer
         let l_idx = session.local_index();
         let index = l_idx % N_SESSIONS;
-        self.sessions[index] = Some(session);
+        self.sessions[index] = Some(Box::new(session));
 
         self.timer_tick(TimerName::TimeLastPacketReceived);
         self.timer_tick_session_established(true, index); // New session established, we are the initiator
