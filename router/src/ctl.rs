@@ -561,7 +561,7 @@ pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age < Duration::from_secs(5));
+            .is_some_and(|age| age < Duration::from_secs(5 + s.rewritten_every_seconds.max(1)));
         if alive {
             return Err(CtlError::RouterRunning(s.interface));
         }

@@ -35,7 +35,7 @@ use crate::status::{self, RealQueue, Status};
 /// How often the status snapshot is rewritten and the health tick given.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest the status snapshot goes unwritten (thousands of peers).
-pub const STATUS_INTERVAL_MAX: Duration = Duration::from_secs(30);
+pub const STATUS_INTERVAL_MAX: Duration = Duration::from_secs(60);
 /// Early enough that a once-a-second write falls on every tick.
 const STATUS_SLACK: Duration = Duration::from_millis(100);
 /// How often each peer's path MTU is looked up again.
@@ -104,8 +104,10 @@ pub struct Daemon<H, C> {
     pub path_cursor: usize,
     /// Handovers to a successor that failed, and the last one's why.
     pub handovers: crate::status::HandoverStatus,
-    /// When the status snapshot is written next.
+    /// When the status snapshot is written next, and how long it waits
+    /// between writes.
     pub status_at: Instant,
+    pub status_every: Duration,
 }
 
 async fn accept(l: &Option<tokio::net::UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
@@ -488,6 +490,8 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             message: message.clone(),
         });
         let _ = requests.send(Request::Event { reason, message });
+        // status.json says so at once, as the Event does.
+        self.status_at = Instant::now();
     }
 
     /// Each peer's path MTU: the MTU of the route to its endpoint (a path
@@ -610,7 +614,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
         }
         // The snapshot lists every peer: with thousands of them it is
         // written less often, so that writing it costs at most a
-        // hundredth of a core.
+        // quarter of a percent of a core.
         let began = std::time::Instant::now();
         let source = self
             .source_status
@@ -631,6 +635,7 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
                 key,
                 mtu: self.settings.mtu,
                 handovers: self.handovers.clone(),
+                rewritten_every: self.status_every,
             },
         );
         match s.write(&self.settings.state_dir) {
@@ -641,7 +646,8 @@ impl<H: HostApplier, C: CniFiles> Daemon<H, C> {
             }
             Err(_) => {}
         }
-        let every = (began.elapsed() * 100).clamp(STATUS_INTERVAL, STATUS_INTERVAL_MAX);
+        let every = (began.elapsed() * 400).clamp(STATUS_INTERVAL, STATUS_INTERVAL_MAX);
+        self.status_every = every;
         self.status_at = Instant::now() + every - STATUS_SLACK;
     }
 

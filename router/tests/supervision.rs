@@ -148,6 +148,7 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
             ..Default::default()
         },
         key: Default::default(),
+        rewritten_every_seconds: 1,
         mtu: 1420,
         handovers: tunmesh_router::status::HandoverStatus {
             failed: 2,

@@ -438,14 +438,21 @@ fn crash_rollout(lab: &Lab, pods: &[KubePod]) {
         (!e.trim().is_empty()).then_some(e)
     })
     .unwrap_or_else(|| panic!("no HandoverFailed Event on Node {node}"));
-    let st = lab
-        .node_exec(&node, &["cat", "/var/lib/tunmesh/status.json"])
-        .expect("the node's status.json");
-    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    // status.json is rewritten on the failure's next tick.
+    let read = || -> serde_json::Value {
+        lab.node_exec(&node, &["cat", "/var/lib/tunmesh/status.json"])
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default()
+    };
+    let failed = wait_for(Duration::from_secs(10), || {
+        let st = read();
+        (st["handovers"]["failed"].as_u64().unwrap_or(0) >= 1).then_some(())
+    });
     assert!(
-        st["handovers"]["failed"].as_u64().unwrap_or(0) >= 1,
+        failed.is_some(),
         "{node}'s router reports no failed handover: {}",
-        st["handovers"]
+        read()["handovers"]
     );
     // Every old router pod is still there and ready.
     let during = router_pods(lab);

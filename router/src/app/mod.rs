@@ -519,6 +519,7 @@ pub async fn run(mut args: Args, faults: &dyn Faults) -> anyhow::Result<()> {
         handover,
         handovers: Default::default(),
         status_at: tokio::time::Instant::now(),
+        status_every: crate::daemon::STATUS_INTERVAL,
     };
     daemon.run(src.source).await?;
     Ok(())

@@ -52,8 +52,16 @@ use crate::{PrivateKey, PublicKey};
 /// How often WireGuard timers are ticked. The protocol's finest timer is
 /// REKEY_TIMEOUT (5 s) with jitter; boringtun expects ticks well below that.
 pub const TICK: Duration = Duration::from_millis(100);
-/// Handshakes per second before the rate limiter answers with cookies.
-pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshakes per second before the rate limiter answers with cookies. A
+/// node that restarts cold in a 5,000-node cluster may hear from every
+/// node that had traffic for it; 1,000 a second costs about a sixth of a
+/// core and lets them in within seconds, where 100 held most of them to
+/// a cookie and a 5 s retry.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 1000;
+/// Initiations the timers start in one tick (10 ticks a second). A warm
+/// start with thousands of peers in use spreads them over seconds rather
+/// than meeting every peer's rate limiter, and its own CPU, in one burst.
+const INITIATIONS_PER_TICK: usize = 50;
 /// WireGuard's data-message overhead: header, counter and tag.
 pub const WG_OVERHEAD: usize = 32;
 /// The first byte of a WireGuard transport data message.
@@ -971,6 +979,7 @@ impl Dataplane {
             set.extend(woken);
         }
         let mut i = from;
+        let mut initiated = 0;
         while i < set.len() {
             let Some(buf) = out.bufs.get_mut(out.n) else {
                 return Some(i);
@@ -995,7 +1004,14 @@ impl Dataplane {
                 continue;
             }
             let endpoint = st.endpoint;
+            if st.initiate && initiated >= INITIATIONS_PER_TICK {
+                // Its turn comes at a later tick.
+                drop(st);
+                i += 1;
+                continue;
+            }
             let initiate = std::mem::take(&mut st.initiate);
+            initiated += usize::from(initiate);
             if st.tunn.is_none()
                 && st.handed.is_none()
                 && !initiate

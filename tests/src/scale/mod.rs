@@ -100,6 +100,8 @@ pub struct Row {
     pub warm_start_ms: Option<f64>,
     pub probes_sent: usize,
     pub probes_lost: usize,
+    /// The lost probes by the phase they were sent in.
+    pub probes_lost_by_phase: std::collections::BTreeMap<String, usize>,
 }
 
 /// CPU seconds and memory of a process.
@@ -344,8 +346,10 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
     let b = lab.pod("node-2-pod-1").context("node-2's pod")?.clone();
     let probe = Probe::start(&a.ns, &b.ns, b.ipv4);
     probe.wait_echo_after(Instant::now(), "before the hollow Nodes");
-    // Deliberate disruptions, left out of the probe's loss.
+    // Deliberate disruptions, left out of the probe's loss; the phases,
+    // by when each began, to say where a probe was lost.
     let mut disrupted: Vec<(Instant, Instant)> = Vec::new();
+    let mut phases: Phases = vec![("create", Instant::now())];
 
     let mut hollows: Vec<Hollow> = (0..n).map(Hollow::new).collect();
     let objects: Vec<_> = hollows.iter().map(|h| h.object(opts.images)).collect();
@@ -362,6 +366,7 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
     );
 
     // node-1's router, cold.
+    phases.push(("cold start", Instant::now()));
     let cache = lab.state.nodes[0]
         .state_dir
         .join(tunmesh_router::warm::CACHE_FILE);
@@ -398,6 +403,7 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
     // probe pauses meanwhile (100 packets a second each way cost more than
     // the cluster does), and its own cost is taken apart.
     let names: Vec<String> = (0..n).map(hollow::name).collect();
+    phases.push(("status churn", Instant::now()));
     row.cpu_probe_pct = cpu_over(lab, opts.seconds, None)?;
     probe.pause();
     std::thread::sleep(Duration::from_millis(500));
@@ -465,6 +471,7 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
     );
 
     // Mesh changes at 1/s under 17 status reports a second.
+    phases.push(("mesh changes", Instant::now()));
     let changes = opts.changes;
     let bg = churn(&admin, names, 17.0, changes as f64 + 15.0);
     let ifaces: Vec<String> = lab
@@ -545,7 +552,14 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
     );
 
     if opts.live {
-        live(lab, &hollow_ns, &hollows, &mut row, &probe, &mut disrupted)?;
+        live(
+            lab,
+            &hollow_ns,
+            &hollows,
+            &mut row,
+            &probe,
+            (&mut disrupted, &mut phases),
+        )?;
     }
 
     // The probe, outside the deliberate restarts.
@@ -553,10 +567,20 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
     let sent = probe.sent_between(probe_start(&probe), end);
     row.probes_sent = sent.len();
     let lost = probe.lost_of(&sent);
-    row.probes_lost = lost
+    for (_, at) in lost
         .into_iter()
         .filter(|(_, at)| !disrupted.iter().any(|(a, b)| at >= a && at <= b))
-        .count();
+    {
+        row.probes_lost += 1;
+        let phase = phases
+            .iter()
+            .rev()
+            .find(|(_, began)| *began <= at)
+            .map_or("before", |(name, _)| name);
+        *row.probes_lost_by_phase
+            .entry(phase.to_string())
+            .or_default() += 1;
+    }
     probe.stop();
     Ok(row)
 }
@@ -564,6 +588,9 @@ fn measure(opts: &Options, lab: &mut Lab, n: usize) -> Result<Row> {
 fn probe_start(p: &Probe) -> Instant {
     p.first_sent().unwrap_or_else(Instant::now)
 }
+
+/// The run's phases in order, each with the moment it began.
+type Phases = Vec<(&'static str, Instant)>;
 
 /// Live sessions with every hollow Node, then the handover and the warm
 /// start with them.
@@ -573,8 +600,9 @@ fn live(
     hollows: &[Hollow],
     row: &mut Row,
     probe: &Probe,
-    disrupted: &mut Vec<(Instant, Instant)>,
+    (disrupted, phases): (&mut Vec<(Instant, Instant)>, &mut Phases),
 ) -> Result<()> {
+    phases.push(("live sessions", Instant::now()));
     let routers: Vec<(IpAddr, tunmesh_keygen::PublicKey)> = lab
         .state
         .nodes
@@ -636,6 +664,7 @@ fn live(
     );
 
     // A handover to a new router on node-1, with those sessions.
+    phases.push(("handover", Instant::now()));
     let invocation = lab.router_invocation(0, &lab.state.router_args.clone())?;
     let old = lab.state.nodes[0].router_pid.context("node-1's router")?;
     lab.spawn_router(0, &invocation)?;
@@ -655,6 +684,7 @@ fn live(
     );
 
     // A warm start after a SIGKILL.
+    phases.push(("warm start", Instant::now()));
     let kill = Instant::now();
     lab.kill_router(0)?;
     let t = Instant::now();
@@ -727,7 +757,7 @@ pub fn print_rows(rows: &[Row]) {
              mesh change p50 {:.0} ms p99 {:.0} ms max {:.0} ms, deletes max {:.0} ms, {} not landed; \
              per router at 20/s: {:?} B/s and {:?} events/s from the API server (status reports changed the mesh {:?} times); \
              the API server sends {:.0} B per Node watch event to {} watchers (a whole Node is {} B); \
-             {} live sessions, handover gap {:?} ms, warm start {:?} ms; probes lost {} of {}",
+             {} live sessions, handover gap {:?} ms, warm start {:?} ms; probes lost {} of {} {:?}",
             r.nodes,
             r.cold_mesh_s,
             r.cold_cpu_s,
@@ -753,6 +783,7 @@ pub fn print_rows(rows: &[Row]) {
             r.warm_start_ms,
             r.probes_lost,
             r.probes_sent,
+            r.probes_lost_by_phase,
         );
     }
 }
