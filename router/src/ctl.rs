@@ -10,7 +10,7 @@
 //! - `uninstall`: what tunmesh left on a node after its router stopped.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -24,11 +24,8 @@ use tunmesh_contract::validate::first_host;
 use crate::dataplane::offload::{fold, sum16};
 use crate::hostnet::HostNet;
 use crate::source::kube::{client, explain, ClientError};
-use crate::source::nodes::{
-    ANN_ENDPOINT, ANN_FORCE_ENDPOINT, ANN_KEY_CREATED, ANN_NEXT_PUBLIC_KEY, ANN_PUBLIC_KEY,
-    ANN_UNDERLAY_MTU,
-};
-use crate::status::{PeerStatus, Status, STATUS_FILE};
+use crate::source::nodes::{ANN_ENDPOINT, ANN_FORCE_ENDPOINT, ANN_PUBLIC_KEY, ROUTER_ANNOTATIONS};
+use crate::status::{PeerStatus, Status};
 
 /// A session older than this is dead (WireGuard's REJECT_AFTER_TIME).
 pub const STALE_AFTER: u64 = 180;
@@ -49,8 +46,8 @@ pub enum CtlError {
     Router(#[from] crate::Error),
     #[error("this node has no peers (see `tunmesh-ctl status` for pending Nodes and problems)")]
     NoPeers,
-    #[error("the router on this node is still running ({0} updated in the last 5 s); stop it first (kubectl delete -k deploy/)")]
-    RouterRunning(String),
+    #[error("the router on this node is still running (it holds {0}'s UDP port {1}); stop it first (kubectl delete -k deploy/)")]
+    RouterRunning(String, u16),
 }
 
 /// up, stale or no handshake, with the age in seconds.
@@ -556,14 +553,15 @@ fn purge_dir(dir: &Path) -> Result<String, CtlError> {
 /// Node's annotations, and with `purge` the state directory. Refuses while
 /// the router still writes its status. Returns a line per step.
 pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
+    // A running router holds its UDP port (both routers do during a
+    // handover); one that stopped, or was killed, holds nothing.
     if let Ok(s) = Status::read(&u.state_dir) {
-        let alive = std::fs::metadata(u.state_dir.join(STATUS_FILE))
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age < Duration::from_secs(5 + s.rewritten_every_seconds.max(1)));
-        if alive {
-            return Err(CtlError::RouterRunning(s.interface));
+        let held = |ip: IpAddr| {
+            std::net::UdpSocket::bind((ip, s.listen_port))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+        };
+        if held(Ipv6Addr::UNSPECIFIED.into()) || held(Ipv4Addr::UNSPECIFIED.into()) {
+            return Err(CtlError::RouterRunning(s.interface, s.listen_port));
         }
     }
     let mut done = Vec::new();
@@ -582,10 +580,11 @@ pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
         "chained portmap plugin",
     )?);
     let api: Api<Node> = Api::all(client(u.kubeconfig.as_deref()).await?);
-    let patch = serde_json::json!({ "metadata": { "annotations": {
-        ANN_PUBLIC_KEY: null, ANN_ENDPOINT: null, ANN_NEXT_PUBLIC_KEY: null,
-        ANN_KEY_CREATED: null, ANN_UNDERLAY_MTU: null,
-    }}});
+    let nulls: serde_json::Map<String, serde_json::Value> = ROUTER_ANNOTATIONS
+        .iter()
+        .map(|a| (a.to_string(), serde_json::Value::Null))
+        .collect();
+    let patch = serde_json::json!({ "metadata": { "annotations": nulls }});
     api.patch(&u.node_name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| CtlError::Api {
@@ -593,8 +592,8 @@ pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
             message: explain(&e),
         })?;
     done.push(format!(
-        "removed {ANN_PUBLIC_KEY}, {ANN_ENDPOINT}, {ANN_NEXT_PUBLIC_KEY}, {ANN_KEY_CREATED} and \
-         {ANN_UNDERLAY_MTU} from Node {} (an operator's {ANN_FORCE_ENDPOINT} is left alone)",
+        "removed {} from Node {} (an operator's {ANN_FORCE_ENDPOINT} is left alone)",
+        ROUTER_ANNOTATIONS.join(", "),
         u.node_name
     ));
     if u.purge {

@@ -37,6 +37,9 @@ fn wg_show_and_metrics_show_the_live_mesh() {
         lab.pod("node-2-pod-1").unwrap().clone(),
     );
     assert!(checks::tcp_ok(&a.ns, &b.ns, b.ipv4.into(), 100_000));
+    // Sessions are made on first traffic: node-1's with node-3 too.
+    let c = lab.pod("node-3-pod-1").unwrap().clone();
+    assert!(checks::tcp_ok(&a.ns, &c.ns, c.ipv4.into(), 10_000));
     let status = lab.router_status("node-1").unwrap();
     let n2_key = lab.node("node-2").unwrap().public_key.clone();
 

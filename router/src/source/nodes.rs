@@ -54,6 +54,17 @@ pub const ANN_KEY_CREATED: &str = "tunmesh.io/public-key-created";
 pub const ANN_NODE_ADDRESSES: &str = "tunmesh.io/node-addresses";
 pub const ANN_FORCE_ENDPOINT: &str = "tunmesh.io/force-endpoint";
 pub const ANN_POD_CIDR: &str = "tunmesh.io/pod-cidr";
+/// Every annotation the router writes on its own Node (and `tunmesh-ctl
+/// uninstall` removes); the operator's `ANN_FORCE_ENDPOINT` and
+/// `ANN_POD_CIDR` are not among them.
+pub const ROUTER_ANNOTATIONS: &[&str] = &[
+    ANN_PUBLIC_KEY,
+    ANN_ENDPOINT,
+    ANN_NEXT_PUBLIC_KEY,
+    ANN_KEY_CREATED,
+    ANN_UNDERLAY_MTU,
+    ANN_NODE_ADDRESSES,
+];
 /// The annotations tunmesh reads all start so; the others are not kept.
 pub const ANN_PREFIX: &str = "tunmesh.io/";
 
