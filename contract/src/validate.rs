@@ -5,6 +5,7 @@
 //! wherever it comes from. Each error names the value and what is wrong;
 //! the caller adds where it was (a Node's annotation, a file's field).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
@@ -113,6 +114,79 @@ pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
     a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
 }
 
+/// Prefixes of many owners, to find one that overlaps a new prefix without
+/// a pass over all of them: a lookup per prefix length in use (a cluster
+/// has one or two) and one range query, so checking thousands of peers'
+/// allowed IPs stays O(n log n).
+#[derive(Debug)]
+pub struct PrefixIndex<T> {
+    /// (IPv6?, network address, length) -> the prefix and its owner.
+    by_network: BTreeMap<(bool, u128, u8), (IpNetwork, T)>,
+    /// The lengths in use, per family.
+    lengths: [BTreeSet<u8>; 2],
+}
+
+impl<T> Default for PrefixIndex<T> {
+    fn default() -> Self {
+        PrefixIndex {
+            by_network: BTreeMap::new(),
+            lengths: [BTreeSet::new(), BTreeSet::new()],
+        }
+    }
+}
+
+/// A prefix as (IPv6?, its address bits, its address width).
+fn bits(net: &IpNetwork) -> (bool, u128, u8) {
+    match net {
+        IpNetwork::V4(n) => (false, u128::from(u32::from(n.network())), 32),
+        IpNetwork::V6(n) => (true, u128::from(n.network()), 128),
+    }
+}
+
+/// `addr`'s first `len` bits of `width`, the rest zero.
+fn masked(addr: u128, len: u8, width: u8) -> u128 {
+    let host = u32::from(width.saturating_sub(len));
+    if host >= 128 {
+        0
+    } else {
+        addr & !((1u128 << host) - 1)
+    }
+}
+
+impl<T> PrefixIndex<T> {
+    /// A prefix already in the index that overlaps `net` (contains it, is
+    /// inside it, or equals it), with its owner.
+    pub fn overlapping(&self, net: &IpNetwork) -> Option<(&IpNetwork, &T)> {
+        let (v6, addr, width) = bits(net);
+        let len = net.prefix();
+        // One that contains `net` (or equals it).
+        for &l in self.lengths[usize::from(v6)].range(..=len) {
+            if let Some((p, o)) = self.by_network.get(&(v6, masked(addr, l, width), l)) {
+                return Some((p, o));
+            }
+        }
+        // One inside `net`: its network address lies in `net`'s range.
+        let first = masked(addr, len, width);
+        let host = u32::from(width - len.min(width));
+        let last = if host >= 128 {
+            u128::MAX
+        } else {
+            first | ((1u128 << host) - 1)
+        };
+        self.by_network
+            .range((v6, first, 0)..=(v6, last, u8::MAX))
+            .next()
+            .map(|(_, (p, o))| (p, o))
+    }
+
+    pub fn insert(&mut self, net: IpNetwork, owner: T) {
+        let (v6, addr, _) = bits(&net);
+        self.lengths[usize::from(v6)].insert(net.prefix());
+        self.by_network
+            .insert((v6, addr, net.prefix()), (net, owner));
+    }
+}
+
 /// First usable address of a prefix (network + 1; the address itself for
 /// /32 and /128): a node's gateway in its pod CIDR.
 pub fn first_host(net: IpNetwork) -> IpAddr {
@@ -162,6 +236,42 @@ pub mod cases {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prefix_index_finds_what_overlaps_as_a_pass_would() {
+        let nets: Vec<IpNetwork> = [
+            "10.244.0.0/24",
+            "10.244.1.0/24",
+            "10.245.0.0/16",
+            "fd00:10:244::/64",
+            "fd00:10:244:1::/64",
+            "192.168.7.7/32",
+            "0.0.0.0/0",
+            "10.244.1.128/25",
+            "10.0.0.0/8",
+            "fd00::/8",
+            "fd00:10:244:1::/64",
+            "::/0",
+            "172.16.0.0/12",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let mut index = PrefixIndex::default();
+        let mut seen: Vec<IpNetwork> = Vec::new();
+        for (i, n) in nets.iter().enumerate() {
+            let by_pass = seen.iter().any(|o| overlaps(n, o));
+            let found = index.overlapping(n);
+            assert_eq!(found.is_some(), by_pass, "{n} (#{i})");
+            if let Some((o, _)) = found {
+                assert!(overlaps(n, o), "{n} does not overlap {o}");
+            } else {
+                index.insert(*n, i);
+                seen.push(*n);
+            }
+        }
+        assert_eq!(seen.len(), 7, "{seen:?}");
+    }
 
     #[test]
     fn the_shared_cases_get_their_verdicts() {

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-use tunmesh_contract::validate::{self, overlaps};
+use tunmesh_contract::validate::{self, overlaps, PrefixIndex};
 
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -281,6 +281,8 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
     }
 
     let mut peers: Vec<PeerSpec> = Vec::new();
+    // The accepted peers' allowed IPs, with the peer's name.
+    let mut claimed: PrefixIndex<String> = PrefixIndex::default();
     let mut names = BTreeMap::new();
     let mut keys = BTreeMap::new();
     for (i, p) in raw.peer.iter().enumerate() {
@@ -352,16 +354,16 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
                     ));
                 }
             }
-            for other in &peers {
-                if let Some(o) = other.allowed_ips.iter().find(|o| overlaps(net, o)) {
-                    problems.push(format!(
-                        "{label}.allowed_ips[{a}]: {net} overlaps {o} of peer {:?}",
-                        other.name
-                    ));
-                }
+            if let Some((o, other)) = claimed.overlapping(net) {
+                problems.push(format!(
+                    "{label}.allowed_ips[{a}]: {net} overlaps {o} of peer {other:?}"
+                ));
             }
         }
         if let (Some(public_key), true) = (key, problems.len() == before) {
+            for net in &allowed_ips {
+                claimed.insert(*net, name.clone());
+            }
             peers.push(PeerSpec {
                 name,
                 public_key,
