@@ -481,11 +481,13 @@ fn crash_rollout(lab: &Lab, pods: &[KubePod]) {
     std::thread::sleep(Duration::from_secs(1));
     let (times, failed) = probe.stop();
     let g = gap(&times, fault, undo_at, "a crashing version");
+    // The crashing pod may still be terminating when the rollout is done.
+    let gone = wait_for(Duration::from_secs(60), || {
+        let pods = router_pods(lab);
+        pods.iter().all(|p| p.4 != tag).then_some(())
+    });
     let after = router_pods(lab);
-    assert!(
-        after.iter().all(|p| p.4 != tag),
-        "a crashing pod is left: {after:?}"
-    );
+    assert!(gone.is_some(), "a crashing pod is left: {after:?}");
     for old in &before {
         assert!(
             after.iter().any(|p| p.2 == old.2 && p.3),
