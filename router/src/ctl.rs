@@ -228,6 +228,15 @@ pub fn render_status(s: &Status, now: u64) -> String {
             let _ = writeln!(out, "start:       {kind}");
         }
     }
+    // With thousands of peers the snapshot is rewritten less often: say
+    // so, lest an old snapshot look like a hung router.
+    if s.rewritten_every_seconds > 1 {
+        let _ = writeln!(
+            out,
+            "snapshot:    rewritten every {} s (it lists every peer)",
+            s.rewritten_every_seconds
+        );
+    }
     if let Some(f) = &s.handovers.last_failure {
         let _ = writeln!(
             out,

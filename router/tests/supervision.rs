@@ -148,7 +148,7 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
             ..Default::default()
         },
         key: Default::default(),
-        rewritten_every_seconds: 1,
+        rewritten_every_seconds: 30,
         mtu: 1420,
         handovers: tunmesh_router::status::HandoverStatus {
             failed: 2,
@@ -174,6 +174,7 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
         ),
         "{text}"
     );
+    assert!(text.contains("snapshot:    rewritten every 30 s"), "{text}");
     assert!(
         text.contains("handover:    2 failed, the last 0 s ago: a new router took over and failed after its Ack: gone"),
         "{text}"
