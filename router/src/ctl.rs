@@ -7,7 +7,8 @@
 //!   from this node coloured by their handshake;
 //! - `check`: pings every peer's gateway through the tunnel and says which
 //!   links are broken and the likely reason;
-//! - `uninstall`: what tunmesh left on a node after its router stopped.
+//! - `uninstall`: what tunmesh left on a node after its router stopped;
+//! - `accept_key`: an operator takes a Node's unannounced key change.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -24,7 +25,9 @@ use tunmesh_contract::validate::first_host;
 use crate::dataplane::offload::{fold, sum16};
 use crate::hostnet::HostNet;
 use crate::source::kube::{client, explain, ClientError};
-use crate::source::nodes::{ANN_ENDPOINT, ANN_FORCE_ENDPOINT, ANN_PUBLIC_KEY, ROUTER_ANNOTATIONS};
+use crate::source::nodes::{
+    ANN_ACCEPT_PUBLIC_KEY, ANN_ENDPOINT, ANN_FORCE_ENDPOINT, ANN_PUBLIC_KEY, ROUTER_ANNOTATIONS,
+};
 use crate::status::{PeerStatus, Status};
 
 /// A session older than this is dead (WireGuard's REJECT_AFTER_TIME).
@@ -44,6 +47,8 @@ pub enum CtlError {
     Api { doing: String, message: String },
     #[error(transparent)]
     Router(#[from] crate::Error),
+    #[error("{0}")]
+    Refused(String),
     #[error("this node has no peers (see `tunmesh-ctl status` for pending Nodes and problems)")]
     NoPeers,
     #[error("the router on this node is still running (it holds {0}'s UDP port {1}); stop it first (kubectl delete -k deploy/)")]
@@ -199,6 +204,13 @@ pub fn render_status(s: &Status, now: u64) -> String {
                 out,
                 "  problem:   Node {} {}: {} ({})",
                 p.node, p.field, p.message, p.reason
+            );
+        }
+        for h in &k.held_keys {
+            let _ = writeln!(
+                out,
+                "  held key:  Node {} shows {} unannounced; still using {} (accept: tunmesh-ctl accept-key {})",
+                h.node, h.shown, h.using, h.node
             );
         }
         for p in &k.pending {
@@ -614,4 +626,54 @@ pub async fn uninstall(u: &Uninstall) -> Result<Vec<String>, CtlError> {
         ));
     }
     Ok(done)
+}
+
+/// `tunmesh-ctl accept-key NODE`: the key Node `node` shows now is to be
+/// used although it was not announced first (a reinstalled node, a key
+/// replaced by hand). Sets `tunmesh.io/accept-public-key` to that key, as
+/// the operator (a router's token may not: deploy/node-policy.yaml); every
+/// router takes it from the Node's next event. `expect`, when given, must
+/// be the key shown, so that what was checked is what gets accepted.
+pub async fn accept_key(
+    kubeconfig: Option<&Path>,
+    node: &str,
+    expect: Option<&str>,
+) -> Result<String, CtlError> {
+    let api: Api<Node> = Api::all(client(kubeconfig).await?);
+    let api_err = |doing: String| {
+        move |e: kube::Error| CtlError::Api {
+            doing,
+            message: explain(&e),
+        }
+    };
+    let n = api
+        .get(node)
+        .await
+        .map_err(api_err(format!("reading Node {node}")))?;
+    let shown = n
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANN_PUBLIC_KEY))
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| CtlError::Refused(format!("Node {node} shows no {ANN_PUBLIC_KEY}")))?;
+    tunmesh_contract::validate::public_key(&shown).map_err(|e| {
+        CtlError::Refused(format!(
+            "Node {node}'s {ANN_PUBLIC_KEY} is not a key ({e}); nothing to accept"
+        ))
+    })?;
+    if let Some(want) = expect.filter(|w| *w != shown) {
+        return Err(CtlError::Refused(format!(
+            "Node {node} shows {shown}, not {want}; nothing accepted"
+        )));
+    }
+    let patch =
+        serde_json::json!({ "metadata": { "annotations": { ANN_ACCEPT_PUBLIC_KEY: shown } } });
+    api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(api_err(format!("annotating Node {node}")))?;
+    Ok(format!(
+        "accepted {shown} for Node {node} ({ANN_ACCEPT_PUBLIC_KEY}); every router uses it from now on"
+    ))
 }

@@ -319,6 +319,18 @@ impl Health {
             );
             gauge(
                 &mut reg,
+                "kubernetes_held_keys",
+                "Nodes whose key changed unannounced: the mesh keeps their previous key (tunmesh-ctl status; tunmesh-ctl accept-key NODE)",
+                k.held_keys.len() as i64,
+            );
+            counter(
+                &mut reg,
+                "kubernetes_key_holds",
+                "Unannounced key changes held back since the router started",
+                k.key_holds,
+            );
+            gauge(
+                &mut reg,
                 "kubernetes_pending_nodes",
                 "Nodes not peers yet (no key, endpoint or podCIDR)",
                 k.pending.len() as i64,

@@ -158,6 +158,23 @@ pub struct KubeStatus {
     /// Bytes the API server sent this router.
     #[serde(default)]
     pub received_bytes: u64,
+    /// Nodes whose key changed without being announced: the mesh keeps
+    /// the key it had until the change is confirmed.
+    #[serde(default)]
+    pub held_keys: Vec<HeldKeyStatus>,
+    /// Key changes held back since the router started.
+    #[serde(default)]
+    pub key_holds: u64,
+}
+
+/// A key change held back, as status.json shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeldKeyStatus {
+    pub node: String,
+    /// The key the mesh goes on using.
+    pub using: String,
+    /// The key the Node shows, not taken.
+    pub shown: String,
 }
 
 /// This router's keys as its Node is to announce them.

@@ -37,6 +37,7 @@ pub const SA_NAME: &str = "tunmesh";
 /// The RBAC objects the routers run with: exactly what deploy/ ships.
 pub const RBAC_YAML: &str = include_str!("../../deploy/rbac.yaml");
 /// The namespace and the router settings from deploy/, applied as they are.
+pub const NODE_POLICY_YAML: &str = include_str!("../../deploy/node-policy.yaml");
 pub const NAMESPACE_YAML: &str = include_str!("../../deploy/namespace.yaml");
 pub const CONFIG_YAML: &str = include_str!("../../deploy/configmap.yaml");
 /// The ConfigMap holding the routers' settings.
@@ -224,6 +225,7 @@ impl ControlPlane {
         for (file, yaml) in [
             ("namespace.yaml", NAMESPACE_YAML),
             ("rbac.yaml", RBAC_YAML),
+            ("node-policy.yaml", NODE_POLICY_YAML),
             ("configmap.yaml", CONFIG_YAML),
         ] {
             cp.kubectl_stdin(&["apply", "-f", "-"], yaml)
@@ -633,10 +635,40 @@ impl ControlPlane {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// A kubeconfig for a router: a token of ServiceAccount `sa` (in
-    /// the tunmesh namespace), written to `path`.
-    pub fn router_kubeconfig(&self, sa: &str, path: &Path) -> Result<()> {
-        let token = self.kubectl(&["create", "token", sa, "-n", SA_NAMESPACE, "--duration=48h"])?;
+    /// A kubeconfig for the router on Node `node`: a token of
+    /// ServiceAccount `sa` (in the tunmesh namespace) bound to a Pod on
+    /// that Node, as the DaemonSet's Pod gets from its kubelet, so it
+    /// carries the node claim deploy/node-policy.yaml checks. No kubelet
+    /// runs the Pod (this lab has none): it is an object on `node`, with
+    /// every taint tolerated so that no controller evicts it (which would
+    /// void the token). Written to `path`.
+    pub fn router_kubeconfig(&self, sa: &str, node: &str, path: &Path) -> Result<()> {
+        let pod = format!("router-token-{sa}-{node}");
+        let manifest = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": pod, "namespace": SA_NAMESPACE,
+                          "labels": { "tunmesh.io/lab": "router-token" } },
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": sa,
+                "tolerations": [{ "operator": "Exists" }],
+                "containers": [{ "name": "router", "image": "tunmesh-lab/no-kubelet-runs-this" }],
+            },
+        });
+        self.kubectl_stdin(&["apply", "-f", "-"], &manifest.to_string())
+            .with_context(|| format!("creating Pod {pod} for the router's token"))?;
+        let token = self.kubectl(&[
+            "create",
+            "token",
+            sa,
+            "-n",
+            SA_NAMESPACE,
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            &pod,
+            "--duration=48h",
+        ])?;
         std::fs::write(
             path,
             kubeconfig(&self.dir.join("ca.crt"), KubeUser::Token(token.trim())),

@@ -483,7 +483,7 @@ fn bad_annotations_outages_and_rbac_never_stop_the_mesh() {
         let kc = n3.state_dir.with_file_name(format!("kubeconfig-{role}"));
         lab.control_plane()
             .unwrap()
-            .router_kubeconfig(&role, &kc)
+            .router_kubeconfig(&role, "node-3", &kc)
             .unwrap();
         lab.stop_router(2).unwrap();
         // The Node must need a patch for the missing-patch case to show.

@@ -71,6 +71,19 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         wait: u64,
     },
+    /// Accept the key Node NODE shows although it was not announced first
+    /// (a reinstalled node, a key replaced by hand): routers hold back such
+    /// a change and keep the previous key (`tunmesh-ctl status`: "held
+    /// key"). Run as an operator: a router's own token may not.
+    AcceptKey {
+        /// The Node whose key to accept.
+        node: String,
+        /// Accept only if the Node shows this key (base64).
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, env = "TUNMESH_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Remove what tunmesh left on this node after its router stopped
     /// (`kubectl delete -k deploy/` first): the TUN device and its routes
     /// if still there, the CNI conflist and binary, this Node's tunmesh.io
@@ -101,6 +114,19 @@ fn main() -> ExitCode {
         Cmd::Graph { kubeconfig, svg } => graph(&cli.state_dir, kubeconfig.as_deref(), svg),
         Cmd::Check { timeout } => check(&cli.state_dir, Duration::from_secs(timeout)),
         Cmd::RotateKey { wait } => rotate_key(&cli.state_dir, Duration::from_secs(wait)),
+        Cmd::AcceptKey {
+            node,
+            key,
+            kubeconfig,
+        } => runtime().and_then(|rt| {
+            let line = rt.block_on(ctl::accept_key(
+                kubeconfig.as_deref(),
+                &node,
+                key.as_deref(),
+            ))?;
+            println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }),
         Cmd::Uninstall {
             node_name,
             kubeconfig,

@@ -49,7 +49,7 @@ use super::nodes::{
     ANN_NEXT_PUBLIC_KEY, ANN_NODE_ADDRESSES, ANN_PUBLIC_KEY, ANN_UNDERLAY_MTU,
 };
 use super::{set_status, PeerSource, Request, SharedStatus, SourceTask, Update, Updates};
-use crate::model::{unix_now, KubeStatus, Nets, OwnKeys, ProblemStatus, Snapshot};
+use crate::model::{unix_now, HeldKeyStatus, KubeStatus, Nets, OwnKeys, ProblemStatus, Snapshot};
 
 /// Namespace Events about (cluster-scoped) Nodes go to, as kubelet does.
 const EVENT_NAMESPACE: &str = "default";
@@ -773,9 +773,21 @@ impl SourceState {
         let pending = self.dir.pending();
         let nodes = self.dir.len();
         let announced = self.dir.own().and_then(|o| o.next_public_key.clone());
+        let held: Vec<HeldKeyStatus> = self
+            .dir
+            .held()
+            .map(|h| HeldKeyStatus {
+                node: h.node.clone(),
+                using: h.using.to_base64(),
+                shown: h.shown.to_base64(),
+            })
+            .collect();
+        let holds = self.dir.holds();
         self.set_status(|s| {
             s.announced_next_key = announced;
             s.nodes = nodes;
+            s.held_keys = held;
+            s.key_holds = holds;
             s.problems = problems
                 .iter()
                 .map(|p| ProblemStatus {
@@ -812,8 +824,17 @@ impl SourceState {
         let endpoint = nodes::own_endpoint(self.settings.endpoint, own, self.settings.listen_port);
         // `None` removes the annotation (a JSON merge patch's null).
         let mut want: BTreeMap<&'static str, Option<String>> = BTreeMap::new();
+        // A key the Node does not show yet is announced as its next key
+        // first, and made current once the API shows the announcement:
+        // peers hold back a key that replaces another unannounced (see
+        // nodes::repin), and a reinstalled node's new key is no exception.
+        let mut next = next;
         if own.public_key.as_deref() != Some(key.as_str()) {
-            want.insert(ANN_PUBLIC_KEY, Some(key));
+            if own.next_public_key.as_deref() == Some(key.as_str()) {
+                want.insert(ANN_PUBLIC_KEY, Some(key));
+            } else {
+                next = Some(key);
+            }
         }
         if own.next_public_key != next {
             want.insert(ANN_NEXT_PUBLIC_KEY, next);

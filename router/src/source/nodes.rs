@@ -67,6 +67,77 @@ pub const ROUTER_ANNOTATIONS: &[&str] = &[
 ];
 /// The annotations tunmesh reads all start so; the others are not kept.
 pub const ANN_PREFIX: &str = "tunmesh.io/";
+/// Set by an operator (`tunmesh-ctl accept-key NODE`): the key this Node
+/// shows is to be used although it was not announced as the Node's next
+/// key first. No router may write it (deploy/node-policy.yaml).
+pub const ANN_ACCEPT_PUBLIC_KEY: &str = "tunmesh.io/accept-public-key";
+/// The reason of the problem (and Event) of a key change held back.
+pub const REASON_HELD_KEY: &str = "UnannouncedKeyChange";
+
+/// A Node whose key changed without being announced: the mesh goes on
+/// with the key it had (`using`), not the one it shows now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldKey {
+    pub node: String,
+    pub using: PublicKey,
+    pub shown: PublicKey,
+}
+
+/// The keys one Node object is known by, to tell a rotation (announced in
+/// `tunmesh.io/next-public-key` first) from an overwrite. Kept while the
+/// Node's UID stays the same; a new Node object starts afresh.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Pin {
+    uid: Option<String>,
+    /// The current key last taken (none seen yet: the first one is taken).
+    key: Option<PublicKey>,
+    /// The next key it announces now.
+    next: Option<PublicKey>,
+    /// The key it shows but did not announce: not taken.
+    held: Option<PublicKey>,
+}
+
+/// The pin after Node `f` (viewed as `v`) came, `old` the one before. A
+/// key is taken when it is the first, the same, announced as the next key
+/// before or in this same object, or accepted by the operator; else it is
+/// held and the pinned key stays.
+fn repin(old: Option<&Pin>, f: &NodeFacts, v: &View) -> Pin {
+    let parsed =
+        |k: &Option<Result<PublicKey, Problem>>| k.as_ref().and_then(|r| r.as_ref().ok()).copied();
+    let (key, next) = (parsed(&v.key), parsed(&v.next));
+    let Some(p) = old.filter(|p| p.uid == f.uid) else {
+        return Pin {
+            uid: f.uid.clone(),
+            key,
+            next,
+            held: None,
+        };
+    };
+    let accepted = |k: PublicKey| {
+        p.key.is_none_or(|pk| pk == k)
+            || p.next == Some(k)
+            || next == Some(k)
+            || f.ann(ANN_ACCEPT_PUBLIC_KEY)
+                .and_then(|a| validate::public_key(a).ok())
+                == Some(k)
+    };
+    match key {
+        Some(k) if !accepted(k) => Pin {
+            uid: f.uid.clone(),
+            key: p.key,
+            next,
+            held: Some(k),
+        },
+        // Taken, or no key shown (removed or malformed): the pinned one
+        // is what a later key is compared with.
+        _ => Pin {
+            uid: f.uid.clone(),
+            key: key.or(p.key),
+            next,
+            held: None,
+        },
+    }
+}
 
 /// Something wrong with one field of one Node. Reported as a log warning
 /// and as a Kubernetes Event on that Node.
@@ -421,6 +492,7 @@ struct Entry {
     facts: NodeFacts,
     view: View,
     outcome: Outcome,
+    pin: Pin,
 }
 
 /// What a change did to the desired mesh and the reports.
@@ -474,6 +546,10 @@ pub struct Directory {
     /// Nodes with problems, and Nodes pending, by name.
     problems: BTreeMap<String, Vec<Problem>>,
     pending: BTreeMap<String, &'static str>,
+    /// Nodes whose key change is held back, by name.
+    held: BTreeMap<String, HeldKey>,
+    /// Key changes held back since the start (each hold counted once).
+    holds: u64,
 }
 
 impl Directory {
@@ -487,7 +563,19 @@ impl Directory {
             peers: BTreeMap::new(),
             problems: BTreeMap::new(),
             pending: BTreeMap::new(),
+            held: BTreeMap::new(),
+            holds: 0,
         }
+    }
+
+    /// Nodes whose key change is held back now.
+    pub fn held(&self) -> impl Iterator<Item = &HeldKey> {
+        self.held.values()
+    }
+
+    /// Key changes held back since the start.
+    pub fn holds(&self) -> u64 {
+        self.holds
     }
 
     /// How many Nodes are known.
@@ -590,29 +678,47 @@ impl Directory {
             return Changes::default();
         }
         let own = facts.name == self.settings.own_name;
-        let new_view = view(&facts, own);
+        let mut new_view = view(&facts, own);
+        let old_pin = self.entries.get(&facts.name).map(|e| &e.pin);
+        let pin = repin(old_pin, &facts, &new_view);
+        match (&pin.held, pin.key) {
+            (Some(shown), Some(using)) => {
+                // A held key claims nothing: the pinned one stays the claim.
+                new_view.key = Some(Ok(using));
+                if old_pin.and_then(|p| p.held.as_ref()) != Some(shown) {
+                    self.holds += 1;
+                }
+                self.held.insert(
+                    facts.name.clone(),
+                    HeldKey {
+                        node: facts.name.clone(),
+                        using,
+                        shown: *shown,
+                    },
+                );
+            }
+            _ => {
+                self.held.remove(&facts.name);
+            }
+        }
         let mut touched = BTreeSet::new();
         touched.insert(facts.name.clone());
-        if let Some(old) = self.entries.remove(&facts.name) {
-            self.unclaim(&old.view, &mut touched);
-            self.entries.insert(
-                facts.name.clone(),
-                Entry {
-                    facts,
-                    view: new_view.clone(),
-                    outcome: old.outcome,
-                },
-            );
-        } else {
-            self.entries.insert(
-                facts.name.clone(),
-                Entry {
-                    facts,
-                    view: new_view.clone(),
-                    outcome: Outcome::default(),
-                },
-            );
-        }
+        let outcome = match self.entries.remove(&facts.name) {
+            Some(old) => {
+                self.unclaim(&old.view, &mut touched);
+                old.outcome
+            }
+            None => Outcome::default(),
+        };
+        self.entries.insert(
+            facts.name.clone(),
+            Entry {
+                facts,
+                view: new_view.clone(),
+                outcome,
+                pin,
+            },
+        );
         self.claim(&new_view, &mut touched);
         self.resolve(touched)
     }
@@ -637,6 +743,7 @@ impl Directory {
             changes.gone_problems.extend(p);
         }
         self.pending.remove(name);
+        self.held.remove(name);
         changes
     }
 
@@ -888,6 +995,20 @@ impl Directory {
             }
             Some(Ok(k)) => *k,
         };
+        if let Some(shown) = &entry.pin.held {
+            out.problems.push(problem(
+                name,
+                ann_field(ANN_PUBLIC_KEY),
+                REASON_HELD_KEY,
+                format!(
+                    "changed to {} without being announced in {ANN_NEXT_PUBLIC_KEY} first \
+                     (same Node object); still using {}. If the node was reinstalled or its \
+                     key replaced on purpose: tunmesh-ctl accept-key {name}",
+                    shown.to_base64(),
+                    key.to_base64()
+                ),
+            ));
+        }
         if let Some(whose) = self.key_taken(&key, &order) {
             out.problems.push(problem(
                 name,
@@ -1642,7 +1763,11 @@ mod tests {
                 });
                 live.insert(name, n.clone());
                 let before = d.peers().clone();
-                let ch = d.upsert(NodeFacts::from_node(&n));
+                // Each a new Node object: a key pin (history) would make
+                // the store's translation differ from a fresh one.
+                let mut f = NodeFacts::from_node(&n);
+                f.uid = Some(format!("uid-{step}"));
+                let ch = d.upsert(f);
                 check_changes(&before, d.peers(), &ch, step);
             }
             assert_eq!(
@@ -1764,5 +1889,140 @@ mod tests {
             ]
         );
         assert!(d.problems().is_empty());
+    }
+
+    /// Node "b" with key `key`, next key `next` and more annotations, as
+    /// the Node object `uid`.
+    fn keyed(uid: &str, key: &str, next: Option<&str>, more: &[(&'static str, &str)]) -> NodeFacts {
+        let mut ann = vec![(ANN_PUBLIC_KEY, key), (ANN_ENDPOINT, "172.28.0.12:51820")];
+        ann.extend(next.map(|n| (ANN_NEXT_PUBLIC_KEY, n)));
+        ann.extend(more.iter().copied());
+        let mut f = NodeFacts::from_node(&node(&N {
+            name: "b",
+            age: 1,
+            cidrs: &["10.244.2.0/24"],
+            ann: &ann,
+            ip: None,
+        }));
+        f.uid = Some(uid.to_string());
+        f
+    }
+
+    #[test]
+    fn an_unannounced_key_change_is_held_until_confirmed() {
+        let [k1, k2, k3, k4] = [11, 12, 13, 14].map(|s| key(s).to_base64());
+        let used = |d: &Directory| d.peers().get("b").map(|p| p.public_key.to_base64());
+        let mut d = Directory::new(settings());
+        d.upsert(keyed("u1", &k1, None, &[]));
+        assert_eq!(used(&d).as_deref(), Some(k1.as_str()));
+
+        // Overwritten: the mesh stays on k1, and says so once.
+        let ch = d.upsert(keyed("u1", &k2, None, &[]));
+        assert!(ch.peers.is_empty(), "{ch:?}");
+        assert_eq!(ch.new_problems.len(), 1, "{ch:?}");
+        assert_eq!(ch.new_problems[0].reason, REASON_HELD_KEY);
+        assert!(
+            ch.new_problems[0].message.contains(&k2),
+            "{:?}",
+            ch.new_problems
+        );
+        assert_eq!(used(&d).as_deref(), Some(k1.as_str()));
+        let held: Vec<&HeldKey> = d.held().collect();
+        assert_eq!(held.len(), 1);
+        assert_eq!(
+            (held[0].using.to_base64(), held[0].shown.to_base64()),
+            (k1.clone(), k2.clone())
+        );
+        assert_eq!(d.holds(), 1);
+        // The same state again counts no second hold.
+        d.upsert(keyed("u1", &k2, None, &[(ANN_UNDERLAY_MTU, "1500")]));
+        assert_eq!(d.holds(), 1);
+
+        // The operator accepts it: taken, the problem goes.
+        let ch = d.upsert(keyed("u1", &k2, None, &[(ANN_ACCEPT_PUBLIC_KEY, &k2)]));
+        assert_eq!(used(&d).as_deref(), Some(k2.as_str()));
+        assert_eq!(ch.gone_problems.len(), 1, "{ch:?}");
+        assert_eq!(d.held().count(), 0);
+
+        // A rotation: announced, then current; nothing held.
+        d.upsert(keyed("u1", &k2, Some(&k3), &[]));
+        assert_eq!(used(&d).as_deref(), Some(k3.as_str()));
+        let ch = d.upsert(keyed("u1", &k3, None, &[]));
+        assert!(ch.new_problems.is_empty(), "{ch:?}");
+        assert_eq!(used(&d).as_deref(), Some(k3.as_str()));
+
+        // Overwritten, then set back: the hold ends by itself.
+        d.upsert(keyed("u1", &k4, None, &[]));
+        assert_eq!(used(&d).as_deref(), Some(k3.as_str()));
+        let ch = d.upsert(keyed("u1", &k3, None, &[]));
+        assert_eq!(ch.gone_problems.len(), 1, "{ch:?}");
+        assert_eq!(d.held().count(), 0);
+
+        // Removed and shown again unannounced: still held (the pin is the
+        // Node object's, not the annotation's).
+        let mut bare = keyed("u1", &k3, None, &[]);
+        bare.annotations.remove(ANN_PUBLIC_KEY);
+        d.upsert(bare);
+        d.upsert(keyed("u1", &k4, None, &[]));
+        assert_eq!(used(&d).as_deref(), Some(k3.as_str()));
+        assert_eq!(d.held().count(), 1);
+
+        // A new Node object (deleted and registered again): its key is new.
+        let ch = d.upsert(keyed("u2", &k4, None, &[]));
+        assert_eq!(used(&d).as_deref(), Some(k4.as_str()));
+        assert_eq!(ch.gone_problems.len(), 1, "{ch:?}");
+        assert_eq!(d.holds(), 3);
+
+        // Announced and made current in one write: taken.
+        d.upsert(keyed("u2", &k1, Some(&k1), &[]));
+        assert_eq!(used(&d).as_deref(), Some(k1.as_str()));
+        assert_eq!(d.held().count(), 0);
+        // An accept naming another key accepts nothing.
+        d.upsert(keyed("u2", &k2, None, &[(ANN_ACCEPT_PUBLIC_KEY, &k3)]));
+        assert_eq!(used(&d).as_deref(), Some(k1.as_str()));
+    }
+
+    #[test]
+    fn a_held_key_claims_nothing() {
+        // b overwrites its key with c's: c (younger) keeps its key and its
+        // place in the mesh, b stays on its own.
+        let (k1, k3) = (key(21).to_base64(), key(23).to_base64());
+        let c = node(&N {
+            name: "c",
+            age: 2,
+            cidrs: &["10.244.3.0/24"],
+            ann: &[(ANN_PUBLIC_KEY, &k3), (ANN_ENDPOINT, "172.28.0.13:51820")],
+            ip: None,
+        });
+        let mut d = Directory::new(settings());
+        d.upsert(keyed("u1", &k1, None, &[]));
+        d.upsert(NodeFacts::from_node(&c));
+        let ch = d.upsert(keyed("u1", &k3, None, &[]));
+        assert!(ch.peers.is_empty(), "{ch:?}");
+        assert_eq!(d.peers().get("c").unwrap().public_key.to_base64(), k3);
+        assert_eq!(d.peers().get("b").unwrap().public_key.to_base64(), k1);
+        let reasons: Vec<&str> = d.problems().iter().map(|p| p.reason).collect();
+        assert_eq!(reasons, vec![REASON_HELD_KEY]);
+    }
+
+    #[test]
+    fn the_admission_policy_lets_the_router_write_its_own_annotations() {
+        // deploy/node-policy.yaml's list of owned annotations is
+        // ROUTER_ANNOTATIONS, and names none of the operator's.
+        let text = include_str!("../../../deploy/node-policy.yaml");
+        let block = text
+            .split("- name: owned")
+            .nth(1)
+            .and_then(|rest| rest.split("- name:").next())
+            .expect("node-policy.yaml has an `owned` variable");
+        let listed: BTreeSet<&str> = block
+            .split('\'')
+            .filter(|s| s.starts_with(ANN_PREFIX))
+            .collect();
+        let ours: BTreeSet<&str> = ROUTER_ANNOTATIONS.iter().copied().collect();
+        assert_eq!(listed, ours);
+        for operator in [ANN_FORCE_ENDPOINT, ANN_POD_CIDR, ANN_ACCEPT_PUBLIC_KEY] {
+            assert!(!listed.contains(operator), "{operator}");
+        }
     }
 }

@@ -202,7 +202,7 @@ impl Lab {
                 }
             }
             let kubeconfig = ndir.join("kubeconfig");
-            cp.router_kubeconfig(controlplane::SA_NAME, &kubeconfig)?;
+            cp.router_kubeconfig(controlplane::SA_NAME, &node.name, &kubeconfig)?;
             node.kubeconfig = Some(kubeconfig);
             self.state.nodes[idx] = node;
             self.save()?;
