@@ -70,6 +70,16 @@ pub fn run_cni(ns: &str, plugin: &Path, env: &[(&str, &str)], stdin: &str) -> Re
     Ok(child.wait_with_output()?)
 }
 
+/// Whether a command succeeded, and all it printed (stdout, then stderr).
+pub fn said(out: &Output) -> (bool, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Runs `CMD ARGS` inside `ns`, failing on a non-zero exit.
 pub fn exec(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
     let out = exec_output(ns, cmd, args)?;

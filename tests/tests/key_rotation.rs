@@ -27,29 +27,15 @@ fn ctl(state_dir: &Path, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .expect("running tunmesh-ctl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    netns::said(&out)
 }
 
-/// The peers' keys `wg show` lists on a node.
 fn wg_peers(lab: &Lab, node: &str) -> String {
-    let n = lab.node(node).unwrap();
-    netns::exec(&n.ns, "wg", &["show", &n.interface, "peers"]).expect("wg show")
+    lab.wg_peers(node).expect("wg show")
 }
 
 fn annotation(lab: &Lab, node: &str, key: &str) -> String {
-    let path = format!(
-        "jsonpath={{.metadata.annotations.{}}}",
-        key.replace('.', "\\.")
-    );
-    lab.kubectl(&["get", "node", node, "-o", &path])
-        .unwrap()
-        .trim()
-        .to_string()
+    lab.annotation(node, key).unwrap()
 }
 
 fn key_file(lab: &Lab, node: &str) -> PathBuf {

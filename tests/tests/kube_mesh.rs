@@ -60,18 +60,7 @@ fn all_pairs_ok(lab: &Lab) {
 
 /// Events recorded on Node `node` with `reason`.
 fn events(lab: &Lab, node: &str, reason: &str) -> usize {
-    lab.kubectl(&[
-        "get",
-        "events",
-        "-n",
-        "default",
-        "--field-selector",
-        &format!("involvedObject.kind=Node,involvedObject.name={node},reason={reason}"),
-        "-o",
-        "name",
-    ])
-    .map(|o| o.lines().filter(|l| !l.trim().is_empty()).count())
-    .unwrap_or(0)
+    lab.node_events(node, reason).map(|e| e.len()).unwrap_or(0)
 }
 
 fn router_alive(lab: &Lab, node: &str) -> bool {
@@ -264,7 +253,18 @@ fn bad_annotations_outages_and_rbac_never_stop_the_mesh() {
         ("create", "pods", false),
         ("get", "secrets", false),
         ("patch", "events", false),
+        ("update", "nodes", false),
+        ("patch", "nodes/status", false),
+        ("create", "serviceaccounts/token", false),
+        ("impersonate", "users", false),
+        ("impersonate", "serviceaccounts", false),
     ] {
+        // `can-i VERB a/b` would read b as an object's name: a
+        // subresource is its own flag (else a flag that changes nothing).
+        let (res, sub) = match res.split_once('/') {
+            Some((r, s)) => (r, format!("--subresource={s}")),
+            None => (res, "--all-namespaces=false".to_string()),
+        };
         let out = tunmesh_lab::netns::exec_output(
             &lab.control_plane().unwrap().ns,
             &lab.control_plane()
@@ -282,6 +282,7 @@ fn bad_annotations_outages_and_rbac_never_stop_the_mesh() {
                 "can-i",
                 verb,
                 res,
+                &sub,
                 &format!("--as={sa}"),
             ],
         )

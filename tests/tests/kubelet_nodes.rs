@@ -516,6 +516,217 @@ fn crash_rollout(lab: &Lab, pods: &[KubePod]) {
     );
 }
 
+/// Issue 26: root on node-1 is no lever on any other node. The router
+/// pod's own ServiceAccount token, read from node-1's kubelet directory as
+/// an attacker with root there would, is refused by the API server (the
+/// admission policy's message) for node-2's key, endpoint and labels, for
+/// node-1's labels and operator annotations, for minting tokens and for
+/// impersonation; it may set node-1's own key annotation. A token of the
+/// same ServiceAccount not bound to a Pod (no node claim) may change no
+/// Node. Pods on node-2 and node-3 lose no request meanwhile.
+fn a_taken_over_node_reaches_no_further(lab: &Lab, pods: &[KubePod]) {
+    let (pod, uid) = tunmesh_pod_on(lab, "node-1").expect("a ready tunmesh pod on node-1");
+    let token = lab
+        .node_exec(
+            "node-1",
+            &[
+                "sh",
+                "-c",
+                &format!("cat /var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~projected/*/token"),
+            ],
+        )
+        .expect("the router pod's token on node-1");
+    let token = token.trim().to_string();
+    assert!(token.split('.').count() == 3, "not a JWT: {token:?}");
+    let cp = lab.control_plane().unwrap();
+    let kubectl = cp.bin.join("kubectl");
+    let ca = cp.dir.join("ca.crt");
+    // kubectl with `token`, from node-1's network: (succeeded, output).
+    let with = |token: &str, args: &[&str]| -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.node("node-1").unwrap().ns])
+            .arg(&kubectl)
+            .arg(format!(
+                "--server=https://{}:{}",
+                tunmesh_lab::controlplane::API_IP,
+                tunmesh_lab::controlplane::API_PORT
+            ))
+            .arg(format!("--certificate-authority={}", ca.display()))
+            .arg(format!("--token={token}"))
+            .args(args)
+            .output()
+            .expect("kubectl");
+        netns::said(&out)
+    };
+    let (p2, p3) = (
+        pods.iter()
+            .find(|p| p.node == "node-2")
+            .expect("a pod on node-2"),
+        pods.iter()
+            .find(|p| p.node == "node-3")
+            .expect("a pod on node-3"),
+    );
+    let target = p3.ips.iter().copied().find(IpAddr::is_ipv4).unwrap();
+    let probe = Probe::start(lab, &p2.name, target);
+    assert!(
+        wait_for(Duration::from_secs(20), || lab
+            .kube_exec(
+                &p2.name,
+                &format!("curl -sf -m 1 http://{target}:8080/hostname")
+            )
+            .ok())
+        .is_some(),
+        "node-3's pod answers node-2's"
+    );
+    let start = now();
+    let key2 = lab.annotation("node-2", "tunmesh.io/public-key").unwrap();
+    let key1 = lab.annotation("node-1", "tunmesh.io/public-key").unwrap();
+    let forged = tunmesh_router::PrivateKey::generate()
+        .public_key()
+        .to_base64();
+    let own_node = "may change only its own Node, not Node node-2";
+    let refused: &[(&[&str], &str)] = &[
+        (
+            &[
+                "annotate",
+                "--overwrite",
+                "node",
+                "node-2",
+                &format!("tunmesh.io/public-key={forged}"),
+            ],
+            own_node,
+        ),
+        (
+            &[
+                "annotate",
+                "--overwrite",
+                "node",
+                "node-2",
+                "tunmesh.io/endpoint=172.28.0.11:51820",
+            ],
+            own_node,
+        ),
+        (
+            &["label", "node", "node-2", "tunmesh.io/taken=yes"],
+            own_node,
+        ),
+        (
+            &[
+                "patch",
+                "node",
+                "node-2",
+                "-p",
+                r#"{"spec":{"unschedulable":true}}"#,
+            ],
+            own_node,
+        ),
+        (
+            &["label", "node", "node-1", "tunmesh.io/taken=yes"],
+            "may not change a Node's labels",
+        ),
+        (
+            &[
+                "annotate",
+                "--overwrite",
+                "node",
+                "node-1",
+                "tunmesh.io/force-endpoint=172.28.0.11:51820",
+            ],
+            "not tunmesh.io/force-endpoint",
+        ),
+        (
+            &[
+                "annotate",
+                "--overwrite",
+                "node",
+                "node-1",
+                "tunmesh.io/accept-public-key=x",
+            ],
+            "not tunmesh.io/accept-public-key",
+        ),
+        (
+            &["create", "token", "tunmesh", "-n", "tunmesh"],
+            "cannot create resource \"serviceaccounts/token\"",
+        ),
+        (
+            &["get", "node", "node-2", "--as=system:node:node-2"],
+            "cannot impersonate",
+        ),
+        (
+            &["delete", "node", "node-2", "--dry-run=server"],
+            "cannot delete",
+        ),
+    ];
+    for (args, why) in refused {
+        let (ok, out) = with(&token, args);
+        assert!(
+            !ok && out.contains(why),
+            "kubectl {args:?} with node-1's router token: {out}"
+        );
+    }
+    // node-2's key is still its own.
+    let after = lab.annotation("node-2", "tunmesh.io/public-key").unwrap();
+    assert_eq!(after, key2);
+    // Its own key annotation: allowed (the value it has).
+    let (ok, out) = with(
+        &token,
+        &[
+            "annotate",
+            "--overwrite",
+            "node",
+            "node-1",
+            &format!("tunmesh.io/public-key={key1}"),
+        ],
+    );
+    assert!(ok, "node-1's router token may set node-1's own key: {out}");
+    // A token of the same ServiceAccount without the node claim.
+    let unbound = lab
+        .kubectl(&[
+            "create",
+            "token",
+            "tunmesh",
+            "-n",
+            "tunmesh",
+            "--duration=10m",
+        ])
+        .unwrap();
+    let (ok, out) = with(
+        unbound.trim(),
+        &[
+            "annotate",
+            "--overwrite",
+            "node",
+            "node-1",
+            &format!("tunmesh.io/public-key={key1}"),
+        ],
+    );
+    assert!(
+        !ok && out.contains("not bound to a node"),
+        "an unbound token: {out}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let end = now();
+    let (times, failed) = probe.stop();
+    let failed: Vec<f64> = failed
+        .into_iter()
+        .filter(|t| *t >= start && *t <= end)
+        .collect();
+    let answered = times.iter().filter(|t| **t >= start && **t <= end).count();
+    assert!(
+        answered > 0,
+        "the probe from node-2 to node-3 answered nothing"
+    );
+    assert!(
+        failed.is_empty(),
+        "node-2 -> node-3 requests failed during the attempts: {failed:?}"
+    );
+    eprintln!(
+        "taken-over node-1 (router pod {pod}'s token): {} writes refused with the policy's or RBAC's message, \
+         its own key annotation allowed, an unbound token refused; node-2 -> node-3: {answered} answers, 0 failed",
+        refused.len()
+    );
+}
+
 /// What pod attachments a node holds: (veth devices other than the
 /// node's own eth0 on the underlay, network namespaces under its
 /// /run/netns, addresses allocated by tunmesh-cni).
@@ -608,6 +819,25 @@ fn real_nodes_run_the_daemonset_through_its_life() {
         "Service answered {host:?}"
     );
     host_ports_work(&lab, &pods);
+    a_taken_over_node_reaches_no_further(&lab, &pods);
+    // A key rotation under the policy: the router announces its next key
+    // and makes it current on its own Node, which the policy allows.
+    let ctl = tunmesh_lab::lab::find_binary("tunmesh-ctl", "TUNMESH_CTL_BIN").unwrap();
+    let out = lab
+        .node_exec(
+            "node-3",
+            &[
+                &ctl.to_string_lossy(),
+                "--state-dir",
+                "/var/lib/tunmesh",
+                "rotate-key",
+                "--wait",
+                "90",
+            ],
+        )
+        .expect("tunmesh-ctl rotate-key on node-3, under the admission policy");
+    eprintln!("node-3: {}", out.trim().replace('\n', "; "));
+    matrix_ok(&lab, &pods, "after node-3's key rotation");
 
     // A rolling restart of the DaemonSet: running pods keep their
     // addresses and connectivity; the probe (pod on one node to a pod on

@@ -325,4 +325,41 @@ impl Lab {
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         self.control_plane()?.kubectl(args)
     }
+
+    /// Annotation `key` of Node `node` ("" when it has none).
+    pub fn annotation(&self, node: &str, key: &str) -> Result<String> {
+        let path = format!(
+            "jsonpath={{.metadata.annotations.{}}}",
+            key.replace('.', "\\.")
+        );
+        Ok(self
+            .kubectl(&["get", "node", node, "-o", &path])?
+            .trim()
+            .to_string())
+    }
+
+    /// The messages of the Events recorded on Node `node` with `reason`.
+    pub fn node_events(&self, node: &str, reason: &str) -> Result<Vec<String>> {
+        let out = self.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            &format!("involvedObject.kind=Node,involvedObject.name={node},reason={reason}"),
+            "-o",
+            "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+        ])?;
+        Ok(out
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// The peers' keys `wg show` lists on node `node`.
+    pub fn wg_peers(&self, node: &str) -> Result<String> {
+        let n = self.node(node).with_context(|| format!("no node {node}"))?;
+        crate::netns::exec(&n.ns, "wg", &["show", &n.interface, "peers"])
+    }
 }
