@@ -79,8 +79,10 @@ enum Cmd {
         /// Comma-separated subset of raw,tunmesh,wggo,wggo_new,boringtun.
         #[arg(long, value_delimiter = ',', default_values_t = bench::ALL_CONFIGS.map(String::from))]
         configs: Vec<String>,
-        /// Comma-separated subset of tcp1,tcp4,udp.
-        #[arg(long, value_delimiter = ',', default_values_t = bench::ALL_TESTS.map(String::from))]
+        /// Comma-separated subset of tcp1,tcp4,udp (throughput) and
+        /// rr_udp,rr_tcp,rr_udp_load,rr_tcp_load,crr1,crr8,pps64 (latency,
+        /// connections and small packets).
+        #[arg(long, value_delimiter = ',', default_values_t = bench::default_tests())]
         tests: Vec<String>,
         /// Where scripts/install-anchors.sh put wireguard-go-new and boringtun-cli.
         #[arg(long, env = "TUNMESH_ANCHORS", default_value = bench::DEFAULT_ANCHORS)]
@@ -311,10 +313,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 install: !no_install,
             })?;
             println!("\n{}", bench::table(&report));
+            if !report.latency_summaries.is_empty() {
+                println!(
+                    "{}",
+                    bench::latency::table(&report.latency_summaries, bench::HEADLINE_PEER)
+                );
+            }
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;
                 println!("JSON written to {}", path.display());
+            }
+            if report
+                .latency_summaries
+                .iter()
+                .any(|s| s.config == "tunmesh")
+            {
+                for l in report.latency_lines() {
+                    println!("{l}");
+                }
             }
             println!("{}", report.headline.line());
             Ok(match report.headline {

@@ -191,3 +191,88 @@ fn a_missing_peer_makes_the_headline_na_and_the_bench_fail() {
         "{stdout}"
     );
 }
+
+#[test]
+fn latency_figures_are_per_repetition_ratios_of_what_was_measured() {
+    if !tunmesh_lab::require_root("latency_figures_are_per_repetition_ratios_of_what_was_measured")
+    {
+        return;
+    }
+    let json =
+        std::env::temp_dir().join(format!("tunmesh-bench-latency-{}.json", std::process::id()));
+    let out = bench(
+        &json,
+        "raw,tunmesh,wggo_new",
+        "tcp1,rr_udp,crr1,pps64",
+        &["--no-install"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench failed (sockperf and the newer wireguard-go installed? scripts/install-deps.sh, scripts/install-anchors.sh):\n{stdout}\n{stderr}"
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    let rows = report["latency"].as_array().unwrap();
+    assert_eq!(rows.len(), 18, "3 configs x 3 latency tests x 2 reps");
+    let row = |rep: u64, cfg: &str, test: &str| {
+        rows.iter()
+            .find(|r| r["rep"] == rep && r["config"] == cfg && r["test"] == test)
+            .unwrap_or_else(|| panic!("no latency row rep {rep} {cfg} {test}"))
+    };
+    for r in rows {
+        let test = r["test"].as_str().unwrap();
+        let rate = r["rate"].as_f64().unwrap_or(0.0);
+        assert!(rate > 0.0, "{r}: something was measured");
+        if test == "rr_udp" {
+            let (p50, p99, p999) = (
+                r["p50_us"].as_f64().unwrap(),
+                r["p99_us"].as_f64().unwrap(),
+                r["p999_us"].as_f64().unwrap(),
+            );
+            assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{r}");
+            let raw = row(r["rep"].as_u64().unwrap(), "raw", "rr_udp");
+            let added = r["added_p50_us"].as_f64().unwrap();
+            assert!(
+                (added - (p50 - raw["p50_us"].as_f64().unwrap())).abs() < 1e-9,
+                "{r}: added over raw veth of its own repetition"
+            );
+        }
+        if test == "pps64" {
+            assert!(r["loss_pct"].as_f64().is_some(), "{r}: loss reported");
+        }
+    }
+    // The script's lines are the medians of per-repetition ratios, before
+    // the headline.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let last = lines.len() - 1;
+    for (label, test, field) in [
+        ("rr-p50", "rr_udp", "p50_us"),
+        ("rr-p99", "rr_udp", "p99_us"),
+        ("crr", "crr1", "rate"),
+        ("pps64", "pps64", "rate"),
+    ] {
+        let ratios: Vec<f64> = (1..=2)
+            .map(|rep| {
+                row(rep, "tunmesh", test)[field].as_f64().unwrap()
+                    / row(rep, "wggo_new", test)[field].as_f64().unwrap()
+            })
+            .collect();
+        let (lo, hi) = (ratios[0].min(ratios[1]), ratios[0].max(ratios[1]));
+        let want = format!(
+            "bench: {label} tunmesh/wireguard-go = {:.2} [{lo:.2}-{hi:.2}]",
+            median(ratios.clone())
+        );
+        let at = lines
+            .iter()
+            .position(|l| *l == want)
+            .unwrap_or_else(|| panic!("no line {want:?}:\n{stdout}"));
+        assert!(at < last, "{label}'s line comes before the headline");
+    }
+    assert!(lines[last].starts_with("bench: tunmesh/wireguard-go = "));
+    assert!(
+        stdout.contains("Latency and small packets"),
+        "the latency table:\n{stdout}"
+    );
+}

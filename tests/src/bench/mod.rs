@@ -22,6 +22,19 @@ use tunmesh_keygen::PrivateKey;
 use crate::netns::{self, add_netns, exec, veth, Cleanup};
 use crate::peers::{self, Side};
 
+pub mod latency;
+pub use latency::{LatRow, LatSummary, LATENCY_TESTS};
+
+/// Every test the bench runs unless told otherwise: throughput, then
+/// latency and small packets.
+pub fn default_tests() -> Vec<String> {
+    ALL_TESTS
+        .iter()
+        .chain(LATENCY_TESTS.iter())
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// Where `scripts/install-anchors.sh` puts the peers we compare against.
 pub const DEFAULT_ANCHORS: &str = "/var/cache/tunmesh/anchors";
 pub const ALL_CONFIGS: [&str; 5] = ["raw", "tunmesh", "wggo", "wggo_new", "boringtun"];
@@ -164,6 +177,21 @@ pub struct Report {
     pub orders: Vec<Vec<String>>,
     pub headline: Headline,
     pub versions: BTreeMap<String, String>,
+    /// Latency, connection rate and small packets (`latency`).
+    pub latency: Vec<LatRow>,
+    pub latency_summaries: Vec<LatSummary>,
+}
+
+impl Report {
+    /// The latency lines a script reads (before the headline).
+    pub fn latency_lines(&self) -> Vec<String> {
+        latency::lines(
+            &self.latency_summaries,
+            &self.missing,
+            HEADLINE_PEER,
+            "wireguard-go",
+        )
+    }
 }
 
 struct Testbed {
@@ -182,10 +210,12 @@ impl Drop for Testbed {
     }
 }
 
-/// A running tunnel: its daemons, the address iperf3 targets, its TUN names.
+/// A running tunnel: its daemons, the address iperf3 targets (B's) and
+/// A's own, its TUN names.
 struct Tunnel {
     children: Vec<std::process::Child>,
     target: String,
+    source: String,
     tuns: [String; 2],
 }
 
@@ -263,7 +293,7 @@ impl Testbed {
         );
         let dir = self.dir.clone();
         let tuns = ["tunmesh0".into(), "tunmesh0".into()];
-        self.start_pair(&sides, "10.99.2.1", tuns, |i, side| {
+        self.start_pair(&sides, ["10.99.1.1", "10.99.2.1"], tuns, |i, side| {
             peers::start_router(side, &dir, ["a", "b"][i], &["--mtu", MTU]).map(|(child, _)| child)
         })
     }
@@ -284,7 +314,7 @@ impl Testbed {
         );
         let dir = self.dir.clone();
         let names = ifs.clone();
-        self.start_pair(&sides, "10.99.0.2", ifs, |i, side| {
+        self.start_pair(&sides, ["10.99.0.1", "10.99.0.2"], ifs, |i, side| {
             peers::start_wg(
                 side,
                 bin,
@@ -301,13 +331,14 @@ impl Testbed {
     fn start_pair(
         &self,
         sides: &[Side; 2],
-        target: &str,
+        [source, target]: [&str; 2],
         tuns: [String; 2],
         mut start: impl FnMut(usize, &Side) -> Result<std::process::Child>,
     ) -> Result<Tunnel> {
         let mut t = Tunnel {
             children: Vec::new(),
             target: target.into(),
+            source: source.into(),
             tuns,
         };
         for (i, side) in sides.iter().enumerate() {
@@ -603,7 +634,7 @@ pub fn order(configs: &[String], rep: u32) -> Vec<String> {
 
 /// Runs the benchmark. Progress goes to stderr.
 pub fn run(opts: &BenchOptions) -> Result<Report> {
-    for t in &opts.tests {
+    for t in opts.tests.iter().filter(|t| !latency::is_latency(t)) {
         test_args(t)?;
     }
     if let Some(bad) = opts
@@ -622,6 +653,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     let mut bed = Testbed::new()?;
     let hz = clk_tck();
     let mut rows: Vec<Row> = Vec::new();
+    let mut lat_rows: Vec<LatRow> = Vec::new();
     let mut orders = Vec::new();
     for rep in 1..=opts.reps {
         let order = order(&opts.configs, rep);
@@ -634,6 +666,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 "raw" => Ok(Tunnel {
                     children: vec![],
                     target: UNDERLAY_B.into(),
+                    source: UNDERLAY_A.into(),
                     tuns: [String::new(), String::new()],
                 }),
                 "tunmesh" => bed.start_tunmesh(),
@@ -655,7 +688,36 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 }
             };
             let pids: Vec<u32> = tunnel.children.iter().map(|c| c.id()).collect();
-            for test in &opts.tests {
+            for test in opts.tests.iter().filter(|t| latency::is_latency(t)) {
+                let ends = latency::Ends {
+                    a: &bed.a,
+                    b: &bed.b,
+                    a_ip: tunnel.source.parse()?,
+                    b_ip: tunnel.target.parse()?,
+                };
+                match latency::measure(test, &ends, opts.seconds) {
+                    Ok(mut r) => {
+                        r.rep = rep;
+                        r.position = position;
+                        r.config = cfg.clone();
+                        r.test = test.clone();
+                        eprintln!(
+                            "rep {rep} {cfg:9} {test:11} p50 {} us  p99 {} us  rate {} /s",
+                            r.p50_us.map_or("-".into(), |v| format!("{v:.1}")),
+                            r.p99_us.map_or("-".into(), |v| format!("{v:.1}")),
+                            r.rate.map_or("-".into(), |v| format!("{v:.0}")),
+                        );
+                        lat_rows.push(r);
+                    }
+                    Err(e) => {
+                        eprintln!("bench: rep {rep} {cfg} {test}: {e:#}");
+                        missing
+                            .entry(cfg.clone())
+                            .or_insert_with(|| format!("rep {rep} {test}: {e:#}"));
+                    }
+                }
+            }
+            for test in opts.tests.iter().filter(|t| !latency::is_latency(t)) {
                 let (t0, d0) = (cpu_ticks(&pids), bed.drops(&tunnel.tuns));
                 let m0 = machine_ticks();
                 let started = std::time::Instant::now();
@@ -709,14 +771,11 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         }
     }
     drop(bed);
-    Ok(report(
-        rows,
-        missing,
-        orders,
-        versions,
-        &opts.configs,
-        &opts.tests,
-    ))
+    let mut r = report(rows, missing, orders, versions, &opts.configs, &opts.tests);
+    r.latency_summaries =
+        latency::summarize(&mut lat_rows, &opts.configs, &opts.tests, HEADLINE_PEER);
+    r.latency = lat_rows;
+    Ok(r)
 }
 
 /// Ratios inside each repetition, summaries over them, and the headline.
@@ -783,6 +842,8 @@ pub fn report(
         orders,
         headline,
         versions,
+        latency: Vec::new(),
+        latency_summaries: Vec::new(),
     }
 }
 
