@@ -188,9 +188,15 @@ fn sockperf(e: &Ends, seconds: u32, tcp: bool) -> Result<LatRow> {
                 ..LatRow::default()
             }),
             _ => bail!(
-                "sockperf ping-pong gave no percentiles ({}):\n{}",
+                "sockperf ping-pong gave no percentiles ({}): {}",
                 out.status,
-                text.lines().rev().take(8).collect::<Vec<_>>().join("\n")
+                // One line for the report: what sockperf said was wrong,
+                // and how many messages went and came back.
+                text.lines()
+                    .filter(|l| l.contains("No valid") || l.contains("[Total Run]"))
+                    .map(|l| l.trim_start_matches("sockperf:").trim())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         }
     })();
