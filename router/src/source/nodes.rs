@@ -95,23 +95,45 @@ struct Pin {
     next: Option<PublicKey>,
     /// The key it shows but did not announce: not taken.
     held: Option<PublicKey>,
+    /// When the taken key was made (`tunmesh.io/public-key-created`, Unix
+    /// seconds), to recognise a rotation that ended in a gap.
+    created: Option<i64>,
+}
+
+/// A Node's `tunmesh.io/public-key-created`, Unix seconds.
+fn key_created(f: &NodeFacts) -> Option<i64> {
+    f.ann(ANN_KEY_CREATED)?
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_second())
 }
 
 /// The pin after Node `f` (viewed as `v`) came, `old` the one before. A
 /// key is taken when it is the first, the same, announced as the next key
 /// before or in this same object, or accepted by the operator; else it is
 /// held and the pinned key stays.
-fn repin(old: Option<&Pin>, f: &NodeFacts, v: &View) -> Pin {
+///
+/// `gap`: `f` comes from a relisting after the watch lost events, so an
+/// announcement may have come and gone unseen (a whole rotation while this
+/// router was cut off from the API server). Then a key made later than the
+/// pinned one (`tunmesh.io/public-key-created`) is taken too, unless it is
+/// the one already held back.
+fn repin(old: Option<&Pin>, f: &NodeFacts, v: &View, gap: bool) -> Pin {
     let parsed =
         |k: &Option<Result<PublicKey, Problem>>| k.as_ref().and_then(|r| r.as_ref().ok()).copied();
     let (key, next) = (parsed(&v.key), parsed(&v.next));
+    let created = key_created(f);
     let Some(p) = old.filter(|p| p.uid == f.uid) else {
         return Pin {
             uid: f.uid.clone(),
             key,
             next,
             held: None,
+            created,
         };
+    };
+    let rotated_unseen = |k: PublicKey| {
+        gap && p.held != Some(k) && created.zip(p.created).is_some_and(|(new, old)| new > old)
     };
     let accepted = |k: PublicKey| {
         p.key.is_none_or(|pk| pk == k)
@@ -120,6 +142,7 @@ fn repin(old: Option<&Pin>, f: &NodeFacts, v: &View) -> Pin {
             || f.ann(ANN_ACCEPT_PUBLIC_KEY)
                 .and_then(|a| validate::public_key(a).ok())
                 == Some(k)
+            || rotated_unseen(k)
     };
     match key {
         Some(k) if !accepted(k) => Pin {
@@ -127,14 +150,27 @@ fn repin(old: Option<&Pin>, f: &NodeFacts, v: &View) -> Pin {
             key: p.key,
             next,
             held: Some(k),
+            created: p.created,
         },
         // Taken, or no key shown (removed or malformed): the pinned one
         // is what a later key is compared with.
-        _ => Pin {
+        Some(k) => Pin {
             uid: f.uid.clone(),
-            key: key.or(p.key),
+            key,
             next,
             held: None,
+            created: if p.key == Some(k) {
+                created.or(p.created)
+            } else {
+                created
+            },
+        },
+        None => Pin {
+            uid: f.uid.clone(),
+            key: p.key,
+            next,
+            held: None,
+            created: p.created,
         },
     }
 }
@@ -550,6 +586,8 @@ pub struct Directory {
     held: BTreeMap<String, HeldKey>,
     /// Key changes held back since the start (each hold counted once).
     holds: u64,
+    /// A relisting is being applied (the watch lost events): see `repin`.
+    relisting: bool,
 }
 
 impl Directory {
@@ -565,6 +603,7 @@ impl Directory {
             pending: BTreeMap::new(),
             held: BTreeMap::new(),
             holds: 0,
+            relisting: false,
         }
     }
 
@@ -680,7 +719,7 @@ impl Directory {
         let own = facts.name == self.settings.own_name;
         let mut new_view = view(&facts, own);
         let old_pin = self.entries.get(&facts.name).map(|e| &e.pin);
-        let pin = repin(old_pin, &facts, &new_view);
+        let pin = repin(old_pin, &facts, &new_view, self.relisting);
         match (&pin.held, pin.key) {
             (Some(shown), Some(using)) => {
                 // A held key claims nothing: the pinned one stays the claim.
@@ -760,9 +799,11 @@ impl Directory {
         for n in gone {
             changes.merge(self.remove(&n));
         }
+        self.relisting = true;
         for f in all {
             changes.merge(self.upsert(f));
         }
+        self.relisting = false;
         changes
     }
 
@@ -1980,6 +2021,37 @@ mod tests {
         // An accept naming another key accepts nothing.
         d.upsert(keyed("u2", &k2, None, &[(ANN_ACCEPT_PUBLIC_KEY, &k3)]));
         assert_eq!(used(&d).as_deref(), Some(k1.as_str()));
+    }
+
+    #[test]
+    fn a_rotation_missed_in_a_watch_gap_is_taken_from_the_relisting() {
+        let [k1, k2, k3] = [31, 32, 33].map(|s| key(s).to_base64());
+        let (t1, t2, t3) = (
+            "2026-12-01T00:00:00Z",
+            "2026-12-02T00:00:00Z",
+            "2026-12-03T00:00:00Z",
+        );
+        let used = |d: &Directory| d.peers().get("b").map(|p| p.public_key.to_base64());
+        let mut d = Directory::new(settings());
+        d.upsert(keyed("u1", &k1, None, &[(ANN_KEY_CREATED, t1)]));
+        // A newer key with a newer time, seen by the watch: still held
+        // (nothing was missed, so nothing excuses the missing announcement).
+        d.upsert(keyed("u1", &k2, None, &[(ANN_KEY_CREATED, t2)]));
+        assert_eq!(used(&d).as_deref(), Some(k1.as_str()));
+        // A relisting keeps holding the key it held.
+        d.replace_all(vec![keyed("u1", &k2, None, &[(ANN_KEY_CREATED, t3)])]);
+        assert_eq!(used(&d).as_deref(), Some(k1.as_str()));
+        assert_eq!(d.held().count(), 1);
+        // Set back; then a rotation to k3 happens while the watch is down:
+        // the relisting shows k3, made later, and takes it.
+        d.upsert(keyed("u1", &k1, None, &[(ANN_KEY_CREATED, t1)]));
+        d.replace_all(vec![keyed("u1", &k3, None, &[(ANN_KEY_CREATED, t3)])]);
+        assert_eq!(used(&d).as_deref(), Some(k3.as_str()));
+        assert_eq!(d.held().count(), 0);
+        // In a relisting, a key made no later than the one taken is held.
+        d.replace_all(vec![keyed("u1", &k2, None, &[(ANN_KEY_CREATED, t2)])]);
+        assert_eq!(used(&d).as_deref(), Some(k3.as_str()));
+        assert_eq!(d.held().count(), 1);
     }
 
     #[test]
