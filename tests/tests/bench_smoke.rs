@@ -7,8 +7,17 @@
 //! installs (scripts/install-anchors.sh).
 
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
 
 use serde_json::Value;
+
+/// One bench at a time: each checks that it left no namespace behind,
+/// which another running beside it would have.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn bench(json: &std::path::Path, configs: &str, tests: &str, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tunmesh-lab"))
@@ -45,6 +54,7 @@ fn bench_reports_per_repetition_ratios_and_receiver_goodput() {
     if !tunmesh_lab::require_root("bench_reports_per_repetition_ratios_and_receiver_goodput") {
         return;
     }
+    let _one = one_at_a_time();
     let json =
         std::env::temp_dir().join(format!("tunmesh-bench-smoke-{}.json", std::process::id()));
     let out = bench(&json, "raw,tunmesh,wggo_new", "tcp1,udp", &["--no-install"]);
@@ -149,6 +159,7 @@ fn a_missing_peer_makes_the_headline_na_and_the_bench_fail() {
     if !tunmesh_lab::require_root("a_missing_peer_makes_the_headline_na_and_the_bench_fail") {
         return;
     }
+    let _one = one_at_a_time();
     let json =
         std::env::temp_dir().join(format!("tunmesh-bench-missing-{}.json", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_tunmesh-lab"))
@@ -198,6 +209,7 @@ fn latency_figures_are_per_repetition_ratios_of_what_was_measured() {
     {
         return;
     }
+    let _one = one_at_a_time();
     let json =
         std::env::temp_dir().join(format!("tunmesh-bench-latency-{}.json", std::process::id()));
     let out = bench(
