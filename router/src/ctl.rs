@@ -47,8 +47,16 @@ pub enum CtlError {
     Api { doing: String, message: String },
     #[error(transparent)]
     Router(#[from] crate::Error),
-    #[error("{0}")]
-    Refused(String),
+    #[error("Node {node} shows no {ANN_PUBLIC_KEY}; nothing to accept")]
+    NoKeyShown { node: String },
+    #[error("Node {node}'s {ANN_PUBLIC_KEY} is not a key ({why}); nothing to accept")]
+    NotAKey { node: String, why: String },
+    #[error("Node {node} shows {shown}, not {want}; nothing accepted")]
+    OtherKeyShown {
+        node: String,
+        shown: String,
+        want: String,
+    },
     #[error("this node has no peers (see `tunmesh-ctl status` for pending Nodes and problems)")]
     NoPeers,
     #[error("the router on this node is still running (it holds {0}'s UDP port {1}); stop it first (kubectl delete -k deploy/)")]
@@ -657,16 +665,19 @@ pub async fn accept_key(
         .and_then(|a| a.get(ANN_PUBLIC_KEY))
         .map(|k| k.trim().to_string())
         .filter(|k| !k.is_empty())
-        .ok_or_else(|| CtlError::Refused(format!("Node {node} shows no {ANN_PUBLIC_KEY}")))?;
-    tunmesh_contract::validate::public_key(&shown).map_err(|e| {
-        CtlError::Refused(format!(
-            "Node {node}'s {ANN_PUBLIC_KEY} is not a key ({e}); nothing to accept"
-        ))
+        .ok_or_else(|| CtlError::NoKeyShown {
+            node: node.to_string(),
+        })?;
+    tunmesh_contract::validate::public_key(&shown).map_err(|e| CtlError::NotAKey {
+        node: node.to_string(),
+        why: e.to_string(),
     })?;
     if let Some(want) = expect.filter(|w| *w != shown) {
-        return Err(CtlError::Refused(format!(
-            "Node {node} shows {shown}, not {want}; nothing accepted"
-        )));
+        return Err(CtlError::OtherKeyShown {
+            node: node.to_string(),
+            shown,
+            want: want.to_string(),
+        });
     }
     let patch =
         serde_json::json!({ "metadata": { "annotations": { ANN_ACCEPT_PUBLIC_KEY: shown } } });

@@ -39,6 +39,13 @@ fn bench(json: &std::path::Path, configs: &str, tests: &str, extra: &[&str]) -> 
         .unwrap()
 }
 
+/// The row of repetition `rep`, config `cfg` and test `test`.
+fn row<'a>(rows: &'a [Value], rep: u64, cfg: &str, test: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["rep"] == rep && r["config"] == cfg && r["test"] == test)
+        .unwrap_or_else(|| panic!("no row rep {rep} {cfg} {test}"))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
@@ -76,12 +83,8 @@ fn bench_reports_per_repetition_ratios_and_receiver_goodput() {
 
     // Recompute the headline from the rows: tunmesh / wggo_new inside each
     // repetition, then the median.
-    let gbps = |rep: u64, cfg: &str, test: &str| {
-        rows.iter()
-            .find(|r| r["rep"] == rep && r["config"] == cfg && r["test"] == test)
-            .and_then(|r| r["gbps"].as_f64())
-            .unwrap_or_else(|| panic!("no row rep {rep} {cfg} {test}"))
-    };
+    let gbps =
+        |rep: u64, cfg: &str, test: &str| row(rows, rep, cfg, test)["gbps"].as_f64().unwrap();
     let ratios: Vec<f64> = (1..=2)
         .map(|rep| gbps(rep, "tunmesh", "tcp1") / gbps(rep, "wggo_new", "tcp1"))
         .collect();
@@ -228,11 +231,7 @@ fn latency_figures_are_per_repetition_ratios_of_what_was_measured() {
     std::fs::remove_file(&json).unwrap();
     let rows = report["latency"].as_array().unwrap();
     assert_eq!(rows.len(), 18, "3 configs x 3 latency tests x 2 reps");
-    let row = |rep: u64, cfg: &str, test: &str| {
-        rows.iter()
-            .find(|r| r["rep"] == rep && r["config"] == cfg && r["test"] == test)
-            .unwrap_or_else(|| panic!("no latency row rep {rep} {cfg} {test}"))
-    };
+    let row = |rep: u64, cfg: &str, test: &str| row(rows, rep, cfg, test);
     for r in rows {
         let test = r["test"].as_str().unwrap();
         let rate = r["rate"].as_f64().unwrap_or(0.0);

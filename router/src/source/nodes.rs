@@ -1949,10 +1949,14 @@ mod tests {
         f
     }
 
+    /// The key the mesh uses for Node "b".
+    fn used(d: &Directory) -> Option<String> {
+        d.peers().get("b").map(|p| p.public_key.to_base64())
+    }
+
     #[test]
     fn an_unannounced_key_change_is_held_until_confirmed() {
         let [k1, k2, k3, k4] = [11, 12, 13, 14].map(|s| key(s).to_base64());
-        let used = |d: &Directory| d.peers().get("b").map(|p| p.public_key.to_base64());
         let mut d = Directory::new(settings());
         d.upsert(keyed("u1", &k1, None, &[]));
         assert_eq!(used(&d).as_deref(), Some(k1.as_str()));
@@ -2031,7 +2035,6 @@ mod tests {
             "2026-12-02T00:00:00Z",
             "2026-12-03T00:00:00Z",
         );
-        let used = |d: &Directory| d.peers().get("b").map(|p| p.public_key.to_base64());
         let mut d = Directory::new(settings());
         d.upsert(keyed("u1", &k1, None, &[(ANN_KEY_CREATED, t1)]));
         // A newer key with a newer time, seen by the watch: still held

@@ -127,6 +127,15 @@ fn observations(out: &str) -> Option<u64> {
     })
 }
 
+/// The time the observations cover: `[Valid Duration] RunTime=0.550 sec`
+/// (the run less its warm-up and the end), seconds.
+fn valid_seconds(out: &str) -> Option<f64> {
+    out.lines().find_map(|l| {
+        let rest = l.split("[Valid Duration] RunTime=").nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
 /// sockperf's round trips of 64-byte messages from a to b.
 fn sockperf(e: &Ends, seconds: u32, tcp: bool) -> Result<LatRow> {
     let port = SOCKPERF_PORT.to_string();
@@ -179,12 +188,14 @@ fn sockperf(e: &Ends, seconds: u32, tcp: bool) -> Result<LatRow> {
             percentile(&text, "99.900"),
         );
         let n = observations(&text).unwrap_or(0);
-        match (p50, p99, p999) {
-            (Some(a), Some(b), Some(c)) if n > 0 => Ok(LatRow {
+        let valid = valid_seconds(&text).filter(|s| *s > 0.0);
+        match (p50, p99, p999, valid) {
+            (Some(a), Some(b), Some(c), Some(valid)) if n > 0 => Ok(LatRow {
                 p50_us: Some(a),
                 p99_us: Some(b),
                 p999_us: Some(c),
-                rate: Some(n as f64 / f64::from(seconds)),
+                // Exchanges a second, over the time they were counted in.
+                rate: Some(n as f64 / valid),
                 ..LatRow::default()
             }),
             _ => bail!(
@@ -401,7 +412,8 @@ pub fn table(s: &[LatSummary], peer: &str) -> String {
         "Latency and small packets: rr = round trip of a 64-byte message (sockperf ping-pong --full-rtt), us,\n\
          median [min-max] over repetitions; _load = while iperf3 sends bulk the other way through the same tunnel;\n\
          added = round trip minus raw veth's in the same repetition; crr = TCP connections/s (open, 64 B each way,\n\
-         close), 1 or 8 clients; pps64 = 64-byte UDP datagrams/s that arrived; vs {peer} = per-repetition ratio\n\
+         close), 1 or 8 clients (loss % = connections that failed); pps64 = 64-byte UDP datagrams/s that arrived;\n\
+         rate of an rr test = exchanges/s while counted; vs {peer} = per-repetition ratio\n\
          (round trip: lower is better; rate: higher is better)\n\n"
     );
     t += &format!(
@@ -497,7 +509,8 @@ mod tests {
 
     #[test]
     fn sockperf_percentiles_are_read() {
-        let out = "sockperf: \x1b[2;35mTotal 15777 observations\x1b[0m; each percentile contains 157.77 observations\n\
+        let out = "sockperf: [Valid Duration] RunTime=0.550 sec; SentMessages=15777; ReceivedMessages=15777\n\
+                   sockperf: \x1b[2;35mTotal 15777 observations\x1b[0m; each percentile contains 157.77 observations\n\
                    sockperf: ---> percentile 99.900 = 3966.952\n\
                    sockperf: ---> percentile 99.000 =   54.200\n\
                    sockperf: ---> percentile 50.000 =   12.418\n";
@@ -506,6 +519,7 @@ mod tests {
         assert_eq!(percentile(out, "50.000"), Some(12.418));
         assert_eq!(percentile(out, "90.000"), None);
         assert_eq!(observations(out), Some(15777));
+        assert_eq!(valid_seconds(out), Some(0.55));
     }
 
     fn row(rep: u32, config: &str, test: &str, p50: f64, rate: f64) -> LatRow {
