@@ -246,17 +246,29 @@ pub async fn status_churn(
     per_second: f64,
     seconds: f64,
 ) -> Result<u64> {
+    use k8s_openapi::jiff::Timestamp;
     let start = Instant::now();
     let every = Duration::from_secs_f64(1.0 / per_second.max(0.001));
     let mut sent = 0u64;
     let mut k = 0usize;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    // NB: the API server keeps whole seconds of a heartbeat, and a write
+    // that changes nothing is no event: a report in the second a Node was
+    // made (or last reported) would be lost to the count. Each Node's
+    // heartbeat is a second past its last, the first past the second this
+    // began in.
+    let mut last = vec![Timestamp::now().as_second(); names.len()];
     while start.elapsed().as_secs_f64() < seconds && !names.is_empty() {
         tick.tick().await;
-        let n = &names[k % names.len()];
+        let i = k % names.len();
+        let n = &names[i];
         k += 1;
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let second = Timestamp::now().as_second().max(last[i] + 1);
+        last[i] = second;
+        let now = Timestamp::from_second(second)
+            .with_context(|| format!("a heartbeat at second {second}"))?
+            .to_string();
         let patch = json!({"status": {"conditions": conditions(&now)}});
         api.patch_status(n, &PatchParams::default(), &Patch::Merge(&patch))
             .await
