@@ -178,6 +178,27 @@ pub fn render_status(s: &Status, now: u64) -> String {
             each.join(", ")
         );
     }
+    if s.crypto.workers > 1 {
+        let c = &s.crypto;
+        let share = if c.chunks > 0 {
+            format!(
+                "; helpers ran {} of {} chunks of {} split batches ({:.0}%)",
+                c.helper_chunks,
+                c.chunks,
+                c.parallel_batches,
+                100.0 * c.helper_chunks as f64 / c.chunks as f64
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "crypto:      {} workers (each queue's and {} helper{}){share}",
+            c.workers,
+            c.workers - 1,
+            if c.workers == 2 { "" } else { "s" }
+        );
+    }
     let _ = writeln!(
         out,
         "endpoint:    {}",

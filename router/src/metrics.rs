@@ -366,6 +366,31 @@ impl Health {
                 k.mesh_updates,
             );
         }
+        let crypto = self.dp.crypto_stats();
+        gauge(
+            &mut reg,
+            "crypto_workers",
+            "Threads that encrypt and decrypt a batch together (the queue worker that read it and helpers)",
+            crypto.workers as i64,
+        );
+        counter(
+            &mut reg,
+            "crypto_parallel_batches",
+            "Batches whose encryption or decryption was cut into chunks for the crypto workers",
+            crypto.parallel_batches,
+        );
+        counter(
+            &mut reg,
+            "crypto_chunks",
+            "Chunks of those batches",
+            crypto.chunks,
+        );
+        counter(
+            &mut reg,
+            "crypto_helper_chunks",
+            "Chunks a helper thread ran (the rest ran on the queue worker that read the batch)",
+            crypto.helper_chunks,
+        );
         counter(
             &mut reg,
             "peer_table_builds",

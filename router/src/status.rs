@@ -64,6 +64,10 @@ pub struct Status {
     /// Per data-plane queue, what it carried.
     #[serde(default)]
     pub queues: Vec<QueueStatus>,
+    /// The crypto workers (the queue workers and their helpers) and how
+    /// much of the batches' encryption the helpers took.
+    #[serde(default)]
+    pub crypto: crate::dataplane::crypto::PoolStats,
     pub reloads: u64,
     pub last_reload: Option<ReloadStatus>,
     /// The Kubernetes source's state (absent with a mesh file).
@@ -206,6 +210,7 @@ impl Status {
             counters: dp.counters.snapshot(),
             offload: c.offload,
             queues: c.queues,
+            crypto: dp.crypto_stats(),
             reloads: c.source.reloads,
             last_reload: c.source.last_reload,
             kubernetes: c.source.kubernetes,

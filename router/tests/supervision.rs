@@ -136,6 +136,13 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
         counters: dp.counters.snapshot(),
         offload: Default::default(),
         queues: vec![],
+        crypto: tunmesh_router::dataplane::crypto::PoolStats {
+            workers: 2,
+            parallel_batches: 10,
+            chunks: 40,
+            helper_chunks: 18,
+            wait_us: 0,
+        },
         reloads: 0,
         last_reload: None,
         kubernetes: None,
@@ -175,6 +182,10 @@ fn a_dead_queue_fails_healthz_and_is_named_in_metrics_status_and_ctl() {
         "{text}"
     );
     assert!(text.contains("snapshot:    rewritten every 30 s"), "{text}");
+    assert!(
+        text.contains("crypto:      2 workers (each queue's and 1 helper); helpers ran 18 of 40 chunks of 10 split batches (45%)"),
+        "{text}"
+    );
     assert!(
         text.contains("handover:    2 failed, the last 0 s ago: a new router took over and failed after its Ack: gone"),
         "{text}"

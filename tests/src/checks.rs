@@ -263,6 +263,147 @@ pub fn udp_bursts(
     ))
 }
 
+/// What a receiver counting sequence numbers saw (`udp_in_order`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OrderCount {
+    pub sent: u64,
+    pub received: u64,
+    /// Datagrams that arrived after one with a higher number.
+    pub reordered: u64,
+    /// Datagrams that arrived twice.
+    pub duplicates: u64,
+    /// Datagrams whose bytes were not what was sent.
+    pub damaged: u64,
+}
+
+/// Sends numbered UDP datagrams of `len` bytes from namespace `from` to
+/// `dst` in `to`, in bursts of `burst`, each burst handed to the kernel
+/// in UDP GSO sends of up to 40 datagrams (so that they reach the router
+/// as super-packets, which it reads as one batch), waiting for each burst
+/// to arrive (or 3 s) before the next, until `more` says stop (asked after
+/// each burst with what was seen so far); the receiver counts what came
+/// out of order, twice or damaged.
+pub fn udp_in_order(
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+    len: usize,
+    burst: usize,
+    mut more: impl FnMut(&OrderCount) -> bool,
+) -> Result<OrderCount> {
+    use std::net::UdpSocket;
+    use std::sync::{Arc, Mutex};
+    let rx = in_netns(to, move || UdpSocket::bind(SocketAddr::new(dst, 0)))?
+        .with_context(|| format!("binding UDP on {dst} in {to}"))?;
+    let addr = rx.local_addr()?;
+    let tx = in_netns(from, move || -> std::io::Result<UdpSocket> {
+        let unspecified: IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
+        s.connect(addr)?;
+        Ok(s)
+    })??;
+    {
+        use std::os::fd::AsRawFd;
+        let seg = libc::c_int::try_from(len)?;
+        // SAFETY: setsockopt on a valid socket with a pointer to a c_int
+        // and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                tx.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                (&seg as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            bail!(
+                "UDP_SEGMENT on the sender: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    rx.set_read_timeout(Some(Duration::from_millis(200)))?;
+    big_receive_buffer(&rx);
+    let seen = Arc::new(Mutex::new(OrderCount::default()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let (seen, done) = (Arc::clone(&seen), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut want = Vec::new();
+            let mut got: Vec<bool> = Vec::new();
+            let mut highest: Option<u32> = None;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(n) = rx.recv(&mut buf) else { continue };
+                let Some(seq) = buf
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                else {
+                    continue;
+                };
+                datagram(seq, n, &mut want);
+                let mut c = seen.lock().unwrap_or_else(|p| p.into_inner());
+                c.received += 1;
+                if buf[..n] != want[..] {
+                    c.damaged += 1;
+                    continue;
+                }
+                let i = seq as usize;
+                if got.len() <= i {
+                    got.resize(i + 1, false);
+                }
+                if std::mem::replace(&mut got[i], true) {
+                    c.duplicates += 1;
+                }
+                if highest.is_some_and(|h| seq < h) {
+                    c.reordered += 1;
+                }
+                highest = highest.max(Some(seq));
+            }
+        })
+    };
+    let mut msg = Vec::new();
+    let mut gso = Vec::new();
+    let mut sent = 0u64;
+    let result = (|| -> Result<()> {
+        loop {
+            let mut left = burst;
+            while left > 0 {
+                let k = left.min(40);
+                gso.clear();
+                for _ in 0..k {
+                    datagram(sent as u32, len, &mut msg);
+                    gso.extend_from_slice(&msg);
+                    sent += 1;
+                }
+                tx.send(&gso)?;
+                left -= k;
+            }
+            let all = sent;
+            let _ = netns::wait_for(Duration::from_secs(3), || {
+                (seen.lock().map(|c| c.received).unwrap_or(0) >= all).then_some(())
+            });
+            let now = OrderCount {
+                sent,
+                ..*seen.lock().unwrap_or_else(|p| p.into_inner())
+            };
+            if !more(&now) {
+                return Ok(());
+            }
+        }
+    })();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = receiver.join();
+    result?;
+    let c = *seen.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(OrderCount { sent, ..c })
+}
+
 /// Gives a test's receiving UDP socket 8 MiB of buffer: a burst must not be
 /// lost to the kernel default (208 KiB) when the machine is busy.
 pub fn big_receive_buffer(sock: &std::net::UdpSocket) {

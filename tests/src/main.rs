@@ -91,6 +91,23 @@ enum Cmd {
         #[arg(long)]
         no_install: bool,
     },
+    /// One flow sealed and opened by the engine with 1 and with 2 crypto
+    /// workers, over in-memory batches (no kernel, no root needed); ends
+    /// with `engine: one flow 2/1 workers = S`, the median of the
+    /// per-repetition ratios.
+    EngineBench {
+        #[arg(long, default_value_t = 5)]
+        reps: u32,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Also write the rows as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Run only this many workers, once, for `--seconds` (to profile
+        /// one configuration): prints its Gbit/s and no ratio.
+        #[arg(long)]
+        only: Option<usize>,
+    },
     /// iperf3 through the mesh for minutes while nodes join and leave;
     /// reports router memory and fails on a dead router or stuck peer.
     Soak {
@@ -293,6 +310,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::EngineBench {
+            reps,
+            seconds,
+            json,
+            only,
+        } => {
+            if let Some(workers) = only {
+                let g = bench::engine::run_one(workers, seconds)?;
+                println!("engine: one flow, {workers} workers: {g:.2} Gbit/s");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let report = bench::engine::run(reps, seconds)?;
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            println!("{}", report.line());
+            Ok(if report.speedup.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Bench {
             seconds,

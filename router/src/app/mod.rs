@@ -36,7 +36,7 @@ use crate::{rotation, uapi, warm};
 mod queues;
 mod sources;
 
-use queues::{QueueSpec, Queues};
+use queues::{crypto_worker_count, QueueSpec, Queues};
 use sources::SourceParts;
 
 /// Name of the TUN device.
@@ -121,6 +121,14 @@ pub struct Args {
     /// CPU, at most 4.
     #[arg(long, env = "TUNMESH_QUEUES", default_value_t = 0)]
     pub queues: usize,
+    /// Crypto workers: the threads that encrypt and decrypt a batch
+    /// together, so that one flow (one peer on one queue) can use more
+    /// than one core while its packets leave in order. The queue worker
+    /// that read a batch is one of them; the others are helper threads
+    /// that take a share of its packets when they are free. 0: one per
+    /// CPU; 1: no helpers.
+    #[arg(long, env = "TUNMESH_CRYPTO_WORKERS", default_value_t = 0)]
+    pub crypto_workers: usize,
     /// Directory for the router's state: key, status.json, node.json.
     #[arg(long, env = "TUNMESH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
@@ -276,8 +284,9 @@ async fn resolve_mtu(args: &Args, host: &HostNet) -> (u16, Option<u16>) {
 }
 
 /// The data plane with the node's key (and a rotation's next key).
-fn data_plane(src: &SourceParts, mtu: u16) -> Arc<Dataplane> {
+fn data_plane(src: &SourceParts, mtu: u16, crypto_workers: usize) -> Arc<Dataplane> {
     let dp = Dataplane::new(&src.key, usize::from(mtu));
+    dp.start_crypto_workers(crypto_worker_count(crypto_workers));
     if let Some(next) = &src.next_key {
         info!(next = %next.public_key(), "a key rotation is under way: answering handshakes to both keys");
         dp.set_next_key(Some(next));
@@ -344,7 +353,7 @@ pub async fn run(mut args: Args, faults: &dyn Faults) -> anyhow::Result<()> {
         .create(&args.state_dir)
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
     let src = sources::open(&args, underlay_mtu).await?;
-    let dp = data_plane(&src, mtu);
+    let dp = data_plane(&src, mtu, args.crypto_workers);
     let rotation = rotation::Rotation::new(
         src.key_file.clone(),
         src.announce,

@@ -24,6 +24,17 @@ pub fn queue_count(asked: usize) -> usize {
     }
 }
 
+/// The number of crypto workers for `--crypto-workers` (0: one per CPU
+/// this process may use).
+pub fn crypto_worker_count(asked: usize) -> usize {
+    match asked {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    }
+}
+
 /// How long a starting router waits for a previous one on the node to let
 /// go of its UDP port, TUN device and metrics port (a router killed a
 /// moment ago, whose sockets the kernel has not released yet).

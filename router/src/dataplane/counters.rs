@@ -179,23 +179,20 @@ pub struct PeerCounters {
 }
 
 impl PeerCounters {
-    #[inline]
-    pub fn tx(&self, bytes: usize) {
-        self.tx_packets.fetch_add(1, Relaxed);
-        self.tx_bytes.fetch_add(bytes as u64, Relaxed);
-    }
-
-    /// `packets` sealed and sent at once, `bytes` of inner packets in all
-    /// (the ones that waited for a handshake, flushed after it).
+    /// `packets` sealed and sent at once (a run of one peer's in a batch,
+    /// or the ones that waited for a handshake), `bytes` of inner packets
+    /// in all.
     #[inline]
     pub fn tx_n(&self, packets: u64, bytes: u64) {
         self.tx_packets.fetch_add(packets, Relaxed);
         self.tx_bytes.fetch_add(bytes, Relaxed);
     }
 
+    /// `packets` received at once (a run of one peer's in a batch),
+    /// `bytes` of inner packets in all.
     #[inline]
-    pub fn rx(&self, bytes: usize) {
-        self.rx_packets.fetch_add(1, Relaxed);
-        self.rx_bytes.fetch_add(bytes as u64, Relaxed);
+    pub fn rx_n(&self, packets: u64, bytes: u64) {
+        self.rx_packets.fetch_add(packets, Relaxed);
+        self.rx_bytes.fetch_add(bytes, Relaxed);
     }
 }

@@ -74,6 +74,24 @@ impl Batch {
         }
     }
 
+    /// Removes the packets of length 0 (slots a step gave up after taking
+    /// them), keeping the others' order; buffers are swapped, not copied.
+    pub fn drop_empty(&mut self) {
+        let mut w = 0;
+        for r in 0..self.n {
+            if self.lens.get(r).copied().unwrap_or(0) == 0 {
+                continue;
+            }
+            if w != r {
+                self.bufs.swap(w, r);
+                self.lens.swap(w, r);
+                self.addrs.swap(w, r);
+            }
+            w += 1;
+        }
+        self.n = w;
+    }
+
     /// Packet `i` as a slice.
     #[inline]
     pub fn packet(&self, i: usize) -> &[u8] {

@@ -6,6 +6,7 @@
 #[cfg(feature = "ab-crates")]
 pub mod ab_crates;
 pub mod counters;
+pub mod crypto;
 pub mod engine;
 pub mod io;
 pub mod keys;
@@ -19,7 +20,7 @@ pub mod udp;
 pub mod worker;
 
 pub use counters::{Counters, Drop};
-pub use engine::{Dataplane, MeshDiff, PeerSession, WorkerSlot};
+pub use engine::{Dataplane, MeshDiff, PeerSession, Plan, WorkerSlot};
 pub use io::{Batch, Queue, TunIo, UdpIo, BATCH};
 
 use std::os::fd::RawFd;

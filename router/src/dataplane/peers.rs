@@ -18,7 +18,7 @@ use boringtun::noise::Tunn;
 use ipnetwork::IpNetwork;
 
 use super::counters::PeerCounters;
-use super::table::Lpm;
+use super::table::{Lpm, MixHash};
 use crate::model::PeerSpec;
 use crate::PublicKey;
 
@@ -252,7 +252,7 @@ impl Peer {
 pub struct PeerTable {
     /// Sorted by name.
     pub peers: Vec<Arc<Peer>>,
-    by_index: HashMap<u32, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>, MixHash>,
     by_key: HashMap<PublicKey, Arc<Peer>>,
     routes: Lpm<Arc<Peer>>,
     /// Peer node addresses: inbound source check only, never routes.

@@ -16,12 +16,61 @@ fn mask6(prefix: u8) -> u128 {
     u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
 }
 
+/// Hashing for the packet path's maps, whose keys the cluster's
+/// configuration chooses (prefixes of allowed IPs) or this node hands out
+/// (session indices), never a remote party: a multiply-and-fold per word
+/// and splitmix64's finalizer, where the default SipHash costs as much as
+/// a third of the rest of a data message's bookkeeping. NB: probed for
+/// every packet (a route, a source check, a session index).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MixHash;
+
+impl std::hash::BuildHasher for MixHash {
+    type Hasher = MixHasher;
+    fn build_hasher(&self) -> MixHasher {
+        MixHasher(0)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct MixHasher(u64);
+
+const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl std::hash::Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 30;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 27;
+        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(23) ^ i).wrapping_mul(MIX);
+    }
+    fn write_u128(&mut self, i: u128) {
+        self.write_u64(i as u64);
+        self.write_u64((i >> 64) as u64);
+    }
+}
+
 /// Maps prefixes to values; `lookup` returns the value of the longest
 /// prefix containing an address.
 #[derive(Debug, Clone)]
 pub struct Lpm<T> {
-    v4: Vec<(u8, HashMap<u32, T>)>,
-    v6: Vec<(u8, HashMap<u128, T>)>,
+    v4: Vec<(u8, HashMap<u32, T, MixHash>)>,
+    v6: Vec<(u8, HashMap<u128, T, MixHash>)>,
 }
 
 impl<T> Default for Lpm<T> {
@@ -66,7 +115,7 @@ impl<T> Lpm<T> {
 
 /// Inserts into the map for prefix length `p`, keeping levels sorted longest first.
 fn insert_at<K: std::hash::Hash + Eq, T>(
-    levels: &mut Vec<(u8, HashMap<K, T>)>,
+    levels: &mut Vec<(u8, HashMap<K, T, MixHash>)>,
     p: u8,
     key: K,
     value: T,
@@ -76,7 +125,7 @@ fn insert_at<K: std::hash::Hash + Eq, T>(
         .position(|(q, _)| *q <= p)
         .unwrap_or(levels.len());
     if levels.get(i).is_none_or(|(q, _)| *q != p) {
-        levels.insert(i, (p, HashMap::new()));
+        levels.insert(i, (p, HashMap::with_hasher(MixHash)));
     }
     if let Some((_, m)) = levels.get_mut(i) {
         m.insert(key, value);

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use super::counters::Drop;
-use super::engine::{Dataplane, WorkerSlot, TICK};
+use super::engine::{Dataplane, Plan, WorkerSlot, TICK};
 use super::io::{Batch, Queue, TunIo, UdpIo, BATCH};
 
 /// How long a worker waits for I/O before checking whether to stop.
@@ -202,6 +202,7 @@ impl Dataplane {
         let mut to_udp = Batch::new(BATCH, size);
         let mut from_udp = Batch::new(BATCH, size);
         let mut to_tun = Batch::with_offset(BATCH, size, tun.write_offset());
+        let mut plan = Plan::new();
         let mut tun_errors = ErrorLog::new("reading the TUN device");
         let mut udp_errors = ErrorLog::new("receiving UDP");
         let mut poll_errors = ErrorLog::new("waiting for packets");
@@ -214,7 +215,7 @@ impl Dataplane {
             if arrived(got, &mut udp_errors) {
                 busy = true;
                 let table = self.batch_table();
-                let handshakes = self.open(&table, &from_udp, &mut to_tun, &mut to_udp);
+                let handshakes = self.open(&table, &from_udp, &mut to_tun, &mut to_udp, &mut plan);
                 self.send_tun(&mut to_tun, tun);
                 self.send_udp(&mut to_udp, udp);
                 if handshakes {
@@ -229,7 +230,7 @@ impl Dataplane {
             if arrived(got, &mut tun_errors) {
                 busy = true;
                 let table = self.batch_table();
-                self.seal(&table, &from_tun, &mut to_udp, &mut to_tun);
+                self.seal(&table, &from_tun, &mut to_udp, &mut to_tun, &mut plan);
                 self.send_udp(&mut to_udp, udp);
                 // ICMP replies to packets too big for their path.
                 self.send_tun(&mut to_tun, tun);

@@ -22,6 +22,7 @@ use tunmesh_keygen::PrivateKey;
 use crate::netns::{self, add_netns, exec, veth, Cleanup};
 use crate::peers::{self, Side};
 
+pub mod engine;
 pub mod latency;
 pub use latency::{LatRow, LatSummary, LATENCY_TESTS};
 

@@ -6,6 +6,8 @@ pub mod handshake;
 pub mod rate_limiter;
 
 mod session;
+// tunmesh patch: a data packet's AEAD apart from the tunnel's state.
+pub mod split;
 // tunmesh patch: a tunnel's live sessions exported and imported.
 pub mod state;
 mod timers;
@@ -64,8 +66,10 @@ pub struct Tunn {
     handshake: handshake::Handshake,
     /// The N_SESSIONS most recent sessions, index is session id modulo N_SESSIONS.
     /// tunmesh patch: boxed, so that a tunnel with one session or none is
-    /// small (a session with its replay window is over a kilobyte).
-    sessions: [Option<Box<session::Session>>; N_SESSIONS],
+    /// small (a session with its replay window is over a kilobyte); in an
+    /// `Arc`, so that data packets can be sealed and opened on other threads
+    /// (`split`).
+    sessions: [Option<Arc<session::Session>>; N_SESSIONS],
     /// Index of most recently used session
     current: usize,
     /// Queue to store blocked packets
@@ -333,7 +337,7 @@ impl Tunn {
 
         // Store new session in ring buffer
         let index = session.local_index();
-        self.sessions[index % N_SESSIONS] = Some(Box::new(session));
+        self.sessions[index % N_SESSIONS] = Some(Arc::new(session));
 
         self.timer_tick(TimerName::TimeLastPacketReceived);
         self.timer_tick(TimerName::TimeLastPacketSent);
@@ -361,7 +365,7 @@ impl Tunn {
         // Store new session in ring buffer
         let l_idx = session.local_index();
         let index = l_idx % N_SESSIONS;
-        self.sessions[index] = Some(Box::new(session));
+        self.sessions[index] = Some(Arc::new(session));
 
         self.timer_tick(TimerName::TimeLastPacketReceived);
         self.timer_tick_session_established(true, index); // New session established, we are the initiator

@@ -12,8 +12,11 @@ pub struct Session {
     sending_index: u32,
     receiver: LessSafeKey,
     sender: LessSafeKey,
-    sending_key_counter: AtomicU64,
-    receiving_key_counter: Mutex<ReceivingKeyCounterValidator>,
+    // tunmesh patch: the two fields the owner writes for every packet sit
+    // on cache lines of their own, apart from the keys other threads read
+    // while they seal and open (`split`), and from the `Arc`'s counts.
+    sending_key_counter: Padded<AtomicU64>,
+    receiving_key_counter: Padded<Mutex<ReceivingKeyCounterValidator>>,
     // tunmesh patch: the keys' bytes, for `export` (ring's keys do not give them back).
     receiving_key: [u8; 32],
     sending_key: [u8; 32],
@@ -26,6 +29,18 @@ impl std::fmt::Debug for Session {
             "Session: {}<- ->{}",
             self.receiving_index, self.sending_index
         )
+    }
+}
+
+/// tunmesh patch: a field on cache lines of its own (two lines: adjacent
+/// lines are fetched together).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
     }
 }
 
@@ -182,8 +197,8 @@ impl Session {
                 UnboundKey::new(&CHACHA20_POLY1305, &receiving_key).unwrap(),
             ),
             sender: LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &sending_key).unwrap()),
-            sending_key_counter: AtomicU64::new(0),
-            receiving_key_counter: Mutex::new(Default::default()),
+            sending_key_counter: Padded(AtomicU64::new(0)),
+            receiving_key_counter: Padded(Mutex::new(Default::default())),
             receiving_key,
             sending_key,
         }
@@ -343,6 +358,70 @@ impl Session {
         // After decryption is done, check counter again, and mark as received
         self.receiving_counter_mark(packet.counter)?;
         Ok(ret)
+    }
+
+    /// tunmesh patch: the next send counter, taken (for `seal_with`).
+    pub(super) fn reserve_counter(&self) -> u64 {
+        self.sending_key_counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// tunmesh patch: `format_packet_data` with a counter taken before
+    /// (`reserve_counter`), so that several threads can seal one session's
+    /// packets, each with the counter handed out for it. The data message's
+    /// length, or `None` (nothing written) if `dst` is too small.
+    pub(super) fn seal_with(&self, counter: u64, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+        let n = DATA_OFFSET + src.len() + AEAD_SIZE;
+        let dst = dst.get_mut(..n)?;
+        let (header, data) = dst.split_at_mut(DATA_OFFSET);
+        header[..4].copy_from_slice(&super::DATA.to_le_bytes());
+        header[4..8].copy_from_slice(&self.sending_index.to_le_bytes());
+        header[8..16].copy_from_slice(&counter.to_le_bytes());
+        let (body, tag_room) = data.split_at_mut(src.len());
+        body.copy_from_slice(src);
+        let mut nonce = [0u8; 12];
+        nonce[4..12].copy_from_slice(&counter.to_le_bytes());
+        let tag = self
+            .sender
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&[]),
+                body,
+            )
+            .ok()?;
+        tag_room.copy_from_slice(tag.as_ref());
+        Some(n)
+    }
+
+    /// tunmesh patch: `packet` decrypted into `dst`, with no look at the
+    /// replay window (`mark` after). The plaintext's length; `dst` too
+    /// small is an error, not a panic.
+    pub(super) fn decrypt(
+        &self,
+        packet: &PacketData,
+        dst: &mut [u8],
+    ) -> Result<usize, WireGuardError> {
+        let ct_len = packet.encrypted_encapsulated_packet.len();
+        let dst = dst
+            .get_mut(..ct_len)
+            .ok_or(WireGuardError::DestinationBufferTooSmall)?;
+        let mut nonce = [0u8; 12];
+        nonce[4..12].copy_from_slice(&packet.counter.to_le_bytes());
+        dst.copy_from_slice(packet.encrypted_encapsulated_packet);
+        self.receiver
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&[]),
+                dst,
+            )
+            .map(|p| p.len())
+            .map_err(|_| WireGuardError::InvalidAeadTag)
+    }
+
+    /// tunmesh patch: `counter` (of a message that decrypted) checked
+    /// against the replay window and marked as received, refused if it
+    /// was already or is too old for the window.
+    pub(super) fn mark(&self, counter: u64) -> Result<(), WireGuardError> {
+        self.receiving_counter_mark(counter)
     }
 
     /// Returns the estimated downstream packet loss for this session

@@ -104,13 +104,13 @@ impl Tunn {
         if st.timer_ages.len() != TIMERS {
             return Err(WireGuardError::InvalidPacket);
         }
-        let mut sessions: [Option<Box<Session>>; N_SESSIONS] = Default::default();
+        let mut sessions: [Option<std::sync::Arc<Session>>; N_SESSIONS] = Default::default();
         for (slot, s) in &st.sessions {
             let session = Session::import(s).ok_or(WireGuardError::InvalidPacket)?;
             if *slot >= N_SESSIONS || session.local_index() % N_SESSIONS != *slot {
                 return Err(WireGuardError::InvalidPacket);
             }
-            sessions[*slot] = Some(Box::new(session));
+            sessions[*slot] = Some(std::sync::Arc::new(session));
         }
         // Times are kept as offsets from the tunnel's start: start it far
         // enough back that the oldest event is at or after it.
