@@ -49,6 +49,9 @@ use tracing::{error, info};
 const BOARDS: usize = 16;
 /// At most this many helpers (their parked set is a bit mask).
 pub const MAX_HELPERS: usize = 63;
+/// Words of a board's finished-chunk bits: a streamed batch has at most
+/// `64 * DONE_WORDS` chunks (more, and it runs on the posting thread).
+const DONE_WORDS: usize = 2;
 /// How long a helper looks for work after its last chunk before it parks:
 /// longer than the gap between a stream's batches, so that a busy flow
 /// does not pay a wake-up per batch; short enough that an idle router
@@ -83,6 +86,9 @@ struct Board {
     state: AtomicU64,
     /// Chunks of the current generation finished (by anyone).
     done: AtomicU32,
+    /// Which chunks of the current generation are finished (bit c of word
+    /// c / 64): the poster finishes a batch in order as they come.
+    finished: [AtomicU64; DONE_WORDS],
     /// The batch's job. Written by the poster before it publishes a chunk
     /// (release, through `state`) and read by a thread only after its
     /// claim on that state succeeded (acquire); the poster does not
@@ -101,8 +107,17 @@ impl Board {
             busy: AtomicBool::new(false),
             state: AtomicU64::new(pack(0, 0, 0)),
             done: AtomicU32::new(0),
+            finished: [AtomicU64::new(0), AtomicU64::new(0)],
             job: UnsafeCell::new(None),
         }
+    }
+
+    /// Whether chunk `c` of the current generation is finished (acquire:
+    /// what its runner wrote is visible).
+    fn is_finished(&self, c: usize) -> bool {
+        self.finished
+            .get(c / 64)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (c % 64)) != 0)
     }
 
     /// Claims a published chunk: from the front (helpers) or the back
@@ -168,6 +183,9 @@ impl Board {
             Some(f) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(chunk))).is_ok(),
             None => true,
         };
+        if let Some(w) = self.finished.get(chunk / 64) {
+            w.fetch_or(1 << (chunk % 64), Ordering::Release);
+        }
         self.done.fetch_add(1, Ordering::Release);
         ok
     }
@@ -370,34 +388,48 @@ impl CryptoPool {
         drop(posted);
     }
 
-    /// Plans a batch and runs `f` on every job of it, on this thread and
-    /// the free helpers, starting on the first chunks (`per_chunk` jobs
-    /// each) while `plan` still adds to the batch: `plan` gets a `Feed` to
-    /// push the batch's jobs into, in order. On return `jobs` holds every
-    /// job pushed, in that order, each run through `f` once.
-    pub fn stream<T: Send>(
+    /// Plans a batch, runs `f` on every job of it on this thread and the
+    /// free helpers, and finishes the jobs in order on this thread.
+    /// `plan` pushes the batch's jobs into a `Feed`, in order; helpers
+    /// start on the first chunks (`per_chunk` jobs each) while it still
+    /// plans. Then `finish` gets each job, in the order pushed, as soon as
+    /// `f` has run on it: while a helper still runs the next chunk, this
+    /// thread runs chunks nobody has claimed, so it waits only when there
+    /// is nothing else to do. `ctx` is lent to `plan` and to `finish` in
+    /// turn (what both write to: the output batches). On return `jobs`
+    /// holds every job pushed, in order.
+    pub fn stream<T: Send, C>(
         &self,
         jobs: &mut Vec<T>,
         per_chunk: usize,
+        ctx: &mut C,
         f: &(dyn Fn(&mut T) + Sync),
-        plan: impl FnOnce(&mut Feed<'_, T>),
+        plan: impl FnOnce(&mut Feed<'_, T>, &mut C),
+        mut finish: impl FnMut(&mut T, &mut C),
     ) {
         jobs.clear();
         let per_chunk = per_chunk.max(1);
-        let helped = !self.handles.is_empty() && jobs.capacity() >= 2 * per_chunk;
+        let cap = jobs.capacity();
+        let helped = !self.handles.is_empty()
+            && cap >= 2 * per_chunk
+            && cap.div_ceil(per_chunk) <= 64 * DONE_WORDS
+            && cap.div_ceil(per_chunk) < usize::from(u16::MAX);
         let written = AtomicUsize::new(0);
         let base = Jobs(jobs.as_mut_ptr());
-        let cap = jobs.capacity();
-        let chunk = |c: usize| {
+        let range = |c: usize, len: usize| {
             let start = c * per_chunk;
-            let end = (start + per_chunk).min(written.load(Ordering::Acquire));
-            if start >= end || end > cap {
+            (start, (start + per_chunk).min(len).max(start))
+        };
+        let chunk = |c: usize| {
+            let (start, end) = range(c, written.load(Ordering::Acquire));
+            if end > cap {
                 return;
             }
             // SAFETY: jobs `start..end` were written (`Feed::push`) before
-            // this chunk was published, and are not touched by the feed or
-            // by any other chunk until the stream is over; `Stream`'s drop
-            // waits for every claimed chunk before `jobs` is used again.
+            // this chunk was published, and are touched by no one else
+            // until the chunk is marked finished (which `finish` waits
+            // for) or the stream is over (`Stream`'s drop waits for every
+            // claimed chunk before `jobs` is used again).
             let part = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
             part.iter_mut().for_each(f);
         };
@@ -412,15 +444,63 @@ impl CryptoPool {
             helped,
             job: &chunk,
         };
-        // NB: on every way out (a panic in `plan` included) the feed's drop
-        // closes the board, waits for the helpers' chunks and hands the
-        // jobs written to `jobs`.
+        // NB: on every way out (a panic in `plan` or `finish` included)
+        // the stream's drop closes the board, waits for the helpers'
+        // chunks and hands the jobs written to `jobs`.
         let stream = Stream {
             feed: &mut feed,
             jobs,
         };
-        plan(&mut *stream.feed);
-        stream.finish(&chunk);
+        plan(&mut *stream.feed, ctx);
+        let feed = &mut *stream.feed;
+        let len = feed.len;
+        written.store(len, Ordering::Release);
+        let chunks = len.div_ceil(per_chunk);
+        let finish_chunk = |c: usize, ctx: &mut C, finish: &mut dyn FnMut(&mut T, &mut C)| {
+            let (start, end) = range(c, len);
+            // SAFETY: chunk `c`'s jobs were written, `f` has run on them
+            // and nobody touches them again (its runner marked it
+            // finished, with release; or it ran on this thread).
+            let part = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
+            part.iter_mut().for_each(|j| finish(j, ctx));
+        };
+        match &feed.posted {
+            None => {
+                (0..chunks).for_each(&chunk);
+                (0..chunks).for_each(|c| finish_chunk(c, ctx, &mut finish));
+            }
+            Some(p) => {
+                p.publish_through((chunks as u16).saturating_sub(1));
+                let board = p.board;
+                let mut next = 0;
+                let mut spins = 0u32;
+                let mut waiting: Option<Instant> = None;
+                while next < chunks {
+                    if board.is_finished(next) {
+                        if let Some(t) = waiting.take() {
+                            p.shared
+                                .wait_ns
+                                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        }
+                        finish_chunk(next, ctx, &mut finish);
+                        next += 1;
+                    } else if let Some((c, _)) = board.claim(false) {
+                        board.run_claimed(c);
+                    } else {
+                        // A helper is running chunk `next`.
+                        waiting.get_or_insert_with(Instant::now);
+                        spins += 1;
+                        if spins < 1 << 12 {
+                            std::hint::spin_loop();
+                        } else {
+                            std::thread::yield_now();
+                        }
+                    }
+                }
+            }
+        }
+        // The rest: `Stream`'s drop.
+        drop(stream);
     }
 }
 
@@ -493,24 +573,6 @@ struct Stream<'f, 's, T> {
     jobs: &'f mut Vec<T>,
 }
 
-impl<T> Stream<'_, '_, T> {
-    /// Publishes the last chunk, runs what nobody claimed here, waits for
-    /// the helpers.
-    fn finish(self, chunk: &(dyn Fn(usize) + Sync)) {
-        let feed = &mut *self.feed;
-        feed.written.store(feed.len, Ordering::Release);
-        let chunks = feed.len.div_ceil(feed.per_chunk);
-        match &feed.posted {
-            Some(p) => {
-                let last = (chunks as u16).saturating_sub(1);
-                p.publish_through(last);
-            }
-            None => (0..chunks).for_each(chunk),
-        }
-        // The rest: `Stream`'s drop.
-    }
-}
-
 impl<T> Drop for Stream<'_, '_, T> {
     fn drop(&mut self) {
         // Runs the unclaimed chunks here, waits for the helpers' and
@@ -568,6 +630,9 @@ impl<'b> Posted<'b> {
         // (front == back), so no thread reads `job` now.
         unsafe { *board.job.get() = Some(erased) };
         board.done.store(0, Ordering::Relaxed);
+        for w in &board.finished {
+            w.store(0, Ordering::Relaxed);
+        }
         let (generation, _, _) = unpack(board.state.load(Ordering::Relaxed));
         let generation = generation.wrapping_add(1);
         board.state.store(pack(generation, 0, 0), Ordering::Release);
@@ -674,12 +739,25 @@ mod tests {
                     let mut jobs: Vec<(u64, u64)> = Vec::with_capacity(128);
                     for round in 0..500u64 {
                         let n = (round * 7 + t) % 129;
-                        pool.stream(&mut jobs, 5, &|j| j.1 += 1, |feed| {
-                            for i in 0..n {
-                                assert!(feed.push((i, round)).is_ok());
-                            }
-                            assert_eq!(feed.len() as u64, n);
-                        });
+                        let mut finished = 0u64;
+                        pool.stream(
+                            &mut jobs,
+                            5,
+                            &mut finished,
+                            &|j| j.1 += 1,
+                            |feed, _| {
+                                for i in 0..n {
+                                    assert!(feed.push((i, round)).is_ok());
+                                }
+                                assert_eq!(feed.len() as u64, n);
+                            },
+                            // In order, each after `f` ran on it.
+                            |j, finished| {
+                                assert_eq!(*j, (*finished, round + 1));
+                                *finished += 1;
+                            },
+                        );
+                        assert_eq!(finished, n);
                         assert_eq!(jobs.len() as u64, n);
                         assert!(jobs
                             .iter()
@@ -700,12 +778,19 @@ mod tests {
         let pool = CryptoPool::new(2);
         let mut jobs: Vec<u32> = Vec::with_capacity(10);
         let cap = jobs.capacity();
-        pool.stream(&mut jobs, 3, &|j| *j *= 2, |feed| {
-            for i in 0..cap as u32 {
-                assert!(feed.push(i).is_ok());
-            }
-            assert_eq!(feed.push(99), Err(99));
-        });
+        pool.stream(
+            &mut jobs,
+            3,
+            &mut (),
+            &|j| *j *= 2,
+            |feed, _| {
+                for i in 0..cap as u32 {
+                    assert!(feed.push(i).is_ok());
+                }
+                assert_eq!(feed.push(99), Err(99));
+            },
+            |_, _| {},
+        );
         assert_eq!(jobs, (0..cap as u32).map(|i| i * 2).collect::<Vec<_>>());
     }
 
@@ -721,8 +806,10 @@ mod tests {
             pool.stream(
                 &mut jobs,
                 2,
+                &mut (),
                 &|_| std::thread::sleep(Duration::from_micros(200)),
-                |feed| (0..16).for_each(|i| assert!(feed.push(i).is_ok())),
+                |feed, _| (0..16).for_each(|i| assert!(feed.push(i).is_ok())),
+                |_, _| {},
             );
         }
     }
@@ -742,9 +829,14 @@ mod tests {
         let before = pool.stats().parallel_batches;
         let mut jobs: Vec<u8> = Vec::with_capacity(128);
         for _ in 0..100 {
-            pool.stream(&mut jobs, 8, &|j| *j += 1, |feed| {
-                (0..8).for_each(|i| assert!(feed.push(i).is_ok()))
-            });
+            pool.stream(
+                &mut jobs,
+                8,
+                &mut (),
+                &|j| *j += 1,
+                |feed, _| (0..8).for_each(|i| assert!(feed.push(i).is_ok())),
+                |_, _| {},
+            );
             assert_eq!(jobs, (1..=8).collect::<Vec<u8>>());
         }
         assert_eq!(

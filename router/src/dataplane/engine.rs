@@ -697,25 +697,30 @@ impl Dataplane {
             job.sealed = job.session.seal(job.counter, pkt, &mut job.buf).is_some();
         };
         let mut sent = Tally::new(PeerCounters::tx_n);
-        self.crypto()
-            .stream(&mut plan.seal, self.chunk_jobs, &seal_one, |feed| {
-                self.plan_seal(table, input, out, tun_out, feed, &mut sent)
-            });
-        sent.flush();
-        // Buffers back in their slots; a packet that could not be sealed
-        // (no room: checked when planned, so never) leaves its slot.
-        let mut failed = 0;
-        for job in plan.seal.drain(..) {
-            if let Some(b) = out.bufs.get_mut(job.slot) {
-                *b = job.buf;
-            }
-            if !job.sealed {
-                if let Some(l) = out.lens.get_mut(job.slot) {
-                    *l = 0;
+        let mut outs = (out, tun_out, 0u64);
+        self.crypto().stream(
+            &mut plan.seal,
+            self.chunk_jobs,
+            &mut outs,
+            &seal_one,
+            |feed, (out, tun_out, _)| self.plan_seal(table, input, out, tun_out, feed, &mut sent),
+            // Each buffer back in its slot; a packet that could not be
+            // sealed (no room: checked when planned, so never) leaves it.
+            |job, (out, _, failed)| {
+                if let Some(b) = out.bufs.get_mut(job.slot) {
+                    *b = std::mem::take(&mut job.buf);
                 }
-                failed += 1;
-            }
-        }
+                if !job.sealed {
+                    if let Some(l) = out.lens.get_mut(job.slot) {
+                        *l = 0;
+                    }
+                    *failed += 1;
+                }
+            },
+        );
+        plan.seal.clear();
+        sent.flush();
+        let (out, _, failed) = outs;
         if failed > 0 {
             self.counters.drop_n(Drop::SendFailed, failed);
             out.drop_empty();
@@ -898,50 +903,59 @@ impl Dataplane {
             };
         };
         let mut handshakes = false;
-        self.crypto()
-            .stream(&mut plan.open, self.chunk_jobs, &open_one, |feed| {
-                handshakes = self.plan_open(table, input, tun_out, udp_out, feed)
-            });
-        // In order again: each peer learns what arrived, and each packet
-        // is kept only if its source is the peer's. (The peer is the one
-        // the first pass found: the same table, the same index.)
-        let mut held: Option<(&Arc<Peer>, MutexGuard<'_, PeerState>)> = None;
-        let mut emptied = false;
-        let mut received = Tally::new(PeerCounters::rx_n);
-        for mut job in plan.open.drain(..) {
-            let len = match table.by_index(job.index >> 8) {
-                Some(peer) => {
-                    if !held.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, peer)) {
-                        drop(held.take());
-                        held = Some((peer, peer.lock()));
+        let mut ctx = Opened {
+            tun_out,
+            udp_out,
+            held: None,
+            received: Tally::new(PeerCounters::rx_n),
+            emptied: false,
+        };
+        self.crypto().stream(
+            &mut plan.open,
+            self.chunk_jobs,
+            &mut ctx,
+            &open_one,
+            |feed, ctx| handshakes = self.plan_open(table, input, ctx.tun_out, ctx.udp_out, feed),
+            // In order again, as each chunk is open: each peer learns what
+            // arrived, and each packet is kept only if its source is the
+            // peer's. (The peer is the one the first pass found: the same
+            // table, the same index.)
+            |job, ctx| {
+                let len = match table.by_index(job.index >> 8) {
+                    Some(peer) => {
+                        if !ctx.held.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, peer)) {
+                            drop(ctx.held.take());
+                            ctx.held = Some((peer, peer.lock()));
+                        }
+                        let len = match ctx.held.as_mut() {
+                            Some((peer, st)) => self.opened(peer, st, job, offset, table),
+                            None => 0,
+                        };
+                        if len > 0 {
+                            ctx.received.add(peer, len);
+                        }
+                        len
                     }
-                    let len = match held.as_mut() {
-                        Some((peer, st)) => self.opened(peer, st, &mut job, offset, table),
-                        None => 0,
-                    };
-                    if len > 0 {
-                        received.add(peer, len);
+                    None => {
+                        self.counters.drop(Drop::DecryptFailed);
+                        0
                     }
-                    len
+                };
+                if let (Some(b), Some(l)) = (
+                    ctx.tun_out.bufs.get_mut(job.slot),
+                    ctx.tun_out.lens.get_mut(job.slot),
+                ) {
+                    *b = std::mem::take(&mut job.buf);
+                    *l = len;
                 }
-                None => {
-                    self.counters.drop(Drop::DecryptFailed);
-                    0
-                }
-            };
-            if let (Some(b), Some(l)) = (
-                tun_out.bufs.get_mut(job.slot),
-                tun_out.lens.get_mut(job.slot),
-            ) {
-                *b = job.buf;
-                *l = len;
-            }
-            emptied |= len == 0;
-        }
-        drop(held);
-        received.flush();
-        if emptied {
-            tun_out.drop_empty();
+                ctx.emptied |= len == 0;
+            },
+        );
+        plan.open.clear();
+        drop(ctx.held.take());
+        ctx.received.flush();
+        if ctx.emptied {
+            ctx.tun_out.drop_empty();
         }
         handshakes
     }
@@ -1426,6 +1440,17 @@ struct OpenJob {
     session: DataSession,
     buf: Vec<u8>,
     opened: Result<(usize, u64), WireGuardError>,
+}
+
+/// What open's last pass writes to, as each chunk of a batch is open:
+/// the output batches, the lock of the peer of the run, the run's tally.
+struct Opened<'t, 'b> {
+    tun_out: &'b mut Batch,
+    udp_out: &'b mut Batch,
+    held: Option<(&'t Arc<Peer>, MutexGuard<'t, PeerState>)>,
+    received: Tally<'t>,
+    /// A slot was given up (its length 0): the batch is to be compacted.
+    emptied: bool,
 }
 
 /// Packets and bytes of one peer's run, added to its counters once per
