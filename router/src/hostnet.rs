@@ -4,6 +4,7 @@
 //! same desired state twice changes nothing the second time.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt;
@@ -53,6 +54,15 @@ enum RouteMtu {
 #[derive(Clone)]
 pub struct HostNet {
     handle: Handle,
+}
+
+/// The host side of the TUN device, as the reconciler drives it: its
+/// routes and addresses (`TunLink`, and a fake in the reconciler's tests).
+pub trait HostApplier {
+    /// Makes tunmesh's routes through the TUN device exactly `routes`.
+    fn sync_routes(&self, routes: &[IpNetwork]) -> impl Future<Output = Result<RouteDiff>> + Send;
+    /// Brings the device up with its MTU and exactly `gateways` as addresses.
+    fn configure_link(&self, gateways: &[IpAddr]) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Routes added and removed by a sync.
@@ -362,7 +372,7 @@ pub struct TunLink {
     pub mtu: u32,
 }
 
-impl crate::reconcile::HostApplier for TunLink {
+impl HostApplier for TunLink {
     async fn sync_routes(&self, routes: &[IpNetwork]) -> Result<RouteDiff> {
         self.host.sync_routes(self.index, routes).await
     }

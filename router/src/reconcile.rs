@@ -13,7 +13,6 @@
 //! step is idempotent: applying the same snapshot twice changes nothing the
 //! second time, and a failed apply is simply applied again later.
 
-use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -24,7 +23,7 @@ use tunmesh_contract::validate::first_host;
 use tunmesh_contract::{NodeState, PluginSettings};
 
 use crate::dataplane::{Dataplane, MeshDiff};
-use crate::hostnet::RouteDiff;
+use crate::hostnet::{HostApplier, RouteDiff};
 use crate::model::{DesiredMesh, Nets, PeerSpec, Snapshot};
 use crate::source::Update;
 
@@ -109,18 +108,6 @@ impl Desired {
             .iter()
             .any(|a| !crate::model::covered(a, &self.blackhole_cidrs))
     }
-}
-
-/// The host side of the TUN device: its routes and addresses.
-pub trait HostApplier {
-    /// Makes tunmesh's routes through the TUN device exactly `routes`.
-    fn sync_routes(
-        &self,
-        routes: &[IpNetwork],
-    ) -> impl Future<Output = crate::Result<RouteDiff>> + Send;
-    /// Brings the device up with its MTU and exactly `gateways` as addresses.
-    fn configure_link(&self, gateways: &[IpAddr])
-        -> impl Future<Output = crate::Result<()>> + Send;
 }
 
 /// What the CNI plugin reads from the router.
@@ -525,7 +512,7 @@ mod tests {
         }
     }
 
-    fn block_on<F: Future>(f: F) -> F::Output {
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()

@@ -48,9 +48,22 @@ pub fn next_key_file(key_file: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// What is wrong with a rotation's input.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RotationError {
+    /// The next key file is there but is no key (or cannot be read).
+    #[error("{path}: {problem}")]
+    NextKey { path: PathBuf, problem: String },
+    /// A duration (`TUNMESH_KEY_ROTATION`, its grace) that is not one.
+    #[error("{text:?} is not a duration like 168h, 30m, 90s or 7d")]
+    NotADuration { text: String },
+    #[error("{text:?}: unknown unit {unit:?} (s, m, h or d)")]
+    UnknownUnit { text: String, unit: String },
+}
+
 /// The next key, if a rotation was asked for. A file that is there but
 /// unreadable is an error naming it (the rotation waits; nothing is lost).
-pub fn read_next(path: &Path) -> Result<Option<PrivateKey>, String> {
+pub fn read_next(path: &Path) -> Result<Option<PrivateKey>, RotationError> {
     match PrivateKey::read_file(path) {
         Ok(k) => Ok(Some(k)),
         Err(tunmesh_keygen::Error::Io { source, .. })
@@ -58,7 +71,10 @@ pub fn read_next(path: &Path) -> Result<Option<PrivateKey>, String> {
         {
             Ok(None)
         }
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(e) => Err(RotationError::NextKey {
+            path: path.to_path_buf(),
+            problem: e.to_string(),
+        }),
     }
 }
 
@@ -86,21 +102,26 @@ fn unix(t: SystemTime) -> u64 {
 
 /// Parses a duration as `168h`, `30m`, `45s`, `7d` or plain seconds; `0`
 /// or `off` is none.
-pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
+pub fn parse_duration(text: &str) -> Result<Option<Duration>, RotationError> {
     let t = text.trim();
     if t.is_empty() || t == "0" || t.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
     let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 168h, 30m, 90s or 7d"))?;
+    let n: u64 = num.parse().map_err(|_| RotationError::NotADuration {
+        text: text.to_string(),
+    })?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n.saturating_mul(60),
         "h" => n.saturating_mul(3600),
         "d" => n.saturating_mul(86400),
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (s, m, h or d)")),
+        _ => {
+            return Err(RotationError::UnknownUnit {
+                text: text.to_string(),
+                unit: unit.to_string(),
+            })
+        }
     };
     Ok(Some(Duration::from_secs(secs)).filter(|d| !d.is_zero()))
 }
@@ -353,8 +374,14 @@ mod tests {
         );
         assert_eq!(parse_duration("off"), Ok(None));
         assert_eq!(parse_duration("0"), Ok(None));
-        assert!(parse_duration("1w").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("h").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("1w")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
+        assert!(parse_duration("h")
+            .unwrap_err()
+            .to_string()
+            .contains("not a duration"));
     }
 
     #[test]
@@ -366,7 +393,7 @@ mod tests {
         assert_eq!(next, dir.join("private.key.next"));
         assert!(matches!(read_next(&next), Ok(None)));
         std::fs::write(&next, "not base64\n").unwrap();
-        let e = read_next(&next).unwrap_err();
+        let e = read_next(&next).unwrap_err().to_string();
         assert!(e.contains("private.key.next"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -183,7 +183,7 @@ pub fn load(
             max_age.as_secs()
         )));
     }
-    let mesh = file::validate(&file.mesh).map_err(|p| corrupt(p.join("; ")))?;
+    let mesh = file::validate(&file.mesh).map_err(|p| corrupt(file::describe(&p)))?;
     Ok(Some(Cached {
         snapshot: Snapshot {
             mesh: mesh.mesh,

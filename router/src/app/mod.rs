@@ -199,7 +199,7 @@ fn path_or_empty(s: &str) -> Result<PathBuf, std::convert::Infallible> {
 #[derive(Debug, Clone, Copy)]
 pub struct DurationArg(pub Option<Duration>);
 
-fn duration_arg(text: &str) -> Result<DurationArg, String> {
+fn duration_arg(text: &str) -> Result<DurationArg, rotation::RotationError> {
     rotation::parse_duration(text).map(DurationArg)
 }
 
@@ -589,7 +589,7 @@ async fn warm_start<H, C>(
     dp: &Dataplane,
 ) -> warm::StartStatus
 where
-    H: crate::reconcile::HostApplier,
+    H: crate::hostnet::HostApplier,
     C: crate::reconcile::CniFiles,
 {
     let loaded = warm::load(

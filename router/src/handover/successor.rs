@@ -186,7 +186,7 @@ fn adopt(
     let mesh = crate::source::file::validate(&state.mesh).map_err(|p| {
         HandoverError::Unusable(super::StateError::Field {
             field: "mesh".into(),
-            problem: p.join("; "),
+            problem: crate::source::file::describe(&p),
         })
     })?;
     let mut fds = fds.into_iter();

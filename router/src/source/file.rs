@@ -38,10 +38,43 @@ use crate::model::{unix_now, DesiredMesh, PeerSpec, ReloadStatus, Snapshot};
 
 /// What is wrong with a mesh file: its path and one line per problem.
 #[derive(Debug, thiserror::Error)]
-#[error("mesh file {path}: {}", problems.join("; "))]
+#[error("mesh file {path}: {}", describe(problems))]
 pub struct MeshFileError {
     pub path: String,
-    pub problems: Vec<String>,
+    pub problems: Vec<Problem>,
+}
+
+/// One thing wrong with a mesh file: the field (`peer[1] ("node-3").
+/// allowed_ips[0]`, `node.listen_port`; `file` for the file as a whole)
+/// and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub what: String,
+}
+
+impl Problem {
+    pub fn at(field: impl Into<String>, what: impl std::fmt::Display) -> Problem {
+        Problem {
+            field: field.into(),
+            what: what.to_string(),
+        }
+    }
+}
+
+/// Problems as one line, `; ` between them.
+pub fn describe(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.what)
+    }
 }
 
 /// This node's own settings from the `[node]` table. They take effect at
@@ -135,13 +168,13 @@ impl RawFile {
     }
 }
 
-fn cidr_list(raw: &[String], what: &str, problems: &mut Vec<String>) -> Vec<IpNetwork> {
+fn cidr_list(raw: &[String], what: &str, problems: &mut Vec<Problem>) -> Vec<IpNetwork> {
     raw.iter()
         .enumerate()
         .filter_map(|(i, t)| match validate::cidr(t) {
             Ok(n) => Some(n),
             Err(e) => {
-                problems.push(format!("{what}[{i}]: {e}"));
+                problems.push(Problem::at(format!("{what}[{i}]"), e));
                 None
             }
         })
@@ -237,37 +270,41 @@ impl PeerSource for FileSource {
 pub fn load(path: &Path) -> Result<MeshFile, MeshFileError> {
     let text = std::fs::read_to_string(path).map_err(|e| MeshFileError {
         path: path.display().to_string(),
-        problems: vec![format!("cannot read: {e}")],
+        problems: vec![Problem::at("file", format!("cannot read: {e}"))],
     })?;
     parse(&text, path)
 }
 
 /// Parses and validates mesh-file text; `path` only names it in errors.
 pub fn parse(text: &str, path: &Path) -> Result<MeshFile, MeshFileError> {
-    let fail = |problems: Vec<String>| MeshFileError {
+    let fail = |problems: Vec<Problem>| MeshFileError {
         path: path.display().to_string(),
         problems,
     };
-    let raw: RawFile =
-        toml::from_str(text).map_err(|e| fail(vec![e.to_string().trim().replace('\n', " ")]))?;
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        fail(vec![Problem::at(
+            "file",
+            e.to_string().trim().replace('\n', " "),
+        )])
+    })?;
     validate(&raw).map_err(fail)
 }
 
 /// Validates a mesh as written; every problem at once, each naming its
 /// field (`peer[1] ("node-3").allowed_ips[0]: ...`).
-pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
+pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<Problem>> {
     let mut problems = Vec::new();
 
     let n = &raw.node;
     if n.private_key_file.trim().is_empty() {
-        problems.push("node.private_key_file: empty".to_string());
+        problems.push(Problem::at("node.private_key_file", "empty"));
     }
     let listen_port = match u16::try_from(n.listen_port) {
         Ok(p) if p != 0 => p,
         _ => {
-            problems.push(format!(
-                "node.listen_port: {} is not a port (1-65535)",
-                n.listen_port
+            problems.push(Problem::at(
+                "node.listen_port",
+                format!("{} is not a port (1-65535)", n.listen_port),
             ));
             0
         }
@@ -277,7 +314,10 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
     if pod_cidrs.iter().filter(|c| c.is_ipv4()).count() > 1
         || pod_cidrs.iter().filter(|c| c.is_ipv6()).count() > 1
     {
-        problems.push("node.pod_cidrs: at most one IPv4 and one IPv6 prefix".to_string());
+        problems.push(Problem::at(
+            "node.pod_cidrs",
+            "at most one IPv4 and one IPv6 prefix",
+        ));
     }
 
     let mut peers: Vec<PeerSpec> = Vec::new();
@@ -294,14 +334,14 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
         let key = match validate::public_key(&p.public_key) {
             Ok(k) => Some(k),
             Err(e) => {
-                problems.push(format!("{label}.public_key: {e}"));
+                problems.push(Problem::at(format!("{label}.public_key"), e));
                 None
             }
         };
         let endpoint = match p.endpoint.as_deref().map(validate::endpoint).transpose() {
             Ok(ep) => ep,
             Err(e) => {
-                problems.push(format!("{label}.endpoint: {e}"));
+                problems.push(Problem::at(format!("{label}.endpoint"), e));
                 None
             }
         };
@@ -314,8 +354,9 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
         for (a, text) in p.node_addresses.iter().enumerate() {
             match text.trim().parse::<IpAddr>() {
                 Ok(ip) => node_addresses.push(ip),
-                Err(_) => problems.push(format!(
-                    "{label}.node_addresses[{a}]: {text:?} is not an IP address"
+                Err(_) => problems.push(Problem::at(
+                    format!("{label}.node_addresses[{a}]"),
+                    format!("{text:?} is not an IP address"),
                 )),
             }
         }
@@ -324,8 +365,9 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
             Some(s) => match u16::try_from(s) {
                 Ok(s) => Some(s),
                 Err(_) => {
-                    problems.push(format!(
-                        "{label}.persistent_keepalive: {s} is not 0-65535 seconds"
+                    problems.push(Problem::at(
+                        format!("{label}.persistent_keepalive"),
+                        format!("{s} is not 0-65535 seconds"),
                     ));
                     None
                 }
@@ -336,27 +378,35 @@ pub fn validate(raw: &RawFile) -> Result<MeshFile, Vec<String>> {
             .clone()
             .unwrap_or_else(|| p.public_key.trim().to_string());
         if name.trim().is_empty() {
-            problems.push(format!("{label}.name: empty"));
+            problems.push(Problem::at(format!("{label}.name"), "empty"));
         }
         if let Some(j) = names.insert(name.clone(), i) {
-            problems.push(format!("{label}.name: {name:?} is also peer[{j}]"));
+            problems.push(Problem::at(
+                format!("{label}.name"),
+                format!("{name:?} is also peer[{j}]"),
+            ));
         }
         if let Some(k) = key {
             if let Some(j) = keys.insert(k, i) {
-                problems.push(format!("{label}.public_key: same key as peer[{j}]"));
+                problems.push(Problem::at(
+                    format!("{label}.public_key"),
+                    format!("same key as peer[{j}]"),
+                ));
             }
         }
         for (a, net) in allowed_ips.iter().enumerate() {
             for own in &pod_cidrs {
                 if overlaps(net, own) {
-                    problems.push(format!(
-                        "{label}.allowed_ips[{a}]: {net} overlaps this node's pod CIDR {own}"
+                    problems.push(Problem::at(
+                        format!("{label}.allowed_ips[{a}]"),
+                        format!("{net} overlaps this node's pod CIDR {own}"),
                     ));
                 }
             }
             if let Some((o, other)) = claimed.overlapping(net) {
-                problems.push(format!(
-                    "{label}.allowed_ips[{a}]: {net} overlaps {o} of peer {other:?}"
+                problems.push(Problem::at(
+                    format!("{label}.allowed_ips[{a}]"),
+                    format!("{net} overlaps {o} of peer {other:?}"),
                 ));
             }
         }
