@@ -125,8 +125,9 @@ pub struct Args {
     /// together, so that one flow (one peer on one queue) can use more
     /// than one core while its packets leave in order. The queue worker
     /// that read a batch is one of them; the others are helper threads
-    /// that take a share of its packets when they are free. 0: one per
-    /// CPU; 1: no helpers.
+    /// that take a share of its packets when they are free. 0: a helper
+    /// for every CPU that no queue's worker has (none with as many queues
+    /// as CPUs); 1: no helpers.
     #[arg(long, env = "TUNMESH_CRYPTO_WORKERS", default_value_t = 0)]
     pub crypto_workers: usize,
     /// Directory for the router's state: key, status.json, node.json.
@@ -284,9 +285,12 @@ async fn resolve_mtu(args: &Args, host: &HostNet) -> (u16, Option<u16>) {
 }
 
 /// The data plane with the node's key (and a rotation's next key).
-fn data_plane(src: &SourceParts, mtu: u16, crypto_workers: usize) -> Arc<Dataplane> {
+fn data_plane(src: &SourceParts, mtu: u16, args: &Args) -> Arc<Dataplane> {
     let dp = Dataplane::new(&src.key, usize::from(mtu));
-    dp.start_crypto_workers(crypto_worker_count(crypto_workers));
+    dp.start_crypto_workers(crypto_worker_count(
+        args.crypto_workers,
+        queues::queue_count(args.queues),
+    ));
     if let Some(next) = &src.next_key {
         info!(next = %next.public_key(), "a key rotation is under way: answering handshakes to both keys");
         dp.set_next_key(Some(next));
@@ -353,7 +357,7 @@ pub async fn run(mut args: Args, faults: &dyn Faults) -> anyhow::Result<()> {
         .create(&args.state_dir)
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
     let src = sources::open(&args, underlay_mtu).await?;
-    let dp = data_plane(&src, mtu, args.crypto_workers);
+    let dp = data_plane(&src, mtu, &args);
     let rotation = rotation::Rotation::new(
         src.key_file.clone(),
         src.announce,
@@ -640,5 +644,15 @@ mod tests {
         assert_eq!(d.queues, 0);
         assert!(queues::queue_count(0) >= 1 && queues::queue_count(0) <= 4);
         assert_eq!(queues::queue_count(3), 3);
+        assert_eq!(queues::crypto_worker_count(3, 2), 3);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        assert_eq!(
+            queues::crypto_worker_count(0, cpus),
+            1,
+            "no CPU left for a helper"
+        );
+        assert_eq!(queues::crypto_worker_count(0, 1), cpus);
     }
 }

@@ -24,13 +24,21 @@ pub fn queue_count(asked: usize) -> usize {
     }
 }
 
-/// The number of crypto workers for `--crypto-workers` (0: one per CPU
-/// this process may use).
-pub fn crypto_worker_count(asked: usize) -> usize {
+/// The number of crypto workers for `--crypto-workers`, with `queues`
+/// data-plane queues. 0: each queue's worker and a helper for every CPU
+/// this process may use that no queue's worker has (none when there are
+/// no more CPUs than queues). NB: on a node whose cores are all busy (two
+/// cores, two queues, iperf3 on both) a helper only takes CPU time from
+/// the rest: measured there, one helper cost 19% of a TCP stream's
+/// throughput and 35% more CPU per Gbit (scripts/ab-routers.sh).
+pub fn crypto_worker_count(asked: usize, queues: usize) -> usize {
     match asked {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        0 => {
+            let cpus = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+            1 + cpus.saturating_sub(queues)
+        }
         n => n,
     }
 }
