@@ -20,6 +20,7 @@ pub mod model;
 pub mod reconcile;
 pub mod rotation;
 pub mod source;
+pub mod startup;
 pub mod status;
 pub mod uapi;
 pub mod warm;

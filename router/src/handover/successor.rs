@@ -18,13 +18,9 @@ use crate::dataplane::tun::TunDevice;
 use crate::dataplane::udp::UdpSocket;
 use crate::dataplane::PeerSession;
 use crate::model::Snapshot;
+use crate::startup::{self, Cache, Observed, Predecessor, Start};
 use crate::status::RealQueue;
 use crate::PublicKey;
-
-/// How long a starting router keeps trying to reach a running one whose
-/// handover socket is there but which handed over to someone else first
-/// (two new routers at once: the second takes over from the first).
-const HANDOVER_RETRY: Duration = Duration::from_secs(10);
 
 /// What a handover gave this router: the running one's queues and mesh
 /// (its peers built by `Prepare`, their sessions installed). The old
@@ -77,18 +73,29 @@ pub fn take_over(
     let (sock, state, fds) = loop {
         let sock = match UnixStream::connect(&path) {
             Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            // Nobody behind the socket: a router that crashed (start now),
-            // or one that handed over and whose successor does not listen
-            // yet while it holds the port (ask it, once it does).
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                if !super::port_busy(me.port) || began.elapsed() > HANDOVER_RETRY {
-                    return Ok(None);
+            // No socket, or nobody behind it: a router that crashed (start
+            // now), or one that handed over and whose successor does not
+            // listen yet while it holds the port (ask it, once it does).
+            Err(e) => {
+                let predecessor = match e.kind() {
+                    std::io::ErrorKind::NotFound => Predecessor::Absent,
+                    std::io::ErrorKind::ConnectionRefused => Predecessor::Silent,
+                    _ => return Err(e.into()),
+                };
+                let seen = Observed {
+                    predecessor,
+                    port_busy: predecessor == Predecessor::Silent && super::port_busy(me.port),
+                    waited: began.elapsed(),
+                    cache: Cache::Unread,
+                };
+                match startup::decide(&seen) {
+                    Start::Wait => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    Start::TakeOver | Start::Warm | Start::Cold => return Ok(None),
                 }
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
             }
-            Err(e) => return Err(e.into()),
         };
         info!(socket = %path.display(), format, "a router runs on this node; asking it to hand over");
         sock.set_read_timeout(Some(super::ACK_TIMEOUT))?;
@@ -111,7 +118,7 @@ pub fn take_over(
             // Nothing was handed over: the one we reached went away (it
             // handed over to another new router, or died). Try again: the
             // winner listens on the same path once it runs.
-            Err(HandoverError::Io(e)) if began.elapsed() < HANDOVER_RETRY => {
+            Err(HandoverError::Io(e)) if began.elapsed() < startup::PREDECESSOR_WAIT => {
                 info!(error = %e, "the running router went away before handing over; trying again");
                 std::thread::sleep(Duration::from_millis(50));
             }
