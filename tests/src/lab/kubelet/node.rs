@@ -1,133 +1,16 @@
-//! Real nodes (`tunmesh-lab up --kubelet`): each node namespace also gets
-//! a private mount namespace and cgroup root, and in them containerd,
-//! kubelet and kube-proxy, built from the pinned Kubernetes release. tunmesh
-//! is installed only as operators install it: its image imported into every
-//! node's containerd and `kubectl apply -k deploy/`; kubelet starts the
-//! DaemonSet, containerd's CRI calls `tunmesh-cni`, the scheduler places the
-//! pods and kube-proxy programs Services.
-//!
-//! ```text
-//!  tm<id>-node-N  (network namespace; eth0 172.28.0.1N, fd00:172:28::1N)
-//!    holder: `unshare --mount` (keeps the node's mount namespace), in which
-//!      /etc/cni/net.d, /opt/cni/bin, /var/lib/{kubelet,containerd,cni,tunmesh},
-//!      /run/{containerd,wireguard,netns}, /var/log/{pods,containers},
-//!      /etc/kubernetes are the node's own directories, bound from
-//!      /run/tunmesh-lab/<id>/node-N/root/, and the sysctls kubelet rewrites
-//!      (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops) are
-//!      files of its own, so nodes do not fight over the shared kernel
-//!    containerd, kubelet (cgroupfs, cgroup root /tm<id>-node-N), kube-proxy
-//!    (iptables mode): processes tracked in the pids cgroup
-//!    /tm<id>-node-N.daemons, so teardown finds shims and containers too
-//! ```
+//! A real node: its mount namespace, cgroups and daemons (containerd,
+//! kubelet, kube-proxy), started, waited for, joined and stopped.
 
-use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 
+use super::images::import_image;
 use super::*;
-use crate::controlplane;
+use crate::lab::*;
 use crate::netns::{self, ip};
-
-/// The node's own directories: (name under the node's root, path in the node).
-const BINDS: &[(&str, &str)] = &[
-    ("etc-cni-net.d", "/etc/cni/net.d"),
-    ("opt-cni-bin", "/opt/cni/bin"),
-    ("var-lib-kubelet", "/var/lib/kubelet"),
-    ("var-lib-containerd", "/var/lib/containerd"),
-    ("var-lib-cni", "/var/lib/cni"),
-    ("var-lib-tunmesh", "/var/lib/tunmesh"),
-    ("run-containerd", "/run/containerd"),
-    ("run-wireguard", "/run/wireguard"),
-    ("run-netns", "/run/netns"),
-    ("var-log-pods", "/var/log/pods"),
-    ("var-log-containers", "/var/log/containers"),
-    ("etc-kubernetes", "/etc/kubernetes"),
-];
-
-/// Sysctls kubelet sets on start, each given a file of the node's own:
-/// (file name, path, initial value).
-const SYSCTLS: &[(&str, &str, &str)] = &[
-    ("overcommit_memory", "/proc/sys/vm/overcommit_memory", "1"),
-    ("panic", "/proc/sys/kernel/panic", "10"),
-    ("panic_on_oops", "/proc/sys/kernel/panic_on_oops", "1"),
-];
-
-/// The images every node holds (no registry is reachable): archive file
-/// names in the set `scripts/node-images.sh` prints.
-const NODE_IMAGES: &[&str] = &[
-    "pause.tar",
-    "busybox.tar",
-    "agnhost.tar",
-    "coredns.tar",
-    "glibc-dns-testing.tar",
-    "nginx.tar",
-];
-
-/// The tunmesh image's archive in the lab's directory.
-const TUNMESH_IMAGE_FILE: &str = "tunmesh-image.tar";
-
-/// What tunmesh's DaemonSet leaves on a node for the runtime: the
-/// conflist and the plugin (paths under the node's root).
-pub const CNI_FILES: &[&str] = &[
-    "etc-cni-net.d/10-tunmesh.conflist",
-    "opt-cni-bin/tunmesh-cni",
-    "opt-cni-bin/tunmesh-portmap",
-];
-
-/// How a real node joins a running lab.
-#[derive(Debug, Default)]
-pub struct Join<'a> {
-    /// Leave the tunmesh image out of the node's containerd, so its
-    /// router cannot start until [`Lab::import_tunmesh_image`].
-    pub without_tunmesh_image: bool,
-    /// Copy tunmesh's CNI files from this node first, as a node made from
-    /// another's disk image has them: kubelet then reports the network
-    /// ready before the node's router is.
-    pub cni_files_from: Option<&'a str>,
-}
-
-const CGROUP_FS: &str = "/sys/fs/cgroup";
-
-/// What the lab keeps about a real node, for teardown and later joins.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct KubeletNode {
-    /// Host directory holding the node's own directories.
-    pub root: PathBuf,
-    /// kubelet's cgroup root, made in every v1 hierarchy (`tm<id>-node-N`).
-    pub cgroup: String,
-    pub underlay_ip6: Ipv6Addr,
-    pub holder_pid: Option<u32>,
-    pub containerd_pid: Option<u32>,
-    pub kubelet_pid: Option<u32>,
-    pub proxy_pid: Option<u32>,
-}
-
-/// The underlay's IPv6 address of node `i` (and the control plane's, 2).
-pub fn underlay_ip6(i: usize) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x172, 0x28, 0, 0, 0, 0, 10 + i as u16)
-}
-
-pub const API_IP6: &str = "fd00:172:28::2";
-
-/// The tunmesh image's name as deploy/kustomization.yaml sets it, the way
-/// containerd's CRI spells it (`tunmesh:0.1.0` → docker.io/library/...).
-pub fn tunmesh_image() -> Result<String> {
-    let text = std::fs::read_to_string(controlplane::deploy_dir().join("kustomization.yaml"))
-        .context("reading deploy/kustomization.yaml")?;
-    let field = |k: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(k))
-            .map(|v| v.trim().trim_matches('"').to_string())
-    };
-    let (name, tag) = field("newName:")
-        .zip(field("newTag:"))
-        .context("deploy/kustomization.yaml sets no newName/newTag for the tunmesh image")?;
-    Ok(format!("docker.io/library/{name}:{tag}"))
-}
 
 fn hierarchies() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(CGROUP_FS)
@@ -218,7 +101,7 @@ pub fn stop_node(kn: &KubeletNode) {
 }
 
 /// Runs a command to completion in the node's namespaces.
-fn node_run(ns: &str, kn: &KubeletNode, args: &[&str]) -> Result<String> {
+pub(super) fn node_run(ns: &str, kn: &KubeletNode, args: &[&str]) -> Result<String> {
     let holder = kn
         .holder_pid
         .context("the node has no mount namespace holder")?;
@@ -243,21 +126,6 @@ fn node_run(ns: &str, kn: &KubeletNode, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Imports an image archive into the node's containerd, where the CRI
-/// finds it (namespace k8s.io).
-fn import_image(ns: &str, kn: &KubeletNode, archive: &Path) -> Result<()> {
-    let sock = "/run/containerd/containerd.sock";
-    let archive = archive.to_string_lossy();
-    node_run(
-        ns,
-        kn,
-        &[
-            "ctr", "-a", sock, "-n", "k8s.io", "images", "import", &archive,
-        ],
-    )?;
-    Ok(())
 }
 
 /// Starts a daemon of the node in its own process group, in the node's
@@ -304,7 +172,7 @@ impl Lab {
     /// Builds the cluster of real nodes once the control plane runs:
     /// images, nodes with containerd, kubelet and kube-proxy, tunmesh from
     /// deploy/, CoreDNS, and the test pods.
-    pub(super) fn build_kubelet(&mut self, opts: &LabOptions) -> Result<()> {
+    pub(in crate::lab) fn build_kubelet(&mut self, opts: &LabOptions) -> Result<()> {
         let cp = self.control_plane()?.clone();
         netns::run(
             "ip",
@@ -343,82 +211,6 @@ impl Lab {
             self.start_web(opts.nodes * opts.pods_per_node)?;
         }
         self.save()
-    }
-
-    /// The node images (from `scripts/node-images.sh`) and the tunmesh
-    /// image (from `scripts/build-image.sh`, with the binaries this lab
-    /// runs), as archive paths.
-    fn build_images(&self, bin: &Path) -> Result<Vec<PathBuf>> {
-        let scripts = controlplane::deploy_dir().join("../scripts");
-        let out = Command::new("bash")
-            .arg(scripts.join("node-images.sh"))
-            .arg(bin)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .context("running scripts/node-images.sh")?;
-        if !out.status.success() {
-            bail!("scripts/node-images.sh failed (see its messages above)");
-        }
-        let set = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        let mut images: Vec<PathBuf> = NODE_IMAGES.iter().map(|n| set.join(n)).collect();
-        let tunmesh = self.state.dir.join(TUNMESH_IMAGE_FILE);
-        let bin_dir = self
-            .state
-            .router_bin
-            .parent()
-            .context("the router binary has no directory")?;
-        let status = Command::new("bash")
-            .arg(scripts.join("build-image.sh"))
-            .args(["--tag", &tunmesh_image()?, "--output"])
-            .arg(&tunmesh)
-            .arg("--bin-dir")
-            .arg(bin_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .context("running scripts/build-image.sh")?;
-        if !status.success() {
-            bail!("scripts/build-image.sh failed (see its messages above)");
-        }
-        images.push(tunmesh);
-        for p in &images {
-            if !p.is_file() {
-                bail!("image archive {} is missing", p.display());
-            }
-        }
-        Ok(images)
-    }
-
-    /// Builds a tunmesh image named `tag` from the binaries in `bin_dir`
-    /// (`scripts/build-image.sh`) and imports it into every real node's
-    /// containerd: another version to roll out to.
-    pub fn add_tunmesh_image(&self, tag: &str, bin_dir: &Path) -> Result<()> {
-        let scripts = controlplane::deploy_dir().join("../scripts");
-        let file = self.state.dir.join(format!(
-            "tunmesh-image-{}.tar",
-            tag.replace([':', '/'], "-")
-        ));
-        let status = Command::new("bash")
-            .arg(scripts.join("build-image.sh"))
-            .args(["--tag", tag, "--output"])
-            .arg(&file)
-            .arg("--bin-dir")
-            .arg(bin_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .context("running scripts/build-image.sh")?;
-        if !status.success() {
-            bail!("scripts/build-image.sh --tag {tag} failed (see its messages above)");
-        }
-        for n in &self.state.nodes {
-            if let Some(kn) = &n.kubelet {
-                import_image(&n.ns, kn, &file)
-                    .with_context(|| format!("importing {tag} into {}", n.name))?;
-            }
-        }
-        Ok(())
     }
 
     /// The host directory holding node `i`'s own directories.
@@ -700,165 +492,6 @@ impl Lab {
             )
         })
     }
-
-    /// `kubectl apply -k deploy/`, then the DaemonSet's rollout.
-    pub fn install_tunmesh(&self) -> Result<()> {
-        let deploy = controlplane::deploy_dir();
-        self.kubectl(&["apply", "-k", &deploy.to_string_lossy()])?;
-        self.rollout("tunmesh", "daemonset/tunmesh", Duration::from_secs(180))
-    }
-
-    fn install_coredns(&self) -> Result<()> {
-        let cp = self.control_plane()?;
-        cp.kubectl_stdin(&["apply", "-f", "-"], COREDNS_YAML)
-            .context("applying tests/manifests/coredns.yaml")?;
-        Ok(())
-    }
-
-    /// `kubectl rollout status` with a deadline; on failure, what the
-    /// pods say.
-    pub fn rollout(&self, namespace: &str, what: &str, timeout: Duration) -> Result<()> {
-        let t = format!("--timeout={}s", timeout.as_secs());
-        if let Err(e) = self.kubectl(&["rollout", "status", "-n", namespace, what, &t]) {
-            let pods = self
-                .kubectl(&["get", "pods", "-n", namespace, "-o", "wide"])
-                .unwrap_or_default();
-            let events = self
-                .kubectl(&["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"])
-                .unwrap_or_default();
-            let tail: Vec<&str> = events.lines().rev().take(15).collect();
-            bail!(
-                "{what} in {namespace} did not roll out: {e}\n{pods}\nlast events:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        Ok(())
-    }
-
-    /// The test pods: `replicas` agnhost netexec pods spread over the nodes
-    /// by the scheduler.
-    pub fn start_web(&self, replicas: usize) -> Result<()> {
-        let cp = self.control_plane()?;
-        cp.kubectl_stdin(
-            &["apply", "-f", "-"],
-            &WEB_YAML.replace("REPLICAS", &replicas.to_string()),
-        )
-        .context("applying tests/manifests/web.yaml")?;
-        self.rollout("default", "deployment/web", Duration::from_secs(180))
-    }
-
-    /// The running pods of label `selector` in `namespace`: (name, node,
-    /// IPs).
-    pub fn kube_pods(&self, namespace: &str, selector: &str) -> Result<Vec<KubePod>> {
-        let out = self.kubectl(&["get", "pods", "-n", namespace, "-l", selector, "-o", "json"])?;
-        let v: serde_json::Value =
-            serde_json::from_str(&out).context("parsing kubectl's pod list")?;
-        let mut pods = Vec::new();
-        for p in v["items"].as_array().context("no items in the pod list")? {
-            if p["status"]["phase"] != "Running" {
-                continue;
-            }
-            pods.push(KubePod {
-                name: p["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                node: p["spec"]["nodeName"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                ips: p["status"]["podIPs"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|i| i["ip"].as_str()?.parse::<IpAddr>().ok())
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            });
-        }
-        Ok(pods)
-    }
-}
-
-/// A pod as the API server reports it.
-#[derive(Debug, Clone)]
-pub struct KubePod {
-    pub name: String,
-    pub node: String,
-    pub ips: Vec<IpAddr>,
-}
-
-impl KubePod {
-    /// The pod's address of the same family as `other`.
-    pub fn ip_like(&self, other: &IpAddr) -> Option<IpAddr> {
-        self.ips
-            .iter()
-            .copied()
-            .find(|i| i.is_ipv4() == other.is_ipv4())
-    }
-}
-
-/// One HTTP request of the connectivity matrix: from a pod (by
-/// `kubectl exec`) or a node (from its namespace) to a pod's address,
-/// and the client address netexec saw (`None`: no answer).
-#[derive(Debug, Clone)]
-pub struct KubePath {
-    pub from: String,
-    /// The sender's own address of the target's family, for a pod sender.
-    pub from_ip: Option<IpAddr>,
-    pub to: String,
-    pub ip: IpAddr,
-    pub seen: Option<IpAddr>,
-}
-
-impl KubePath {
-    /// Answered, and (from a pod) with the pod's own address: no NAT.
-    pub fn ok(&self) -> bool {
-        match (self.seen, self.from_ip) {
-            (Some(seen), Some(own)) => seen == own,
-            (Some(_), None) => true,
-            (None, _) => false,
-        }
-    }
-}
-
-fn url(ip: &IpAddr, port: u16, path: &str) -> String {
-    match ip {
-        IpAddr::V4(a) => format!("http://{a}:{port}{path}"),
-        IpAddr::V6(a) => format!("http://[{a}]:{port}{path}"),
-    }
-}
-
-/// A shell loop asking every address for `/clientip`: one line per
-/// target, `TARGET SEEN` (SEEN empty when nothing answered).
-fn clientip_script(targets: &[IpAddr]) -> String {
-    let mut s = String::new();
-    for t in targets {
-        s += &format!(
-            "printf '%s %s\\n' {t} \"$(curl -s -m 3 {})\"; ",
-            url(t, 8080, "/clientip")
-        );
-    }
-    s
-}
-
-/// Parses `TARGET SEEN` lines; SEEN is `ip:port` or `[ip]:port`.
-fn parse_clientip(out: &str) -> Vec<(IpAddr, Option<IpAddr>)> {
-    out.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            let target: IpAddr = w.next()?.parse().ok()?;
-            let seen = w.next().and_then(|s| {
-                let host = s.rsplit_once(':')?.0;
-                host.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse()
-                    .ok()
-            });
-            Some((target, seen))
-        })
-        .collect()
 }
 
 impl Lab {
@@ -945,81 +578,7 @@ impl Lab {
             .with_context(|| format!("{node} is not a real node"))?;
         import_image(&n.ns, kn, img)
     }
-
-    /// `kubectl exec POD -- sh -c SCRIPT` in the default namespace.
-    pub fn kube_exec(&self, pod: &str, script: &str) -> Result<String> {
-        self.kubectl(&["exec", pod, "--", "sh", "-c", script])
-    }
-
-    /// Every pod to every other pod's every address, and every node to
-    /// every pod's every address, over HTTP.
-    pub fn kube_matrix(&self, pods: &[KubePod]) -> Result<Vec<KubePath>> {
-        let mut paths = Vec::new();
-        let name_of = |ip: &IpAddr| {
-            pods.iter()
-                .find(|p| p.ips.contains(ip))
-                .map(|p| p.name.clone())
-                .unwrap_or_default()
-        };
-        for src in pods {
-            let targets: Vec<IpAddr> = pods
-                .iter()
-                .filter(|p| p.name != src.name)
-                .flat_map(|p| p.ips.clone())
-                .collect();
-            let out = self.kube_exec(&src.name, &clientip_script(&targets))?;
-            let got = parse_clientip(&out);
-            for t in targets {
-                paths.push(KubePath {
-                    from: src.name.clone(),
-                    from_ip: src.ip_like(&t),
-                    to: name_of(&t),
-                    ip: t,
-                    seen: got.iter().find(|(g, _)| *g == t).and_then(|(_, s)| *s),
-                });
-            }
-        }
-        let all: Vec<IpAddr> = pods.iter().flat_map(|p| p.ips.clone()).collect();
-        for n in &self.state.nodes {
-            let out = netns::exec(&n.ns, "sh", &["-c", &clientip_script(&all)])?;
-            let got = parse_clientip(&out);
-            for t in &all {
-                paths.push(KubePath {
-                    from: n.name.clone(),
-                    from_ip: None,
-                    to: name_of(t),
-                    ip: *t,
-                    seen: got.iter().find(|(g, _)| g == t).and_then(|(_, s)| *s),
-                });
-            }
-        }
-        Ok(paths)
-    }
 }
-
-/// The failed paths of a matrix, one per line.
-pub fn failed_paths(paths: &[KubePath]) -> String {
-    paths
-        .iter()
-        .filter(|p| !p.ok())
-        .map(|p| {
-            format!(
-                "{} -> {} {}: {}",
-                p.from,
-                p.to,
-                p.ip,
-                match p.seen {
-                    None => "no answer".to_string(),
-                    Some(s) => format!("seen from {s}, not {:?} (NAT)", p.from_ip),
-                }
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-const COREDNS_YAML: &str = include_str!("../../manifests/coredns.yaml");
-const WEB_YAML: &str = include_str!("../../manifests/web.yaml");
 
 /// containerd 1.6's configuration for a node. `restrict_oom_score_adj`:
 /// this machine's root lacks CAP_SYS_RESOURCE, so containers may not get
@@ -1090,25 +649,4 @@ fn kube_proxy_config(node: &str) -> serde_json::Value {
         "metricsBindAddress": "127.0.0.1:10249",
         "healthzBindAddress": "0.0.0.0:10256",
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clientip_lines_parse_for_both_families_and_no_answer() {
-        let out =
-            "10.244.1.3 10.244.0.3:40112\nfd00:10:244:1::3 [fd00:10:244::3]:51000\n10.244.2.3 \n";
-        let got = parse_clientip(out);
-        assert_eq!(got.len(), 3);
-        assert_eq!(got[0].1, Some("10.244.0.3".parse().unwrap()));
-        assert_eq!(got[1].1, Some("fd00:10:244::3".parse().unwrap()));
-        assert_eq!(got[2].1, None);
-        let script = clientip_script(&["fd00::1".parse().unwrap()]);
-        assert!(
-            script.contains("http://[fd00::1]:8080/clientip"),
-            "{script}"
-        );
-    }
 }
