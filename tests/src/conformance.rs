@@ -36,7 +36,7 @@ pub const NETWORK: &[&str] = &[
 ];
 
 /// Tests of the focus that cannot apply on this machine, each with the
-/// reason (the README repeats it). They are skipped, and counted apart.
+/// reason (docs/testing.md repeats it). They are skipped, and counted apart.
 pub const NOT_HERE: &[(&str, &str)] = &[(
     "SCTP",
     "the kernel here has no SCTP support and no module can be loaded",

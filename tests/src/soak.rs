@@ -3,7 +3,7 @@
 //! and at its peak (VmHWM), the mean rate and the slowest second at the
 //! receiver, and fails on a dead router, a stuck peer, a second in which
 //! nothing arrived, or a peak over the bound.
-//! (Minutes long, so not part of CI; the README documents the command.)
+//! (Minutes long, so not part of CI; docs/testing.md names the command.)
 
 use std::time::{Duration, Instant};
 

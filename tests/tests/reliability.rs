@@ -13,7 +13,7 @@ use tunmesh_lab::probe::{Probe, PERIOD};
 use tunmesh_lab::require_root;
 
 /// The longest silence the restart and outage tests accept, from the last
-/// echo before the fault to the first one after it (the README states it).
+/// echo before the fault to the first one after it (docs/benchmarks.md states it).
 /// Measured on this machine: 0.2-0.4 s for a restart.
 const SILENCE_LIMIT: Duration = Duration::from_secs(2);
 /// Polls node `ns`'s /readyz (the ConfigMap's metrics address) until it

@@ -1,6 +1,6 @@
 //! The comparison harness for the crates that could replace tunmesh's own
-//! I/O (built only with `--features ab-crates`; see the README's
-//! Performance section for what it measured and `scripts/ab-crates.sh` for
+//! I/O (built only with `--features ab-crates`; see docs/benchmarks.md,
+//! Throughput, for what it measured and `scripts/ab-crates.sh` for
 //! the command):
 //!
 //! - `TunrsTun`: the TUN side through tun-rs's own offload code (its port of

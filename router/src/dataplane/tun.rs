@@ -1,4 +1,4 @@
-//! The real TUN device (created with tun-rs; see README for why), read and
+//! The real TUN device (created with tun-rs; see docs/architecture.md's Choices for why), read and
 //! written in batches.
 //!
 //! With offloads (`IFF_VNET_HDR` + `TUNSETOFFLOAD` CSUM/TSO4/TSO6/USO4/USO6),
