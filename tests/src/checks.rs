@@ -198,24 +198,9 @@ pub fn udp_bursts(
     per: usize,
     rounds: usize,
 ) -> Result<(u64, u64, u64)> {
-    use std::net::UdpSocket;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
-    let rx = in_netns(to, move || UdpSocket::bind(SocketAddr::new(dst, 0)))?
-        .with_context(|| format!("binding UDP on {dst} in {to}"))?;
-    let addr = rx.local_addr()?;
-    let tx = in_netns(from, move || -> std::io::Result<UdpSocket> {
-        let unspecified: IpAddr = if addr.is_ipv4() {
-            std::net::Ipv4Addr::UNSPECIFIED.into()
-        } else {
-            std::net::Ipv6Addr::UNSPECIFIED.into()
-        };
-        let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
-        s.connect(addr)?;
-        Ok(s)
-    })??;
-    rx.set_read_timeout(Some(Duration::from_millis(200)))?;
-    big_receive_buffer(&rx);
+    let (rx, tx) = udp_pair(from, to, dst)?;
     let (good, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sizes_rx: Vec<usize> = sizes.to_vec();
@@ -291,21 +276,8 @@ pub fn udp_in_order(
     burst: usize,
     mut more: impl FnMut(&OrderCount) -> bool,
 ) -> Result<OrderCount> {
-    use std::net::UdpSocket;
     use std::sync::{Arc, Mutex};
-    let rx = in_netns(to, move || UdpSocket::bind(SocketAddr::new(dst, 0)))?
-        .with_context(|| format!("binding UDP on {dst} in {to}"))?;
-    let addr = rx.local_addr()?;
-    let tx = in_netns(from, move || -> std::io::Result<UdpSocket> {
-        let unspecified: IpAddr = if addr.is_ipv4() {
-            std::net::Ipv4Addr::UNSPECIFIED.into()
-        } else {
-            std::net::Ipv6Addr::UNSPECIFIED.into()
-        };
-        let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
-        s.connect(addr)?;
-        Ok(s)
-    })??;
+    let (rx, tx) = udp_pair(from, to, dst)?;
     {
         use std::os::fd::AsRawFd;
         let seg = libc::c_int::try_from(len)?;
@@ -327,8 +299,6 @@ pub fn udp_in_order(
             );
         }
     }
-    rx.set_read_timeout(Some(Duration::from_millis(200)))?;
-    big_receive_buffer(&rx);
     let seen = Arc::new(Mutex::new(OrderCount::default()));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let receiver = {
@@ -402,6 +372,32 @@ pub fn udp_in_order(
     result?;
     let c = *seen.lock().unwrap_or_else(|p| p.into_inner());
     Ok(OrderCount { sent, ..c })
+}
+
+/// A UDP receiver bound to `dst` in namespace `to` (8 MiB of buffer, reads
+/// time out after 200 ms) and a sender in `from` connected to it.
+fn udp_pair(
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+) -> Result<(std::net::UdpSocket, std::net::UdpSocket)> {
+    use std::net::UdpSocket;
+    let rx = in_netns(to, move || UdpSocket::bind(SocketAddr::new(dst, 0)))?
+        .with_context(|| format!("binding UDP on {dst} in {to}"))?;
+    let addr = rx.local_addr()?;
+    let tx = in_netns(from, move || -> std::io::Result<UdpSocket> {
+        let unspecified: IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
+        s.connect(addr)?;
+        Ok(s)
+    })??;
+    rx.set_read_timeout(Some(Duration::from_millis(200)))?;
+    big_receive_buffer(&rx);
+    Ok((rx, tx))
 }
 
 /// Gives a test's receiving UDP socket 8 MiB of buffer: a burst must not be

@@ -742,7 +742,7 @@ impl Dataplane {
         let gateways = self.gateways.load();
         // The peer's lock is held across a run of packets to the same peer
         // (one lock per run, not per packet).
-        let mut held: Option<(&Arc<Peer>, MutexGuard<'_, PeerState>)> = None;
+        let mut held: Held<'_> = None;
         for i in 0..input.n {
             let pkt = input.packet(i);
             let Some(dst) = packet::dst_addr(pkt) else {
@@ -768,15 +768,7 @@ impl Dataplane {
                 self.counters.drop(Drop::Malformed);
                 continue;
             }
-            if !held.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, peer)) {
-                // NB: release the previous peer before locking the next, so
-                // no thread ever holds two peer locks (no lock ordering).
-                drop(held.take());
-                held = Some((peer, peer.lock()));
-            }
-            let Some((peer, st)) = held.as_mut() else {
-                continue;
-            };
+            let st = hold(&mut held, peer);
             if st.path_mtu != 0 && pkt.len() > usize::from(st.path_mtu) {
                 let (gw4, gw6) = **gateways;
                 let reply = match tun_out.slot(tun_out.n) {
@@ -923,14 +915,8 @@ impl Dataplane {
             |job, ctx| {
                 let len = match table.by_index(job.index >> 8) {
                     Some(peer) => {
-                        if !ctx.held.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, peer)) {
-                            drop(ctx.held.take());
-                            ctx.held = Some((peer, peer.lock()));
-                        }
-                        let len = match ctx.held.as_mut() {
-                            Some((peer, st)) => self.opened(peer, st, job, offset, table),
-                            None => 0,
-                        };
+                        let st = hold(&mut ctx.held, peer);
+                        let len = self.opened(peer, st, job, offset, table);
                         if len > 0 {
                             ctx.received.add(peer, len);
                         }
@@ -975,7 +961,7 @@ impl Dataplane {
         let mut handshakes = false;
         let keys = self.keys.load();
         // As in seal: one lock per run of datagrams from the same peer.
-        let mut held: Option<(&Arc<Peer>, MutexGuard<'_, PeerState>)> = None;
+        let mut held: Held<'_> = None;
         for i in 0..input.n {
             let datagram = input.packet(i);
             let src = input.addrs.get(i).copied().unwrap_or(UNSPECIFIED);
@@ -1027,14 +1013,7 @@ impl Dataplane {
                 });
                 continue;
             };
-            if !held.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, peer)) {
-                drop(held.take());
-                held = Some((peer, peer.lock()));
-            }
-            let Some((_, st)) = held.as_mut() else {
-                continue;
-            };
-            let st = &mut **st;
+            let st = hold(&mut held, peer);
             // Only an initiation makes WireGuard state for a peer that has
             // none (its sessions expired, or it never had one): anything
             // else matches no session of it.
@@ -1442,12 +1421,27 @@ struct OpenJob {
     opened: Result<(usize, u64), WireGuardError>,
 }
 
+/// The lock of the peer of a run of packets, held across the run (one lock
+/// per run, not per packet).
+type Held<'p> = Option<(&'p Arc<Peer>, MutexGuard<'p, PeerState>)>;
+
+/// `peer`'s state, locked in `held` unless `held` holds it already. NB: the
+/// previous peer is released before the next is locked, so no thread ever
+/// holds two peer locks (no lock ordering to keep).
+fn hold<'h, 'p>(held: &'h mut Held<'p>, peer: &'p Arc<Peer>) -> &'h mut PeerState {
+    if !held.as_ref().is_some_and(|(p, _)| Arc::ptr_eq(p, peer)) {
+        *held = None;
+    }
+    let (_, st) = held.get_or_insert_with(|| (peer, peer.lock()));
+    st
+}
+
 /// What open's last pass writes to, as each chunk of a batch is open:
 /// the output batches, the lock of the peer of the run, the run's tally.
 struct Opened<'t, 'b> {
     tun_out: &'b mut Batch,
     udp_out: &'b mut Batch,
-    held: Option<(&'t Arc<Peer>, MutexGuard<'t, PeerState>)>,
+    held: Held<'t>,
     received: Tally<'t>,
     /// A slot was given up (its length 0): the batch is to be compacted.
     emptied: bool,

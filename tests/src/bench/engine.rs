@@ -184,16 +184,7 @@ impl Pair {
             if !to_b.is_empty() {
                 load(&mut self.sealed, &to_b, self.a_at);
                 to_b.clear();
-                self.delivered.n = 0;
-                self.replies.n = 0;
-                let t = self.b.table();
-                self.b.open(
-                    &t,
-                    &self.sealed,
-                    &mut self.delivered,
-                    &mut self.replies,
-                    &mut self.plan_b,
-                );
+                self.open_at_b();
                 if self.delivered.n > 0 {
                     return Ok(());
                 }
@@ -222,6 +213,21 @@ impl Pair {
             }
         }
         bail!("the engines' handshake did not complete")
+    }
+
+    /// B opens what is in `sealed` (into `delivered`, its replies into
+    /// `replies`).
+    fn open_at_b(&mut self) {
+        self.delivered.n = 0;
+        self.replies.n = 0;
+        let t = self.b.batch_table();
+        self.b.open(
+            &t,
+            &self.sealed,
+            &mut self.delivered,
+            &mut self.replies,
+            &mut self.plan_b,
+        );
     }
 
     /// `n` packets of the flow, numbered from `first`, as A's TUN input.
@@ -263,16 +269,7 @@ impl Pair {
         for a in &mut self.sealed.addrs[..self.sealed.n] {
             *a = self.a_at;
         }
-        self.delivered.n = 0;
-        self.replies.n = 0;
-        let t = self.b.batch_table();
-        self.b.open(
-            &t,
-            &self.sealed,
-            &mut self.delivered,
-            &mut self.replies,
-            &mut self.plan_b,
-        );
+        self.open_at_b();
         ensure!(
             self.delivered.n == self.input.n,
             "B delivered {} of {} (decrypt failed {}, replays {})",

@@ -50,19 +50,7 @@ impl Lab {
             .router_bin
             .parent()
             .context("the router binary has no directory")?;
-        let status = Command::new("bash")
-            .arg(scripts.join("build-image.sh"))
-            .args(["--tag", &tunmesh_image()?, "--output"])
-            .arg(&tunmesh)
-            .arg("--bin-dir")
-            .arg(bin_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .context("running scripts/build-image.sh")?;
-        if !status.success() {
-            bail!("scripts/build-image.sh failed (see its messages above)");
-        }
+        build_image(&tunmesh_image()?, &tunmesh, bin_dir)?;
         images.push(tunmesh);
         for p in &images {
             if !p.is_file() {
@@ -76,24 +64,11 @@ impl Lab {
     /// (`scripts/build-image.sh`) and imports it into every real node's
     /// containerd: another version to roll out to.
     pub fn add_tunmesh_image(&self, tag: &str, bin_dir: &Path) -> Result<()> {
-        let scripts = controlplane::deploy_dir().join("../scripts");
         let file = self.state.dir.join(format!(
             "tunmesh-image-{}.tar",
             tag.replace([':', '/'], "-")
         ));
-        let status = Command::new("bash")
-            .arg(scripts.join("build-image.sh"))
-            .args(["--tag", tag, "--output"])
-            .arg(&file)
-            .arg("--bin-dir")
-            .arg(bin_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .context("running scripts/build-image.sh")?;
-        if !status.success() {
-            bail!("scripts/build-image.sh --tag {tag} failed (see its messages above)");
-        }
+        build_image(tag, &file, bin_dir)?;
         for n in &self.state.nodes {
             if let Some(kn) = &n.kubelet {
                 import_image(&n.ns, kn, &file)
@@ -102,4 +77,24 @@ impl Lab {
         }
         Ok(())
     }
+}
+
+/// `scripts/build-image.sh`: the tunmesh image named `tag` from the
+/// binaries in `bin_dir`, written as an archive to `out`.
+fn build_image(tag: &str, out: &Path, bin_dir: &Path) -> Result<()> {
+    let scripts = controlplane::deploy_dir().join("../scripts");
+    let status = Command::new("bash")
+        .arg(scripts.join("build-image.sh"))
+        .args(["--tag", tag, "--output"])
+        .arg(out)
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .context("running scripts/build-image.sh")?;
+    if !status.success() {
+        bail!("scripts/build-image.sh --tag {tag} failed (see its messages above)");
+    }
+    Ok(())
 }
