@@ -31,7 +31,7 @@ fn temp_ifname(host_if: &str) -> String {
 fn not_ready(e: tunmesh_contract::NodeStateError) -> CniError {
     CniError::with(
         code::TRY_AGAIN_LATER,
-        "the tunmesh router on this node is not ready (no pod CIDR yet); try again later",
+        "the tunmesh router on this node is not ready (its node state is missing or has no pod CIDR yet); try again later",
         e.to_string(),
     )
 }

@@ -97,8 +97,14 @@ pub enum NodeStateError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("{path}: {problem}")]
-    Invalid { path: PathBuf, problem: String },
+    #[error("{path}: no pod CIDR yet")]
+    NoPodCidr { path: PathBuf },
+    #[error("{path}: gateways {gateways:?} do not match pod CIDRs {pod_cidrs:?} (one per CIDR, inside it)")]
+    Gateways {
+        path: PathBuf,
+        gateways: Vec<IpAddr>,
+        pod_cidrs: Vec<IpNetwork>,
+    },
 }
 
 impl NodeState {
@@ -127,12 +133,8 @@ impl NodeState {
                 path: path.clone(),
                 source,
             })?;
-        let invalid = |problem: String| NodeStateError::Invalid {
-            path: path.clone(),
-            problem,
-        };
         if st.pod_cidrs.is_empty() {
-            return Err(invalid("no pod CIDR yet".into()));
+            return Err(NodeStateError::NoPodCidr { path });
         }
         if st.gateways.len() != st.pod_cidrs.len()
             || st
@@ -141,10 +143,11 @@ impl NodeState {
                 .zip(&st.gateways)
                 .any(|(c, g)| !c.contains(*g))
         {
-            return Err(invalid(format!(
-                "gateways {:?} do not match pod CIDRs {:?}",
-                st.gateways, st.pod_cidrs
-            )));
+            return Err(NodeStateError::Gateways {
+                path,
+                gateways: st.gateways,
+                pod_cidrs: st.pod_cidrs,
+            });
         }
         Ok(st)
     }
@@ -243,10 +246,19 @@ mod tests {
         assert_eq!(NodeState::read(&dir).unwrap(), s);
         s.gateways[0] = "10.9.9.9".parse().unwrap();
         s.write(&dir).unwrap();
-        assert!(NodeState::read(&dir)
-            .unwrap_err()
-            .to_string()
-            .contains("do not match"));
+        assert!(matches!(
+            NodeState::read(&dir),
+            Err(NodeStateError::Gateways { ref gateways, .. }) if gateways[0] == s.gateways[0]
+        ));
+        let (cidrs, gateways) = (
+            std::mem::take(&mut s.pod_cidrs),
+            std::mem::take(&mut s.gateways),
+        );
+        s.write(&dir).unwrap();
+        let e = NodeState::read(&dir).unwrap_err();
+        assert!(matches!(e, NodeStateError::NoPodCidr { .. }), "{e}");
+        assert!(e.to_string().contains(NODE_STATE_FILE), "{e}");
+        (s.pod_cidrs, s.gateways) = (cidrs, gateways);
         s.gateways[0] = "10.244.1.1".parse().unwrap();
         s.pod_cidrs[0] = "10.244.1.7/24".parse().unwrap();
         s.write(&dir).unwrap();
