@@ -488,6 +488,59 @@ fn a_handed_over_session_carries_on_without_a_handshake() {
     assert_eq!(b.drops(Drop::Replay), 0);
 }
 
+/// A handover that fails after its Ack, on a router that was itself
+/// handed its sessions and has not used one yet: the successor may have
+/// sealed with that session (it is exported as it came), so resuming with
+/// fresh sessions must drop it too. The first packet after is an
+/// initiation, never data on the old key (whose counters the successor
+/// used past the margin: the peer would refuse them as replays, and later
+/// ones would reuse its nonces).
+#[test]
+fn a_fresh_start_drops_a_handed_over_session_never_used() {
+    let (a, b, ka, kb) = pair();
+    exchange(&a, &b, a.seal(&[a_to_b(1)]).udp);
+    exchange(&b, &a, b.seal(&[b_to_a(2)]).udp);
+    let handover = |from: &Side| {
+        let indices: Vec<(String, u32)> = from
+            .dp
+            .table()
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.index))
+            .collect();
+        let to = Side::new(&ka, A_EP);
+        to.dp.adopt_indices(&indices);
+        to.peers(vec![spec("b", &kb, B_EP, "10.244.2.0/24")]);
+        assert_eq!(to.dp.install_sessions(from.dp.export_sessions(1 << 16)), 1);
+        to
+    };
+    // a2 took over and has not sealed or opened anything since.
+    let a2 = handover(&a);
+    // It hands over to a3, which seals with the session and dies.
+    let a3 = handover(&a2);
+    let (_, at_b) = exchange(&a3, &b, a3.seal(&[a_to_b(3)]).udp);
+    assert_eq!(at_b, vec![a_to_b(3)]);
+    drop(a3);
+    // a2 resumes afresh.
+    assert_eq!(
+        a2.dp.fresh_sessions(),
+        1,
+        "the unused handed-over session counts"
+    );
+    let out = a2.seal(&[a_to_b(4)]).udp;
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].1[0], 1,
+        "a handshake initiation, not data on the old session"
+    );
+    // The handshake completes and the packet that waited for it arrives.
+    let (_, at_b) = exchange(&a2, &b, out);
+    assert_eq!(at_b, vec![a_to_b(4)]);
+    let (_, at_a) = exchange(&b, &a2, b.seal(&[b_to_a(5)]).udp);
+    assert_eq!(at_a, vec![b_to_a(5)]);
+    assert_eq!(b.drops(Drop::Replay), 0);
+}
+
 /// One flow on two crypto workers a side: full batches sealed and opened
 /// chunk by chunk on both threads arrive whole and in their order, with
 /// no replay drop; a batch that also carries the flow's handshake and a

@@ -493,9 +493,9 @@ impl Dataplane {
             .collect()
     }
 
-    /// Drops every peer's sessions: each peer that had one gets a new
-    /// session index and handshakes at the next tick (when its endpoint is
-    /// known). For a router resuming after a successor that may have sealed
+    /// Drops every peer's sessions (live, or handed over and not used yet):
+    /// each peer that had one gets a new session index and handshakes at
+    /// the next tick (when its endpoint is known). For a router resuming after a successor that may have sealed
     /// with the old keys: nothing sealed from here on can share a nonce with
     /// what it sent, and nothing it received can be replayed here. Counters
     /// and path MTUs stay. Returns how many peers had a session.
@@ -506,7 +506,13 @@ impl Dataplane {
         let mut taken: HashSet<u32> = HashSet::new();
         let mut fresh = Vec::new();
         for p in &old.peers {
-            if p.lock().tunn.is_none() {
+            // A session handed over and not used yet went to the successor
+            // too (`export_sessions`), so it is dropped as well.
+            let had = {
+                let st = p.lock();
+                st.tunn.is_some() || st.handed.is_some()
+            };
+            if !had {
                 peers.push(Arc::clone(p));
                 continue;
             }
