@@ -453,6 +453,26 @@ fn a_packet_from_outside_the_peers_allowed_ips_is_dropped() {
     assert_eq!(a.drops(Drop::SourceNotAllowed), 1);
 }
 
+/// A handover from `from` (node A, one peer B): its session exported, a
+/// new engine with A's key builds its peer with `from`'s index and is
+/// given it.
+fn take_over(from: &Side, ka: &PrivateKey, kb: &PrivateKey) -> Side {
+    let sessions = from.dp.export_sessions(1 << 16);
+    assert_eq!(sessions.len(), 1);
+    let indices: Vec<(String, u32)> = from
+        .dp
+        .table()
+        .peers
+        .iter()
+        .map(|p| (p.name.clone(), p.index))
+        .collect();
+    let to = Side::new(ka, A_EP);
+    to.dp.adopt_indices(&indices);
+    to.peers(vec![spec("b", kb, B_EP, "10.244.2.0/24")]);
+    assert_eq!(to.dp.install_sessions(sessions), 1);
+    to
+}
+
 /// A handover, packet by packet: `a`'s sessions exported, a new engine
 /// with `a`'s key builds its peers with `a`'s indices and is given them;
 /// traffic goes on both ways with no handshake, and the counters have
@@ -464,18 +484,7 @@ fn a_handed_over_session_carries_on_without_a_handshake() {
     assert_eq!(at_b, vec![a_to_b(1)]);
     let (_, at_a) = exchange(&b, &a, b.seal(&[b_to_a(2)]).udp);
     assert_eq!(at_a, vec![b_to_a(2)]);
-    let sessions = a.dp.export_sessions(1 << 16);
-    assert_eq!(sessions.len(), 1);
-    let indices: Vec<(String, u32)> =
-        a.dp.table()
-            .peers
-            .iter()
-            .map(|p| (p.name.clone(), p.index))
-            .collect();
-    let a2 = Side::new(&ka, A_EP);
-    a2.dp.adopt_indices(&indices);
-    a2.peers(vec![spec("b", &kb, B_EP, "10.244.2.0/24")]);
-    assert_eq!(a2.dp.install_sessions(sessions), 1);
+    let a2 = take_over(&a, &ka, &kb);
     // No handshake: the first packet each way is data on the old session.
     let out = a2.seal(&[a_to_b(3)]).udp;
     assert_eq!(out.len(), 1);
@@ -500,24 +509,10 @@ fn a_fresh_start_drops_a_handed_over_session_never_used() {
     let (a, b, ka, kb) = pair();
     exchange(&a, &b, a.seal(&[a_to_b(1)]).udp);
     exchange(&b, &a, b.seal(&[b_to_a(2)]).udp);
-    let handover = |from: &Side| {
-        let indices: Vec<(String, u32)> = from
-            .dp
-            .table()
-            .peers
-            .iter()
-            .map(|p| (p.name.clone(), p.index))
-            .collect();
-        let to = Side::new(&ka, A_EP);
-        to.dp.adopt_indices(&indices);
-        to.peers(vec![spec("b", &kb, B_EP, "10.244.2.0/24")]);
-        assert_eq!(to.dp.install_sessions(from.dp.export_sessions(1 << 16)), 1);
-        to
-    };
     // a2 took over and has not sealed or opened anything since.
-    let a2 = handover(&a);
+    let a2 = take_over(&a, &ka, &kb);
     // It hands over to a3, which seals with the session and dies.
-    let a3 = handover(&a2);
+    let a3 = take_over(&a2, &ka, &kb);
     let (_, at_b) = exchange(&a3, &b, a3.seal(&[a_to_b(3)]).udp);
     assert_eq!(at_b, vec![a_to_b(3)]);
     drop(a3);
